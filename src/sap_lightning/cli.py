@@ -1,0 +1,82 @@
+"""The ``sap`` command line: ``sap <command> [options]``; ``sap <command> --help`` for each.
+
+Commands are listed in one table and imported lazily, so ``sap --help`` stays fast and a
+command only pays for the libraries it uses. Each command lives in
+``sap_lightning.commands.<module>`` as a pair ``add_arguments_<name>(parser)`` /
+``run_<name>(args) -> int`` (``<name>`` is the command with ``-`` replaced by ``_``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from sap_lightning import __version__
+from sap_lightning.errors import SapError
+
+# command name -> (module under sap_lightning.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-phantoms": ("phantoms", "Generate the synthetic WB-MRI cohort (healthy + patients)."),
+    "import-folder": ("data", "Convert a per-case folder layout into the nnU-Net v2 raw format."),
+    "check-data": ("data", "Validate a dataset and report every problem found."),
+    "preprocess": ("data", "Build the normalised, memory-mappable preprocessing cache."),
+    "split": ("data", "Write cross-validation splits (splits.json)."),
+    "export": ("weights", "Export a checkpoint's backbone with its metadata."),
+    "inspect-checkpoint": ("weights", "Print a checkpoint's metadata and key summary."),
+    "pretrain": ("train", "Stage 1: skeleton segmentation pretraining."),
+    "ssl": ("train", "Self-supervised (Tang et al.) encoder pretraining."),
+    "finetune": ("train", "Stage 2: lesion fine-tuning (init scratch | sap | ssl)."),
+    "predict": ("predict", "Sliding-window inference with lesion table and burden report."),
+    "evaluate": ("evaluate", "Lesion-wise evaluation of predictions against labels."),
+    "compare": ("evaluate", "Compare evaluated runs: Table 1, p-values, FROC and box plots."),
+    "study": ("study", "Run the whole study (data, pretraining, three arms, report)."),
+    "sweep-local": ("study", "Run a W&B sweep file's parameter space locally, without a server."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sap",
+        description="Supervised Anatomical Pretraining for bone-metastasis segmentation on WB-MRI.",
+    )
+    parser.add_argument("--version", action="version", version=f"sap_lightning {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+    return parser
+
+
+def _command_parser(name: str) -> argparse.ArgumentParser:
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(f"sap_lightning.commands.{module_name}")
+    parser = argparse.ArgumentParser(prog=f"sap {name}", description=help_text)
+    getattr(module, f"add_arguments_{name.replace('-', '_')}")(parser)
+    parser.set_defaults(_run=getattr(module, f"run_{name.replace('-', '_')}"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    top_args, rest = top.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if top_args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if top_args.command is None:
+        top.print_help()
+        return 0 if not argv else 2
+    args = _command_parser(top_args.command).parse_args(rest)
+    try:
+        return int(args._run(args) or 0)
+    except SapError as err:
+        print(f"sap {top_args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line glue: each module adds ``add_arguments_<cmd>`` / ``run_<cmd>`` pairs for cli.py."""

@@ -1,0 +1,6 @@
+"""Experiment configuration: dataclass schemas and YAML/override loading."""
+
+from sap_lightning.config.load import from_dict, load_config, save_config, to_dict, to_yaml
+from sap_lightning.config.schema import ExperimentConfig
+
+__all__ = ["ExperimentConfig", "from_dict", "load_config", "save_config", "to_dict", "to_yaml"]

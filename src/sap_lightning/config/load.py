@@ -1,0 +1,180 @@
+"""Load an experiment: YAML files composed through ``base:`` lists, then ``key=value`` overrides.
+
+This is the only module that parses configuration YAML. A W&B sweep's ``${args_no_hyphens}``
+produces exactly the ``key=value`` overrides accepted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from sap_lightning.config.schema import (
+    INIT_MODES,
+    LOGGERS,
+    OPTIMIZERS,
+    SAMPLERS,
+    TASKS,
+    ExperimentConfig,
+)
+from sap_lightning.errors import ConfigError
+from sap_lightning.io import write_text
+
+BASE_KEY = "base"
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> DictConfig:
+    """Read one YAML file with its ``base:`` files merged underneath it (in list order)."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"{path}: 'base' files include each other in a cycle: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: report file and reason
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    bases = node.pop(BASE_KEY, None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create()
+    for base in bases:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(base), (*seen, path)))
+    return OmegaConf.merge(merged, node)
+
+
+def _valid_keys_message(schema: DictConfig, full_key: str) -> str:
+    parent_key, _, leaf = full_key.rpartition(".")
+    parent = OmegaConf.select(schema, parent_key) if parent_key else schema
+    if not isinstance(parent, DictConfig):
+        return ""
+    valid = sorted(str(k) for k in parent)
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    where = f"'{parent_key}'" if parent_key else "the top level"
+    return f" Valid keys under {where}: {', '.join(valid)}.{hint}"
+
+
+def _merge_checked(schema: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, other)
+    except ConfigKeyError as err:
+        key = str(err.full_key or err.key)
+        raise ConfigError(
+            f"{source}: unknown config key '{key}'.{_valid_keys_message(schema, key)}"
+        ) from None
+    except ValidationError as err:
+        raise ConfigError(
+            f"{source}: bad value for '{err.full_key}': {str(err.msg).splitlines()[0]}"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _check_choice(value: str, choices: Sequence[str], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"'{key}' is '{value}'; valid choices: {', '.join(choices)}")
+
+
+def validate_config(cfg: ExperimentConfig) -> None:
+    """Check values that types alone cannot: choices, shapes and values that must agree."""
+    _check_choice(cfg.task, TASKS, "task")
+    _check_choice(cfg.model.init, INIT_MODES, "model.init")
+    _check_choice(cfg.logger, LOGGERS, "logger")
+    _check_choice(cfg.optim.optimizer, OPTIMIZERS, "optim.optimizer")
+    _check_choice(cfg.data.sampler, SAMPLERS, "data.sampler")
+    if len(cfg.data.patch_size) != 3 or min(cfg.data.patch_size) < 1:
+        raise ConfigError(
+            f"'data.patch_size' must be three positive sizes, got {cfg.data.patch_size}"
+        )
+    if cfg.data.target_spacing is not None and len(cfg.data.target_spacing) != 3:
+        raise ConfigError("'data.target_spacing' must be three spacings in mm or null")
+    if cfg.task == "lesion":
+        if cfg.model.init != "scratch" and not cfg.model.pretrained:
+            raise ConfigError(
+                f"'model.init' is '{cfg.model.init}' but 'model.pretrained' is not set: give the "
+                "checkpoint, exported backbone or run folder to start from"
+            )
+        if cfg.data.fold == cfg.data.tuning_fold:
+            raise ConfigError(
+                f"'data.fold' ({cfg.data.fold}) is the threshold-tuning fold: it is never trained "
+                f"or tested on; choose another of 0..{cfg.data.n_folds - 1}"
+            )
+        if not 0 <= cfg.data.fold < cfg.data.n_folds:
+            raise ConfigError(f"'data.fold' must be in 0..{cfg.data.n_folds - 1}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError("'data.batch_size' must be at least 1")
+
+
+OPEN_KEYS = ("model.kwargs",)
+"""Free-form mappings inside the schema (backbone factory arguments, checked when it is built)."""
+
+
+def _schema() -> DictConfig:
+    schema = OmegaConf.structured(ExperimentConfig)
+    OmegaConf.set_struct(schema, True)
+    for key in OPEN_KEYS:
+        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
+    return schema
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
+    """Compose ``path`` (with its ``base:`` files) and ``key=value`` overrides over the schema.
+
+    Raises ``ConfigError`` naming the file and key for unknown keys, wrong types or bad values.
+    """
+    cfg = _schema()
+    if path is not None:
+        cfg = _merge_checked(cfg, _read_yaml(Path(path), ()), str(path))
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    if overrides:
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command-line overrides: {err}") from None
+        cfg = _merge_checked(cfg, dotlist, "command-line override")
+    try:
+        result = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+    assert isinstance(result, ExperimentConfig)
+    validate_config(result)
+    return result
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """A plain nested dict (no OmegaConf objects): safe for checkpoints loaded with
+    ``weights_only=True``, for ``save_hyperparameters`` and for W&B."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config from :func:`to_dict` output (checked against the schema)."""
+    result = OmegaConf.to_object(
+        _merge_checked(_schema(), OmegaConf.create(values), "saved config")
+    )
+    assert isinstance(result, ExperimentConfig)
+    return result
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config next to a run (atomically)."""
+    return write_text(path, to_yaml(cfg))

@@ -1,0 +1,179 @@
+"""Typed experiment configuration: the dataclasses every YAML file and ``key=value`` override is
+checked against (OmegaConf struct mode refuses unknown keys and coerces types).
+
+Values that must agree with the data (number of classes, input channels, label names) are not
+configured here: they are derived in code from the dataset, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TASKS = ("skeleton", "lesion", "ssl")
+INIT_MODES = ("scratch", "sap", "ssl")
+LOGGERS = ("wandb", "csv", "none")
+OPTIMIZERS = ("adam", "adamw")
+SAMPLERS = ("auto", "instance_balanced", "class_balanced", "uniform")
+
+
+@dataclass
+class AugmentConfig:
+    """TorchIO training augmentations (method.md: flips, 90-degree rotations, intensity scale and
+    shift). Probabilities of 0 switch an augmentation off."""
+
+    flip_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    flip_p: float = 0.5
+    rot90_p: float = 0.5
+    """Probability of a random multiple of 90 degrees in the axial (X-Y) plane."""
+    intensity_scale: float = 0.1
+    """Multiplicative factor drawn from [1 - s, 1 + s] per channel."""
+    intensity_shift: float = 0.1
+    """Additive offset drawn from [-s, s] per channel."""
+    intensity_p: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "data/phantoms/lesion"
+    """nnU-Net v2 raw dataset folder (``dataset.json``, ``imagesTr``, ``labelsTr``)."""
+    cache: str | None = None
+    """Preprocessing cache folder; default ``<dataset>/../cache/<dataset name>``."""
+    splits: str | None = None
+    """``splits.json``; default ``<dataset>/splits.json`` (written by ``sap split`` if absent)."""
+    fold: int = 1
+    """Lesion task: the test fold held out of training (never the tuning fold)."""
+    n_folds: int = 7
+    tuning_fold: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.125
+    target_spacing: list[float] | None = None
+    """Optional resampling (mm) applied by the preprocessing cache; None keeps the data's grid."""
+    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32])
+    batch_size: int = 2
+    """Per process (per GPU under DDP)."""
+    num_workers: int = 0
+    sampler: str = "auto"
+    """``auto`` picks instance_balanced (lesion), class_balanced (skeleton), uniform (ssl)."""
+    samples_per_volume: int = 4
+    queue_length: int = 32
+    patches_per_epoch: int | None = None
+    """Patches per epoch over all ranks for the skeleton and SSL samplers; the lesion sampler
+    draws two per lesion (one positive, one negative). None: ``samples_per_volume`` x cases."""
+    positive_margin: int = 10
+    """Voxels added around a lesion's bounding box before cropping a positive patch."""
+    positive_min_scale: float = 4.0 / 3.0
+    """The positive region is enlarged to at least this multiple of the patch size."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "unet_tiny"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the backbone factory (see ``sap_lightning.backbones``)."""
+    init: str = "scratch"
+    """Lesion task: ``scratch`` (random), ``sap`` (skeleton checkpoint, all but the head) or
+    ``ssl`` (SSL checkpoint, encoder only)."""
+    pretrained: str | None = None
+    """Checkpoint, exported backbone or run folder to initialise from (``init`` sap or ssl)."""
+    in_channel_policy: str = "repeat_mean"
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-5
+    """Learning rate of every parameter unless ``encoder_lr`` / ``decoder_lr`` are set."""
+    encoder_lr: float | None = None
+    decoder_lr: float | None = None
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 10
+    """Linear warm-up epochs, then cosine decay to ``min_lr_ratio`` x lr at ``max_epochs``."""
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    """Dice + cross-entropy (method.md: softmax, background excluded from the Dice term only)."""
+
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    smooth: float = 1e-5
+
+
+@dataclass
+class SSLConfig:
+    """Tang et al. (CVPR 2022) recipe: rotation + contrastive + inpainting reconstruction."""
+
+    rotation_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    reconstruction_weight: float = 1.0
+    temperature: float = 0.5
+    projection_dim: int = 512
+    cutout_fraction: float = 0.3
+    """Fraction of the patch volume masked out in each view before reconstruction."""
+
+
+@dataclass
+class ValidationConfig:
+    sw_batch_size: int = 2
+    overlap: float = 0.25
+    every_n_epochs: int = 1
+    threshold: float = 0.5
+    """Probability threshold for lesion metrics during validation (tuned later on the tuning fold)."""
+    tolerance_mm: float = 2.0
+    connectivity: int = 6
+    max_cases: int | None = None
+    """Cap on validation cases per epoch (None: all)."""
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to ``lightning.Trainer``; see its documentation for each key."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_epochs: int = 400
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    log_every_n_steps: int = 10
+    deterministic: bool = False
+    fast_dev_run: Any = False
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class WandbConfig:
+    project: str = "sap_lightning"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"
+    """``offline`` by default (sync later with ``wandb sync``); ``online`` needs a login."""
+
+
+@dataclass
+class ExperimentConfig:
+    task: str = "lesion"
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs"
+    run_dir: str | None = None
+    """Folder of this run; default ``<output_dir>/<name>``."""
+    resume: bool = False
+    """Continue from ``<run_dir>/checkpoints/last.ckpt``."""
+    logger: str = "wandb"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -1,0 +1,1 @@
+"""Datasets, the synthetic cohort, preprocessing cache, splits, samplers and DataModules."""

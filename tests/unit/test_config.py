@@ -1,0 +1,80 @@
+"""Configuration: composition through ``base:``, overrides, and refusals that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sap_lightning.config import from_dict, load_config, save_config, to_dict
+from sap_lightning.errors import ConfigError
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_files_merge_in_order_and_overrides_win(tmp_path: Path) -> None:
+    _write(tmp_path / "base" / "a.yaml", "seed: 1\ndata:\n  batch_size: 3\n  fold: 2\n")
+    _write(tmp_path / "base" / "b.yaml", "seed: 2\ntrainer:\n  max_epochs: 7\n")
+    exp = _write(tmp_path / "exp.yaml", "base: [base/a.yaml, base/b.yaml]\nname: x\ndata:\n  fold: 3\n")
+    cfg = load_config(exp, ["trainer.max_epochs=9", "model.kwargs.feature_size=12"])
+    assert cfg.seed == 2  # b merged after a
+    assert cfg.data.batch_size == 3  # from a, untouched by later files
+    assert cfg.data.fold == 3  # the experiment file wins over its bases
+    assert cfg.trainer.max_epochs == 9  # the command line wins over files
+    assert cfg.model.kwargs == {"feature_size": 12}  # free-form backbone arguments
+
+
+def test_types_are_coerced(tmp_path: Path) -> None:
+    cfg = load_config(None, ["optim.lr=2e-6", "data.patch_size=[16,16,16]"])
+    assert cfg.optim.lr == pytest.approx(2e-6)
+    assert cfg.data.patch_size == [16, 16, 16]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.patchsize=3"], "data.patchsize.*Did you mean 'patch_size'"),
+        (["trainer.max_epochs=abc"], "trainer.max_epochs"),
+        (["model.init=foo"], "model.init.*scratch, sap, ssl"),
+        (["logger=tensorboard"], "logger.*wandb, csv, none"),
+        (["model.init=sap"], "model.pretrained"),
+        (["data.fold=0"], "tuning fold"),
+        (["no_equals_sign"], "key=value"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, overrides)
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
+    exp = _write(tmp_path / "exp.yaml", "optim:\n  learning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml.*optim\.learning_rate"):
+        load_config(exp)
+
+
+def test_base_cycle_is_refused(tmp_path: Path) -> None:
+    _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_plain_dict_round_trip_survives_weights_only_checkpoints(tmp_path: Path) -> None:
+    cfg = load_config(None, ["name=roundtrip", "model.kwargs.feature_size=12"])
+    plain = to_dict(cfg)
+    torch.save({"hyper_parameters": plain}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)["hyper_parameters"]
+    assert from_dict(loaded) == cfg
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
