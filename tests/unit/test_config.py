@@ -20,7 +20,9 @@ def _write(path: Path, text: str) -> Path:
 def test_base_files_merge_in_order_and_overrides_win(tmp_path: Path) -> None:
     _write(tmp_path / "base" / "a.yaml", "seed: 1\ndata:\n  batch_size: 3\n  fold: 2\n")
     _write(tmp_path / "base" / "b.yaml", "seed: 2\ntrainer:\n  max_epochs: 7\n")
-    exp = _write(tmp_path / "exp.yaml", "base: [base/a.yaml, base/b.yaml]\nname: x\ndata:\n  fold: 3\n")
+    exp = _write(
+        tmp_path / "exp.yaml", "base: [base/a.yaml, base/b.yaml]\nname: x\ndata:\n  fold: 3\n"
+    )
     cfg = load_config(exp, ["trainer.max_epochs=9", "model.kwargs.feature_size=12"])
     assert cfg.seed == 2  # b merged after a
     assert cfg.data.batch_size == 3  # from a, untouched by later files

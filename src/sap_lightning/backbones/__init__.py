@@ -1,0 +1,29 @@
+"""Registered segmentation backbones and their weight-layout specs.
+
+>>> from sap_lightning.backbones import create_backbone, get_spec, list_backbones
+>>> net = create_backbone("unet_tiny", in_channels=2, out_channels=10)
+>>> get_spec("swin_unetr").bottleneck_channels()  # feature_size 48
+768
+
+Importing this package registers the built-ins: ``swin_unetr``, ``dynunet``, ``segresnet`` and
+``unet_tiny``.
+"""
+
+from sap_lightning.backbones import dynunet, segresnet, swin_unetr, unet_tiny  # noqa: F401
+from sap_lightning.backbones.registry import (
+    BackboneSpec,
+    create_backbone,
+    get_spec,
+    list_backbones,
+    register_backbone,
+    resolve_spec,
+)
+
+__all__ = [
+    "BackboneSpec",
+    "create_backbone",
+    "get_spec",
+    "list_backbones",
+    "register_backbone",
+    "resolve_spec",
+]

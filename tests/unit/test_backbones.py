@@ -1,0 +1,174 @@
+"""Backbone registry: one contract test over every registered backbone, plus registry behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sap_lightning.backbones import (
+    BackboneSpec,
+    create_backbone,
+    get_spec,
+    list_backbones,
+    register_backbone,
+)
+from sap_lightning.errors import ConfigError
+
+# Small configurations that keep the contract test fast on one CPU core; a backbone missing
+# here is tested with its defaults.
+SMALL_KWARGS = {
+    # One Swin block per stage instead of two: the same kinds of layers, a third of the time.
+    "swin_unetr": {"feature_size": 12, "depths": (1, 1, 1, 1)},
+    # Residual blocks, so the input block's 1x1x1 projection (an input-projection key) exists.
+    "dynunet": {
+        "kernel_size": (3, 3, 3),
+        "strides": (1, 2, 2),
+        "filters": (4, 8, 16),
+        "res_block": True,
+    },
+    "segresnet": {"init_filters": 8, "blocks_down": (1, 1, 1), "blocks_up": (1, 1)},
+    "unet_tiny": {},
+}
+IN_CHANNELS, OUT_CHANNELS = 2, 3
+
+
+def test_builtins_are_registered():
+    assert set(list_backbones()) >= {"swin_unetr", "dynunet", "segresnet", "unet_tiny"}
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_backbone_contract(name):
+    torch.manual_seed(0)
+    kwargs = SMALL_KWARGS.get(name, {})
+    spec = get_spec(name)
+    model = create_backbone(name, IN_CHANNELS, OUT_CHANNELS, **kwargs)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state = model.state_dict()
+
+    # Forward / backward at the smallest valid size: the required multiple, doubled along one
+    # axis because instance normalisation rejects a single-voxel bottleneck in training.
+    multiple = spec.input_multiple(kwargs)
+    x = torch.randn(1, IN_CHANNELS, multiple, multiple, 2 * multiple)
+    model.train()
+    logits = model(x)
+    assert isinstance(logits, torch.Tensor)
+    assert logits.shape == (1, OUT_CHANNELS, *x.shape[2:])
+    logits.square().mean().backward()
+    without_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not without_grad, f"parameters outside the forward graph: {without_grad[:5]}"
+
+    # Encoder prefixes name real parameters, and encoder, head and decoder are all non-empty.
+    for prefix in spec.encoder_prefixes:
+        assert any(key.startswith(prefix) for key in params), f"{prefix} matches no parameter"
+    decoder = [k for k in params if not spec.is_encoder_key(k) and not spec.is_head_key(k)]
+    assert decoder, "the spec leaves no decoder"
+    assert not any(spec.is_encoder_key(key) for key in spec.head_keys)
+
+    # Input projection: every listed weight takes the image's channels.
+    for key in spec.input_projection_keys:
+        assert key in params, f"input-projection key {key} is not a parameter"
+        assert params[key].shape[1] == IN_CHANNELS
+    # Head: a 1x1x1 convolution with one output per class.
+    weight_key, bias_key = spec.head_keys
+    assert state[weight_key].shape == (OUT_CHANNELS, state[weight_key].shape[1], 1, 1, 1)
+    assert state[bias_key].shape == (OUT_CHANNELS,)
+
+    # Bottleneck: the declared channels at the declared downsampling factor.
+    stride = spec.bottleneck_stride(kwargs)
+    with torch.no_grad():
+        features = spec.bottleneck(model, x)
+    expected_spatial = tuple(size // stride for size in x.shape[2:])
+    assert features.shape == (1, spec.bottleneck_channels(kwargs), *expected_spatial)
+    assert not spec.deep_supervision(kwargs)
+
+
+def test_swin_unetr_defaults_are_the_papers():
+    spec = get_spec("swin_unetr")
+    kwargs = spec.resolve_kwargs()
+    assert kwargs["feature_size"] == 48
+    assert kwargs["drop_rate"] == kwargs["attn_drop_rate"] == kwargs["dropout_path_rate"] == 0.1
+    assert kwargs["spatial_dims"] == 3
+    assert "img_size" not in kwargs
+    assert spec.input_multiple() == 32
+    assert spec.bottleneck_channels() == 768
+    assert spec.bottleneck_stride() == 32
+    model = create_backbone("swin_unetr", 2, 10)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 61.5e6 < n_params < 62.5e6  # the paper: about 62 M
+    assert model.swinViT.layers4[0].blocks[0].attn.qkv.in_features == 8 * 48
+
+
+def test_unet_tiny_is_tiny():
+    model = create_backbone("unet_tiny", 2, 10)
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+    assert get_spec("unet_tiny").input_multiple() in (8, 16)
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_kwargs_survive_a_json_round_trip(name):
+    """Configs and checkpoint metadata hold lists, not tuples; the build must not care."""
+    spec = get_spec(name)
+    resolved = spec.resolve_kwargs(SMALL_KWARGS.get(name, {}))
+    from_json = json.loads(json.dumps(resolved))
+    a = create_backbone(name, 2, 3, **resolved).state_dict()
+    b = create_backbone(name, 2, 3, **from_json).state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+def test_unknown_kwarg_names_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        create_backbone("unet_tiny", 1, 2, feature_size=8)
+    message = str(err.value)
+    assert "feature_size" in message and "unet_tiny" in message
+    for valid in get_spec("unet_tiny").default_kwargs:
+        assert valid in message
+
+
+def test_unknown_backbone_names_the_available_ones():
+    with pytest.raises(ConfigError, match="swin_unetr") as err:
+        create_backbone("swin_unter", 1, 2)
+    assert "unet_tiny" in str(err.value)
+
+
+def test_registering_a_duplicate_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("unet_tiny", get_spec("unet_tiny"))(lambda i, o, **kw: None)
+    # The built-in is untouched.
+    assert create_backbone("unet_tiny", 1, 2).final_conv.out_channels == 2
+
+
+def test_default_kwargs_cannot_be_mutated():
+    spec = get_spec("unet_tiny")
+    with pytest.raises(TypeError):
+        spec.default_kwargs["features"] = (1, 1, 1, 1, 1, 1)
+
+
+def test_dynunet_deep_supervision_heads_count_as_head():
+    kwargs = {**SMALL_KWARGS["dynunet"], "deep_supervision": True}
+    spec = get_spec("dynunet")
+    assert spec.deep_supervision(kwargs)
+    model = create_backbone("dynunet", 1, 4, **kwargs)
+    aux = [k for k in model.state_dict() if k.startswith("deep_supervision_heads.")]
+    assert aux and all(spec.is_head_key(k) for k in aux)
+
+
+def test_dynunet_anisotropic_strides_multiple():
+    spec = get_spec("dynunet")
+    kwargs = {"kernel_size": (3, 3, 3), "strides": ((1, 1, 1), (2, 2, 1), (2, 2, 2))}
+    # Total strides per axis are (4, 4, 2); 4 is a valid size multiple along every axis.
+    assert spec.input_multiple(kwargs) == 4
+    assert spec.bottleneck_channels(kwargs) == 128  # nnU-Net filters 32, 64, 128
+
+
+def test_segresnet_refuses_mismatched_stages():
+    with pytest.raises(ConfigError, match="blocks_up"):
+        create_backbone("segresnet", 1, 2, blocks_down=(1, 1, 1), blocks_up=(1,))
+
+
+def test_spec_is_frozen():
+    spec = get_spec("swin_unetr")
+    assert isinstance(spec, BackboneSpec)
+    with pytest.raises(AttributeError):
+        spec.head_keys = ()
