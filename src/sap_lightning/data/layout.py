@@ -73,11 +73,31 @@ def affine_from_spacing(spacing: tuple[float, float, float]) -> np.ndarray:
     return affine
 
 
+PROBABILITY_SCALE = 65535
+"""Probabilities are stored as uint16 with slope 1/65535: NIfTI has no float16 type, and 16 bits
+keep 1.5e-5 resolution at half the size of float32."""
+
+
 def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write ``array`` as NIfTI atomically; the data type of ``array`` is kept."""
-    path = Path(path)
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     image.header.set_data_dtype(np.asarray(array).dtype)
+    return _save_atomic(path, image)
+
+
+def save_probability_nifti(
+    path: str | os.PathLike, probability: np.ndarray, affine: np.ndarray
+) -> Path:
+    """Write a probability map in [0, 1] as 16-bit NIfTI (readers get floats via the slope)."""
+    scaled = np.rint(np.clip(probability, 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint16)
+    image = nib.Nifti1Image(scaled, np.asarray(affine, dtype=np.float64))
+    image.header.set_data_dtype(np.uint16)
+    image.header.set_slope_inter(1.0 / PROBABILITY_SCALE, 0.0)
+    return _save_atomic(path, image)
+
+
+def _save_atomic(path: str | os.PathLike, image: nib.Nifti1Image) -> Path:
+    path = Path(path)
     with atomic_path(path) as tmp:
         # nibabel picks compression from the suffix, so the temporary name keeps it.
         tmp_with_suffix = tmp.with_name(tmp.name + "".join(path.suffixes))

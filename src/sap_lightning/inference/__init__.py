@@ -1,0 +1,1 @@
+"""Whole-volume inference, NIfTI outputs, lesion table and metastatic-burden report."""

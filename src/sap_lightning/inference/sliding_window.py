@@ -1,0 +1,52 @@
+"""Whole-volume inference: windows on the compute device, stitching on the CPU.
+
+Every place that runs a network over a whole case (validation, ``sap predict``, the benchmark)
+calls :func:`predict_volume`, so whole-body volumes fit in GPU memory the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+
+def round_up_to_multiple(size: Sequence[int], multiple: int) -> list[int]:
+    """Round each window size up to the backbone's required input multiple (32 for Swin UNETR)."""
+    return [int(-(-int(s) // multiple) * multiple) for s in size]
+
+
+@torch.no_grad()
+def predict_volume(
+    net: nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    *,
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Softmax probabilities ``(B, K, X, Y, Z)`` on the CPU for an image ``(B, C, X, Y, Z)``.
+
+    Windows of ``roi_size`` run on ``device`` (default: the network's device) and are blended
+    with Gaussian weights into a CPU tensor; volumes smaller than a window are padded by MONAI.
+    Mixed precision, when wanted, comes from the caller's autocast context.
+    """
+    if device is None:
+        device = next(net.parameters()).device
+    logits = sliding_window_inference(
+        image,
+        roi_size=list(roi_size),
+        sw_batch_size=sw_batch_size,
+        predictor=net,
+        overlap=overlap,
+        mode="gaussian",
+        sw_device=device,
+        device="cpu",
+        progress=progress,
+    )
+    assert isinstance(logits, torch.Tensor)
+    return torch.softmax(logits.float(), dim=1)
