@@ -22,7 +22,7 @@ FOLD ?= 1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format demo data bench clean
+.PHONY: help install panoptica-venv test lint format demo data bench clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,7 +36,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv and install the package (editable) with dev extras
 
-test: install ## Run the whole test suite (unit, integration, distributed, notebooks)
+# panoptica is the independent reference for one-to-one lesion matching; its pins clash with ours
+# (older numpy, pandas and cc3d), so it lives in its own venv and the tests call it in a subprocess.
+PANOPTICA_VENV ?= .venv-panoptica
+$(PANOPTICA_VENV)/.installed:
+	$(PYTHON) -m venv $(PANOPTICA_VENV)
+	$(PANOPTICA_VENV)/bin/pip install $(PIP_FLAGS) panoptica==2.1.7
+	touch $@
+
+panoptica-venv: $(PANOPTICA_VENV)/.installed ## Isolated panoptica 2.1.7 (reference test and benchmark)
+
+test: install panoptica-venv ## Run the whole test suite (unit, integration, distributed, notebooks)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 lint: install ## ruff check and format check
@@ -60,7 +70,7 @@ data: install $(PHANTOMS)/lesion/dataset.json ## Generate, check, preprocess and
 
 demo: data ## The main job on the synthetic cohort
 
-bench: install ## Performance benchmarks (side-by-side ratios against named baselines)
+bench: install panoptica-venv ## Performance benchmarks (side-by-side ratios against named baselines)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean: ## Remove generated data, runs and reports (keeps .venv)

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.datasets import truncate, write_authors_folder, write_tiny_dataset
 
 from sap_lightning.cli import main
 from sap_lightning.data.dataset import load_dataset
 from sap_lightning.data.preprocess import open_cache
 from sap_lightning.data.splits import load_splits
+from tests.datasets import truncate, write_authors_folder, write_tiny_dataset
 
 
 def test_import_then_check_is_clean(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,0 +1,174 @@
+"""``sap evaluate`` (lesion-wise evaluation of a prediction folder) and ``sap compare``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from sap_lightning.errors import SapError
+
+log = logging.getLogger(__name__)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _case_list(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _fold(text: str) -> int | str:
+    if text == "tuning":
+        return text
+    try:
+        return int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected a fold number or 'tuning', got {text!r}"
+        ) from err
+
+
+def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
+    from sap_lightning.metrics.lesion import DEFAULT_THRESHOLDS
+
+    parser.add_argument(
+        "--predictions",
+        required=True,
+        type=Path,
+        help="folder with <case>_prob.nii.gz and/or <case>.nii.gz",
+    )
+    parser.add_argument("--dataset", required=True, type=Path, help="dataset with labelsTr/")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    which = parser.add_argument_group("cases (one of)")
+    which.add_argument("--cases", type=_case_list, help="comma-separated case ids")
+    which.add_argument("--splits", type=Path, help="splits.json (with --fold)")
+    which.add_argument("--fold", type=_fold, help="fold number, or 'tuning' for the tuning fold")
+    threshold = parser.add_mutually_exclusive_group()
+    threshold.add_argument("--threshold", type=float, help="probability threshold in (0, 1]")
+    threshold.add_argument(
+        "--threshold-file", type=Path, help="threshold JSON written by a --tune run"
+    )
+    threshold.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose the threshold on these cases (median patient F2), "
+        "write it to OUT/threshold.json and evaluate with it",
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=_float_list,
+        default=DEFAULT_THRESHOLDS,
+        help="FROC / tuning grid, comma-separated (default 0.05,0.10,...,0.95)",
+    )
+    parser.add_argument(
+        "--connectivity",
+        type=int,
+        choices=(6, 18, 26),
+        default=6,
+        help="lesion connectivity (default 6)",
+    )
+    parser.add_argument(
+        "--min-volume-ml",
+        type=float,
+        default=1.0,
+        help="volume of 'clinically relevant' lesions (default 1.0 mL)",
+    )
+    parser.add_argument(
+        "--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2.0)"
+    )
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from sap_lightning.evaluation.predictions import (
+        THRESHOLD_JSON,
+        EvaluationSettings,
+        evaluate_predictions,
+        resolve_cases,
+        tune_on_predictions,
+        write_evaluation,
+    )
+    from sap_lightning.evaluation.threshold import load_threshold, save_threshold
+    from sap_lightning.metrics.functional import check_thresholds
+
+    if args.fold is not None and args.splits is None:
+        raise SapError("--fold needs --splits")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise SapError(f"--threshold must be in (0, 1], got {args.threshold}")
+    try:
+        grid = tuple(float(t) for t in check_thresholds(args.thresholds))
+    except ValueError as err:
+        raise SapError(f"--thresholds: {err}") from err
+    cases = resolve_cases(args.dataset, args.cases, args.splits, args.fold)
+    settings = EvaluationSettings(
+        threshold=args.threshold,
+        thresholds=grid,
+        connectivity=args.connectivity,
+        min_volume_ml=args.min_volume_ml,
+        tolerance_mm=args.tolerance_mm,
+    )
+    if args.threshold_file is not None:
+        settings = replace(settings, threshold=load_threshold(args.threshold_file))
+
+    def progress(case_id: str) -> None:
+        log.info("case %s", case_id)
+
+    if args.tune:
+        choice = tune_on_predictions(args.predictions, args.dataset, cases, settings, progress)
+        path = save_threshold(args.out / THRESHOLD_JSON, choice)
+        print(f"tuned threshold {choice.threshold:g} (median F2 {choice.median_f2:.3f}) -> {path}")
+        settings = replace(settings, threshold=choice.threshold)
+
+    evaluation = evaluate_predictions(args.predictions, args.dataset, cases, settings, progress)
+    written = write_evaluation(evaluation, args.out)
+    metrics = evaluation.summary["metrics"]
+    suffix = evaluation.summary["settings"]["large_suffix"]
+
+    def show(name: str) -> str:
+        value = metrics.get(name)
+        return (
+            "n/a"
+            if value is None or (isinstance(value, float) and math.isnan(value))
+            else f"{value:.3f}"
+        )
+
+    print(
+        f"{len(cases)} cases ({evaluation.summary['operating_point']['source']}): "
+        f"sensitivity {show('sensitivity')}, precision {show('precision')}, F2 {show('f2')}, "
+        f"FP/exam {show('fp_per_exam')}, Dice detected {show('dice_detected')}, "
+        f"NSD detected {show('nsd_detected')}, FROC AUC {show('froc_auc')}, "
+        f"mean sensitivity{suffix} {show('mean_sensitivity' + suffix)}"
+    )
+    print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
+    return 0
+
+
+def add_arguments_compare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("eval_dirs", nargs="+", type=Path, help="folders written by sap evaluate")
+    parser.add_argument("--names", nargs="+", help="arm names (default: folder names)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from sap_lightning.evaluation.report import compare_runs, load_evaluation, write_comparison
+
+    if args.names is not None and len(args.names) != len(args.eval_dirs):
+        raise SapError(f"{len(args.names)} names for {len(args.eval_dirs)} evaluation folders")
+    if args.n_resamples < 1:
+        raise SapError(f"--n-resamples must be positive, got {args.n_resamples}")
+    names = args.names or [None] * len(args.eval_dirs)
+    runs = [load_evaluation(path, name) for path, name in zip(args.eval_dirs, names)]
+    comparison = compare_runs(runs, n_resamples=args.n_resamples, seed=args.seed)
+    written = write_comparison(comparison, args.out, n_resamples=args.n_resamples)
+    print(
+        f"compared {', '.join(comparison.names)}: wrote {', '.join(p.name for p in written)} to {args.out}"
+    )
+    return 0

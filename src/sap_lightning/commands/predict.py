@@ -1,0 +1,53 @@
+"""``sap predict``: whole-volume inference with a lesion table and burden report per case."""
+
+from __future__ import annotations
+
+import argparse
+
+from sap_lightning.inference.predict import predict_cases
+
+
+def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="lesion run folder, Lightning checkpoint or exported backbone",
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="dataset folder (dataset.json) or folder of <case>_0000.nii.gz files",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--skeleton-checkpoint",
+        default=None,
+        help="skeleton run/checkpoint: adds the skeleton map and regions",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability threshold (default: the run's threshold.json)",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--sw-batch-size", type=int, default=2)
+    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    summaries = predict_cases(
+        args.checkpoint,
+        args.input,
+        args.out,
+        skeleton_checkpoint=args.skeleton_checkpoint,
+        threshold=args.threshold,
+        device=args.device,
+        sw_batch_size=args.sw_batch_size,
+        overlap=args.overlap,
+        progress=not args.no_progress,
+    )
+    total = sum(s["lesions"] for s in summaries)
+    print(f"predicted {len(summaries)} cases ({total} lesions) into {args.out}")
+    return 0

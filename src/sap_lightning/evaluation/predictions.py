@@ -1,0 +1,364 @@
+"""Evaluate a folder of predictions against a dataset's labels (the ``sap evaluate`` command).
+
+Prediction folder: ``<case>_prob.nii.gz`` (lesion probability, float in [0, 1]) and/or
+``<case>.nii.gz`` (binary mask). When every case has a probability map, the operating point is
+``probability >= threshold`` and the FROC curve comes from the same maps; otherwise, when every
+case has a binary mask, the masks are evaluated as they are and there is no FROC curve. Labels
+come from the dataset (``labelsTr/<case>.nii.gz``, any non-zero voxel is lesion); spacing from
+the label's affine.
+
+Outputs (all written atomically): ``cases.csv`` (one row per case), ``lesions.csv`` (one row per
+ground-truth lesion), ``froc.csv`` (counts per case and threshold), ``summary.json`` (medians,
+settings, FROC points) and ``froc.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from sap_lightning.data import layout
+from sap_lightning.errors import DatasetError, SapError
+from sap_lightning.evaluation.plots import plot_froc
+from sap_lightning.evaluation.threshold import ThresholdChoice, tune_threshold
+from sap_lightning.io import atomic_path, write_json
+from sap_lightning.metrics.lesion import (
+    DEFAULT_THRESHOLDS,
+    FROC_MAX_FP_ALL,
+    FROC_MAX_FP_LARGE,
+    LesionDetection,
+    make_lesion_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+PROB_SUFFIX = "_prob"
+CASES_CSV = "cases.csv"
+LESIONS_CSV = "lesions.csv"
+FROC_CSV = "froc.csv"
+SUMMARY_JSON = "summary.json"
+FROC_PNG = "froc.png"
+THRESHOLD_JSON = "threshold.json"
+
+AFFINE_TOLERANCE_MM = 1e-3
+"""Largest allowed difference between prediction and label affines (mm)."""
+
+RULES = {
+    "detection": "any voxel overlap; each side counted on its own (GT lesions detected, "
+    "predicted components touching a GT lesion)",
+    "lesions": "3D connected components",
+    "large_lesions": "sensitivity over GT lesions >= min_volume_ml found by a component of any "
+    "size; FP and precision over predicted components >= min_volume_ml",
+    "f2": "5PR / (4P + R) per patient, median over patients",
+    "segmentation": "Dice and area-weighted NSD of each detected GT lesion against the union of "
+    "predicted components touching it; medians over detected lesions",
+    "patient_mean_dice": "mean lesion Dice per patient with missed lesions scored 0",
+    "froc": "mean sensitivity (patients with a lesion) vs mean FP per exam; AUC of the "
+    "piecewise-linear curve from the origin, extended flat at the last sensitivity",
+}
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How predictions are turned into lesions and scored."""
+
+    threshold: float | None = None
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    connectivity: int = 6
+    min_volume_ml: float = 1.0
+    tolerance_mm: float = 2.0
+
+
+@dataclass
+class Evaluation:
+    """Everything ``sap evaluate`` writes."""
+
+    summary: dict[str, Any]
+    cases: pd.DataFrame
+    lesions: pd.DataFrame
+    froc: pd.DataFrame
+    froc_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ finding files
+
+
+def prediction_paths(predictions_dir: str | os.PathLike, case_id: str) -> tuple[Path, Path]:
+    """(probability map, binary mask) paths of a case in a prediction folder."""
+    root = Path(predictions_dir)
+    return (
+        root / f"{case_id}{PROB_SUFFIX}{layout.FILE_ENDING}",
+        root / f"{case_id}{layout.FILE_ENDING}",
+    )
+
+
+def resolve_cases(
+    dataset_dir: str | os.PathLike,
+    cases: Sequence[str] | None = None,
+    splits_path: str | os.PathLike | None = None,
+    fold: int | str | None = None,
+) -> list[str]:
+    """The cases to evaluate: an explicit list, or a fold of ``splits.json``.
+
+    ``fold`` is a fold number (a test fold or the tuning fold) or ``"tuning"``.
+    """
+    if cases:
+        if splits_path is not None:
+            raise SapError("give either --cases or --splits/--fold, not both")
+        duplicates = sorted({c for c in cases if list(cases).count(c) > 1})
+        if duplicates:
+            raise SapError(f"cases listed twice: {duplicates}")
+        return list(cases)
+    if splits_path is None or fold is None:
+        raise SapError("choose the cases: --cases a,b,... or --splits FILE --fold K")
+    from sap_lightning.data.splits import load_splits
+
+    splits = load_splits(splits_path)
+    if splits.task != "lesion":
+        raise SapError(f"{splits_path}: a {splits.task} split has no folds to evaluate")
+    if fold == "tuning" or fold == splits.tuning_fold:
+        return splits.tuning_cases()
+    try:
+        return splits.test_cases(int(fold))
+    except ValueError as err:
+        raise SapError(f"--fold must be a fold number or 'tuning', got {fold!r}") from err
+
+
+def check_prediction_folder(
+    predictions_dir: str | os.PathLike, dataset_dir: str | os.PathLike, case_ids: Sequence[str]
+) -> str:
+    """Check that every case has a label and a prediction before any is read.
+
+    Returns ``"probability"`` when every case has a probability map, ``"mask"`` when every case
+    has a binary mask; otherwise raises an error naming a case and the file it lacks.
+    """
+    if not Path(predictions_dir).is_dir():
+        raise DatasetError(f"prediction folder {predictions_dir} does not exist")
+    if not case_ids:
+        raise SapError("no cases to evaluate")
+    for case_id in case_ids:
+        label = layout.label_path(dataset_dir, case_id)
+        if not label.is_file():
+            raise DatasetError(f"case {case_id}: label {label} not found")
+    has_prob = {c: prediction_paths(predictions_dir, c)[0].is_file() for c in case_ids}
+    if all(has_prob.values()):
+        return "probability"
+    has_mask = {c: prediction_paths(predictions_dir, c)[1].is_file() for c in case_ids}
+    if all(has_mask.values()):
+        return "mask"
+    for case_id in case_ids:
+        if not has_prob[case_id] and not has_mask[case_id]:
+            prob, mask = prediction_paths(predictions_dir, case_id)
+            raise DatasetError(f"case {case_id}: no prediction: neither {prob} nor {mask} exists")
+    missing = next(c for c in case_ids if not has_prob[c])
+    raise DatasetError(
+        f"case {missing}: no probability map {prediction_paths(predictions_dir, missing)[0]} "
+        "while other cases have one; give every case a probability map or every case a mask"
+    )
+
+
+def _load(path: Path, case_id: str, what: str) -> nib.Nifti1Image:
+    if not path.is_file():
+        raise DatasetError(f"case {case_id}: {what} {path} not found")
+    try:
+        return nib.load(path)
+    except Exception as err:
+        raise DatasetError(f"case {case_id}: {what} {path}: unreadable ({err})") from err
+
+
+def load_case(
+    predictions_dir: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    case_id: str,
+    mode: str,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(prediction, label mask, spacing) of a case, checked against each other."""
+    label_file = layout.label_path(dataset_dir, case_id)
+    label_image = _load(label_file, case_id, "label")
+    prob_file, mask_file = prediction_paths(predictions_dir, case_id)
+    pred_file = prob_file if mode == "probability" else mask_file
+    pred_image = _load(pred_file, case_id, "prediction")
+    if pred_image.shape != label_image.shape:
+        raise DatasetError(
+            f"case {case_id}: {pred_file}: shape {pred_image.shape} differs from the label "
+            f"{label_file} {label_image.shape}"
+        )
+    difference = np.abs(np.asarray(pred_image.affine) - np.asarray(label_image.affine)).max()
+    if difference > AFFINE_TOLERANCE_MM:
+        raise DatasetError(
+            f"case {case_id}: {pred_file}: affine differs from the label {label_file} by "
+            f"{difference:.4g} mm (prediction {np.round(pred_image.affine, 4).tolist()}, label "
+            f"{np.round(label_image.affine, 4).tolist()})"
+        )
+    label = np.asanyarray(label_image.dataobj) != 0
+    if mode == "probability":
+        pred = pred_image.get_fdata(dtype=np.float32)
+        low, high = float(pred.min()), float(pred.max())
+        if not (math.isfinite(low) and math.isfinite(high) and low >= 0.0 and high <= 1.0):
+            raise DatasetError(
+                f"case {case_id}: {pred_file}: probabilities must lie in [0, 1], found "
+                f"[{low:.4g}, {high:.4g}]"
+            )
+    else:
+        pred = np.asanyarray(pred_image.dataobj) != 0
+    return pred, label, layout.spacing_of(label_image.affine)
+
+
+# ------------------------------------------------------------------------------ evaluating
+
+
+def tune_on_predictions(
+    predictions_dir: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    case_ids: Sequence[str],
+    settings: EvaluationSettings = EvaluationSettings(),
+    progress: Callable[[str], None] | None = None,
+) -> ThresholdChoice:
+    """Choose the threshold maximising the median patient F2 on these cases' probability maps."""
+    if check_prediction_folder(predictions_dir, dataset_dir, case_ids) != "probability":
+        raise SapError("--tune needs probability maps (<case>_prob.nii.gz) for every case")
+    detection = LesionDetection(
+        threshold=settings.thresholds[0],
+        froc_thresholds=settings.thresholds,
+        connectivity=settings.connectivity,  # type: ignore[arg-type]
+        min_volume_ml=settings.min_volume_ml,
+    )
+    for case_id in case_ids:
+        if progress:
+            progress(case_id)
+        prob, label, spacing = load_case(predictions_dir, dataset_dir, case_id, "probability")
+        detection.update(prob, label, spacing, case_id)
+    return tune_threshold(
+        detection.thresholds,
+        detection.rates()["f2"],
+        cases=list(case_ids),
+        settings={
+            "connectivity": settings.connectivity,
+            "predictions": str(predictions_dir),
+            "dataset": str(dataset_dir),
+        },
+    )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def evaluate_predictions(
+    predictions_dir: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    case_ids: Sequence[str],
+    settings: EvaluationSettings = EvaluationSettings(),
+    progress: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Score every case and summarise as the paper does (medians over patients/lesions)."""
+    mode = check_prediction_folder(predictions_dir, dataset_dir, case_ids)
+    if mode == "probability" and settings.threshold is None:
+        raise SapError(
+            "probability maps need a threshold: --threshold T, --threshold-file FILE or --tune"
+        )
+    threshold = settings.threshold if mode == "probability" else 0.5
+    metrics = make_lesion_metrics(
+        threshold=threshold,  # type: ignore[arg-type]
+        froc_thresholds=settings.thresholds,
+        connectivity=settings.connectivity,  # type: ignore[arg-type]
+        min_volume_ml=settings.min_volume_ml,
+        tolerance_mm=settings.tolerance_mm,
+    )
+    for case_id in case_ids:
+        if progress:
+            progress(case_id)
+        pred, label, spacing = load_case(predictions_dir, dataset_dir, case_id, mode)
+        metrics.update(pred, label, spacing=spacing, case_id=case_id)
+
+    detection, segmentation = metrics["detection"], metrics["segmentation"]
+    values = {name: float(v) for name, v in metrics.compute().items()}
+    cases = detection.case_table().merge(segmentation.case_table(), on="case_id", how="outer")
+    froc_curves: dict[str, dict[str, list[float]]] = {}
+    if mode == "probability":
+        for key, large in (("all", False), ("large", True)):
+            curve = detection.froc(large)
+            froc_curves[key] = {
+                "mean_fp": curve["mean_fp"].tolist(),
+                "sensitivity": curve["sensitivity"].tolist(),
+            }
+    else:  # a binary mask has one operating point, no curve
+        for name in [n for n in values if n.startswith("froc_auc")]:
+            values[name] = math.nan
+    summary = {
+        "metrics": {name: _finite_or_none(v) for name, v in values.items()},
+        "n_cases": len(case_ids),
+        "cases": list(case_ids),
+        "operating_point": {
+            "source": "probability >= threshold" if mode == "probability" else "binary masks",
+            "threshold": threshold if mode == "probability" else None,
+        },
+        "settings": {
+            "connectivity": settings.connectivity,
+            "min_volume_ml": settings.min_volume_ml,
+            "large_suffix": detection.suffix,
+            "tolerance_mm": settings.tolerance_mm,
+            "froc_thresholds": [float(t) for t in detection.thresholds],
+            "froc_max_fp": {"all": FROC_MAX_FP_ALL, "large": FROC_MAX_FP_LARGE},
+        },
+        "rules": RULES,
+        "froc": {
+            "thresholds": [float(t) for t in detection.thresholds],
+            **{
+                key: {name: [_finite_or_none(x) for x in points] for name, points in curve.items()}
+                for key, curve in froc_curves.items()
+            },
+        },
+        "sources": {"predictions": str(predictions_dir), "dataset": str(dataset_dir)},
+    }
+    return Evaluation(
+        summary=summary,
+        cases=cases,
+        lesions=segmentation.lesion_table(),
+        froc=detection.froc_table() if mode == "probability" else detection.froc_table().iloc[0:0],
+        froc_curves=froc_curves,
+    )
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> list[Path]:
+    """Write the CSVs, the summary and the FROC figure into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # summary.json goes first and comes back last: a folder that has one is complete and
+    # consistent, even after an interrupted rewrite of an older evaluation
+    (out / SUMMARY_JSON).unlink(missing_ok=True)
+    _write_csv(evaluation.cases, out / CASES_CSV)
+    _write_csv(evaluation.lesions, out / LESIONS_CSV)
+    _write_csv(evaluation.froc, out / FROC_CSV)
+    written = [out / CASES_CSV, out / LESIONS_CSV, out / FROC_CSV]
+    if evaluation.froc_curves:
+        min_ml = evaluation.summary["settings"]["min_volume_ml"]
+        curves = {
+            key: {"prediction": (curve["mean_fp"], curve["sensitivity"])}
+            for key, curve in evaluation.froc_curves.items()
+        }
+        plot_froc(
+            [
+                ("all lesions", curves["all"], FROC_MAX_FP_ALL),
+                (f"lesions >= {min_ml:g} mL", curves["large"], FROC_MAX_FP_LARGE),
+            ],
+            out / FROC_PNG,
+        )
+        written.append(out / FROC_PNG)
+    write_json(out / SUMMARY_JSON, evaluation.summary)
+    written.append(out / SUMMARY_JSON)
+    return written

@@ -1,0 +1,441 @@
+"""Compare evaluated runs (``sap compare``): the paper's Table 1 with CIs, p-values and figures.
+
+Each arm is a folder written by ``sap evaluate``. Rows are the metrics of the paper's reported
+results. Patient-level metrics: median (or mean, where the paper reports means) over patients
+with a 95% bootstrap CI over patients, and a paired Wilcoxon signed-rank test on the patients
+both arms evaluated. Lesion-level metrics (Dice and NSD of detected lesions): median over
+lesions, bootstrap over lesions, Mann-Whitney U (different arms detect different lesions).
+Cohort-level metrics (ICC of total volume, FROC AUC): the estimate on all patients with a
+bootstrap CI over patients and no test. p-values are Bonferroni-corrected over the arm pairs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sap_lightning.errors import SapError
+from sap_lightning.evaluation.froc import froc_auc, froc_curve
+from sap_lightning.evaluation.plots import plot_boxes, plot_froc
+from sap_lightning.evaluation.predictions import (
+    CASES_CSV,
+    FROC_CSV,
+    LESIONS_CSV,
+    SUMMARY_JSON,
+)
+from sap_lightning.evaluation.statistics import (
+    N_RESAMPLES,
+    bonferroni,
+    bootstrap_ci,
+    icc_2_1,
+    mann_whitney,
+    paired_wilcoxon,
+)
+from sap_lightning.io import read_json, write_json, write_text
+from sap_lightning.metrics.functional import detection_rates
+from sap_lightning.metrics.lesion import FROC_MAX_FP_ALL, FROC_MAX_FP_LARGE
+
+REPORT_MD = "report.md"
+COMPARISON_JSON = "comparison.json"
+FROC_PNG = "froc.png"
+BOXPLOTS_PNG = "boxplots.png"
+
+
+@dataclass(frozen=True)
+class EvaluationRun:
+    """One arm: the files ``sap evaluate`` wrote."""
+
+    name: str
+    path: Path
+    summary: dict[str, Any]
+    cases: pd.DataFrame
+    lesions: pd.DataFrame
+    froc: pd.DataFrame
+
+    @property
+    def large_suffix(self) -> str:
+        return self.summary["settings"]["large_suffix"]
+
+    @property
+    def has_froc(self) -> bool:
+        return len(self.froc) > 0
+
+
+def load_evaluation(path: str | os.PathLike, name: str | None = None) -> EvaluationRun:
+    """Read an evaluation folder, with an error naming the folder and the missing file."""
+    path = Path(path)
+    files = {n: path / n for n in (SUMMARY_JSON, CASES_CSV, LESIONS_CSV, FROC_CSV)}
+    for file in files.values():
+        if not file.is_file():
+            raise SapError(f"{path}: not a complete evaluation folder ({file.name} is missing)")
+    try:
+        summary = read_json(files[SUMMARY_JSON])
+        tables = {
+            n: pd.read_csv(files[n], dtype={"case_id": str})
+            for n in (CASES_CSV, LESIONS_CSV, FROC_CSV)
+        }
+    except (OSError, ValueError) as err:
+        raise SapError(f"{path}: unreadable evaluation file ({err})") from err
+    return EvaluationRun(
+        name or path.name,
+        path,
+        summary,
+        tables[CASES_CSV],
+        tables[LESIONS_CSV],
+        tables[FROC_CSV],
+    )
+
+
+# ------------------------------------------------------------------------------ table rows
+
+
+def _froc_counts(run: EvaluationRun, large: bool) -> np.ndarray:
+    """(cases, thresholds, 4) counts: n_gt, n_detected, n_pred, n_pred_matched."""
+    s = "_large" if large else ""
+    columns = [f"n_gt{s}", f"n_detected{s}", f"n_pred{s}", f"n_pred_matched{s}"]
+    frame = run.froc.sort_values(["case_id", "threshold"])
+    n_thresholds = frame["threshold"].nunique()
+    return frame[columns].to_numpy(np.float64).reshape(-1, n_thresholds, len(columns))
+
+
+def _froc_auc_of(counts: np.ndarray, max_fp: float) -> float:
+    sensitivity, _, _ = detection_rates(*np.moveaxis(counts, -1, 0))
+    fp = counts[..., 2] - counts[..., 3]
+    return froc_auc(*froc_curve(sensitivity, fp), max_fp)
+
+
+_REDUCERS: dict[str, Callable[..., Any]] = {"median": np.median, "mean": np.mean}
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One row of the table: how to get an arm's sample and what to report of it.
+
+    Patient and lesion rows report the median or mean of their per-unit values (NaN = undefined
+    for that unit, left out). Cohort rows report ``statistic`` of the per-patient sample (an
+    array with one row per patient) and are bootstrapped over patients.
+    """
+
+    label: str
+    unit: str  # "patient", "lesion" or "cohort"
+    sample: Callable[[EvaluationRun], np.ndarray]
+    estimate: str  # "median" or "mean" for patient and lesion rows; a name for cohort rows
+    column: str | None = None  # per-case column: pairs patients for the Wilcoxon test
+    statistic: Callable[[np.ndarray], float] | None = None  # cohort rows only
+    needs_froc: bool = False  # cohort rows defined only for runs with probability maps
+
+    @property
+    def reducer(self) -> Callable[..., Any]:
+        return _REDUCERS[self.estimate]
+
+    @property
+    def display(self) -> str:
+        return self.label if self.unit == "cohort" else f"{self.label} ({self.estimate})"
+
+
+def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
+    """The rows of the paper's reported results, in its order."""
+
+    def patient(label: str, column: str, estimate: str = "median") -> MetricRow:
+        return MetricRow(
+            label, "patient", lambda run: run.cases[column].to_numpy(np.float64), estimate, column
+        )
+
+    def lesion(label: str, column: str) -> MetricRow:
+        def detected(run: EvaluationRun) -> np.ndarray:
+            rows = run.lesions["detected"].astype(bool)
+            return run.lesions.loc[rows, column].to_numpy(np.float64)
+
+        return MetricRow(label, "lesion", detected, "median")
+
+    def froc_row(label: str, large: bool, max_fp: float) -> MetricRow:
+        return MetricRow(
+            label,
+            "cohort",
+            lambda run: _froc_counts(run, large),
+            "AUC",
+            statistic=lambda counts: _froc_auc_of(counts, max_fp),
+            needs_froc=True,
+        )
+
+    large = f">= {min_volume_ml:g} mL"
+    return [
+        patient("lesion sensitivity", "sensitivity"),
+        patient("precision", "precision"),
+        patient("FP per exam", "n_fp"),
+        patient("F2 (detection score)", "f2"),
+        lesion("Dice, detected lesions", "dice"),
+        lesion("NSD, detected lesions", "nsd"),
+        patient("per-patient mean Dice", "patient_mean_dice"),
+        patient("global Dice", "global_dice"),
+        MetricRow(
+            "ICC(2,1) total volume",
+            "cohort",
+            lambda run: run.cases[["pred_volume_ml", "gt_volume_ml"]].to_numpy(np.float64),
+            "ICC(2,1)",
+            statistic=icc_2_1,
+        ),
+        froc_row(f"FROC AUC to {FROC_MAX_FP_ALL:g} FP/exam", False, FROC_MAX_FP_ALL),
+        froc_row(f"FROC AUC to {FROC_MAX_FP_LARGE:g} FP/exam, {large}", True, FROC_MAX_FP_LARGE),
+        patient(f"{large}: sensitivity", f"sensitivity{suffix}", "mean"),
+        patient(f"{large}: FP per exam", f"n_fp{suffix}", "mean"),
+    ]
+
+
+# ------------------------------------------------------------------------------ comparison
+
+
+@dataclass(frozen=True)
+class Cell:
+    estimate: float
+    ci_low: float
+    ci_high: float
+    q1: float
+    q3: float
+    n: int
+
+    def format(self, digits: int = 3) -> str:
+        if math.isnan(self.estimate):
+            return "n/a"
+        if math.isnan(self.ci_low):
+            return f"{self.estimate:.{digits}f}"
+        return f"{self.estimate:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+
+
+@dataclass
+class Comparison:
+    names: list[str]
+    rows: list[MetricRow]
+    cells: dict[str, dict[str, Cell]]  # row label -> arm -> cell
+    pvalues: dict[str, dict[str, tuple[float, float, int]]]  # row -> "a vs b" -> (p, p_adj, n)
+    runs: list[EvaluationRun]
+
+
+def _cell(row: MetricRow, run: EvaluationRun, n_resamples: int, seed: int) -> Cell:
+    if row.needs_froc and not run.has_froc:
+        return Cell(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
+    sample = row.sample(run)
+    if row.unit == "cohort":
+        assert row.statistic is not None
+        low, high = bootstrap_ci(sample, row.statistic, n_resamples, seed=seed)
+        return Cell(row.statistic(sample), low, high, math.nan, math.nan, len(sample))
+    values = sample[~np.isnan(sample)]
+    if values.size == 0:
+        return Cell(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
+    low, high = bootstrap_ci(values, row.reducer, n_resamples, seed=seed, vectorized=True)
+    q1, q3 = np.percentile(values, [25, 75])
+    return Cell(float(row.reducer(values)), low, high, float(q1), float(q3), int(values.size))
+
+
+def _pvalue(row: MetricRow, a: EvaluationRun, b: EvaluationRun) -> tuple[float, int]:
+    if row.unit == "lesion":
+        x, y = row.sample(a), row.sample(b)
+        return mann_whitney(x, y), int(np.sum(~np.isnan(x)) + np.sum(~np.isnan(y)))
+    if row.unit == "patient" and row.column is not None:
+        paired = a.cases[["case_id", row.column]].merge(
+            b.cases[["case_id", row.column]], on="case_id", suffixes=("_a", "_b")
+        )
+        x = paired[f"{row.column}_a"].to_numpy(np.float64)
+        y = paired[f"{row.column}_b"].to_numpy(np.float64)
+        return paired_wilcoxon(x, y), int(np.sum(~(np.isnan(x) | np.isnan(y))))
+    return math.nan, 0
+
+
+def compare_runs(
+    runs: Sequence[EvaluationRun], n_resamples: int = N_RESAMPLES, seed: int = 0
+) -> Comparison:
+    """Table cells for every arm and Bonferroni-corrected p-values for every arm pair."""
+    if not runs:
+        raise SapError("nothing to compare: give at least one evaluation folder")
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise SapError(f"arm names must be unique, got {names} (use --names)")
+    volumes = {run.summary["settings"]["min_volume_ml"] for run in runs}
+    if len(volumes) != 1:
+        raise SapError(f"the runs use different min_volume_ml settings: {sorted(volumes)}")
+    rows = table_rows(runs[0].large_suffix, volumes.pop())
+    cells = {
+        row.label: {run.name: _cell(row, run, n_resamples, seed) for run in runs} for row in rows
+    }
+    pairs = list(itertools.combinations(runs, 2))
+    pvalues: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for row in rows:
+        raw = [_pvalue(row, a, b) for a, b in pairs]
+        adjusted = bonferroni([p for p, _ in raw], n_comparisons=len(pairs))
+        pvalues[row.label] = {
+            f"{a.name} vs {b.name}": (p, float(p_adj), n)
+            for (a, b), (p, n), p_adj in zip(pairs, raw, adjusted)
+        }
+    return Comparison(names, rows, cells, pvalues, list(runs))
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _format_p(p: float) -> str:
+    if math.isnan(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def render_markdown(comparison: Comparison, n_resamples: int = N_RESAMPLES) -> str:
+    names = comparison.names
+    runs = comparison.runs
+    main = _markdown_table(
+        ["metric", *names],
+        [
+            [
+                row.display,
+                *(comparison.cells[row.label][n].format() for n in names),
+            ]
+            for row in comparison.rows
+        ],
+    )
+    iqr = _markdown_table(
+        ["metric", *names],
+        [
+            [
+                row.label,
+                *(
+                    f"{c.q1:.3f} - {c.q3:.3f} (n={c.n})" if not math.isnan(c.q1) else "-"
+                    for c in (comparison.cells[row.label][n] for n in names)
+                ),
+            ]
+            for row in comparison.rows
+            if row.unit != "cohort"
+        ],
+    )
+    pair_names = list(next(iter(comparison.pvalues.values())).keys()) if comparison.pvalues else []
+    tested = [row for row in comparison.rows if row.unit != "cohort"]
+    pvalue_table = _markdown_table(
+        ["metric", "test", *pair_names],
+        [
+            [
+                row.label,
+                "Wilcoxon (paired)" if row.unit == "patient" else "Mann-Whitney U",
+                *(
+                    f"{_format_p(comparison.pvalues[row.label][pair][1])} "
+                    f"(raw {_format_p(comparison.pvalues[row.label][pair][0])})"
+                    for pair in pair_names
+                ),
+            ]
+            for row in tested
+        ],
+    )
+    arms = "\n".join(
+        f"- **{run.name}**: `{run.path}`, {len(run.cases)} patients, operating point "
+        f"{run.summary['operating_point']['source']}"
+        + (
+            f" (threshold {run.summary['operating_point']['threshold']:g})"
+            if run.summary["operating_point"].get("threshold") is not None
+            else ""
+        )
+        for run in runs
+    )
+    settings = runs[0].summary["settings"]
+    parts = [
+        "# Lesion-wise comparison",
+        "",
+        "## Arms",
+        arms,
+        "",
+        "## Table 1",
+        f"Median (or mean / cohort statistic, as named) with 95% percentile bootstrap CI "
+        f"({n_resamples} resamples). Lesions: 3D connected components "
+        f"(connectivity {settings['connectivity']}); detection: any voxel overlap, each side "
+        f"counted on its own; NSD tolerance {settings['tolerance_mm']:g} mm (area-weighted).",
+        "",
+        main,
+        "",
+        "## Interquartile ranges",
+        iqr,
+        "",
+        "## p-values",
+        f"Bonferroni-corrected over {len(pair_names)} arm pair(s); raw p in brackets. Paired "
+        "tests use the patients both arms evaluated.",
+        "",
+        pvalue_table if pair_names else "(one arm: no tests)",
+        "",
+        "## Figures",
+        f"![FROC curves]({FROC_PNG})",
+        "",
+        f"![Box plots]({BOXPLOTS_PNG})",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def write_comparison(
+    comparison: Comparison, out_dir: str | os.PathLike, n_resamples: int = N_RESAMPLES
+) -> list[Path]:
+    """Write report.md, comparison.json, froc.png and boxplots.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = comparison.runs
+    froc_panels = []
+    for key, title, max_fp in (
+        ("all", "all lesions", FROC_MAX_FP_ALL),
+        ("large", f">= {runs[0].summary['settings']['min_volume_ml']:g} mL", FROC_MAX_FP_LARGE),
+    ):
+        curves = {
+            run.name: (run.summary["froc"][key]["mean_fp"], run.summary["froc"][key]["sensitivity"])
+            for run in runs
+            if key in run.summary.get("froc", {})
+        }
+        froc_panels.append((title, {n: _none_to_nan(c) for n, c in curves.items()}, max_fp))
+    plot_froc(froc_panels, out / FROC_PNG)
+    box_panels = {
+        row.label: {run.name: row.sample(run) for run in runs}
+        for row in comparison.rows
+        if row.unit != "cohort"
+    }
+    plot_boxes(box_panels, out / BOXPLOTS_PNG)
+    payload = {
+        "arms": [{"name": run.name, "path": str(run.path)} for run in runs],
+        "n_resamples": n_resamples,
+        "rows": [
+            {
+                "metric": row.label,
+                "unit": row.unit,
+                "estimate": row.estimate,
+                "arms": {
+                    name: {
+                        field: _json_number(getattr(cell, field))
+                        for field in ("estimate", "ci_low", "ci_high", "q1", "q3")
+                    }
+                    | {"n": cell.n}
+                    for name, cell in comparison.cells[row.label].items()
+                },
+                "pvalues": {
+                    pair: {"p": _json_number(p), "p_bonferroni": _json_number(p_adj), "n": n}
+                    for pair, (p, p_adj, n) in comparison.pvalues[row.label].items()
+                },
+            }
+            for row in comparison.rows
+        ],
+    }
+    write_json(out / COMPARISON_JSON, payload)
+    write_text(out / REPORT_MD, render_markdown(comparison, n_resamples))
+    return [out / REPORT_MD, out / COMPARISON_JSON, out / FROC_PNG, out / BOXPLOTS_PNG]
+
+
+def _none_to_nan(curve: tuple[list, list]) -> tuple[list[float], list[float]]:
+    return tuple([math.nan if v is None else v for v in values] for values in curve)  # type: ignore[return-value]

@@ -1,0 +1,151 @@
+"""Statistics of the paper: bootstrap CIs of medians, IQR, paired and unpaired tests, ICC(2,1).
+
+Bootstrap intervals are percentile intervals from seeded resamples, so a report is
+reproducible; NaN values (undefined per-patient metrics, e.g. sensitivity without lesions) are
+dropped before any statistic, and the number of values used is reported with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+N_RESAMPLES = 1000
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A point estimate with its bootstrap CI, the quartiles and the number of values."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    q1: float
+    q3: float
+    n: int
+
+    def format(self, digits: int = 3) -> str:
+        """``estimate [ci_low, ci_high]`` (the paper's table cells)."""
+        if math.isnan(self.estimate):
+            return "n/a"
+        return f"{self.estimate:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+
+
+def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return values[~np.isnan(values)]
+
+
+def bootstrap_ci(
+    data: np.ndarray,
+    statistic: Callable[..., float],
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+    vectorized: bool = False,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic`` over the rows (first axis) of ``data``.
+
+    Rows are resampled together, so paired columns stay paired (e.g. predicted and true volume
+    of a patient). With ``vectorized`` the statistic is called once as
+    ``statistic(resamples, axis=1)``. Resamples on which the statistic is undefined (NaN, e.g.
+    no patient with a lesion was drawn) are dropped. Fewer than 2 rows -> (NaN, NaN).
+
+    Written here rather than with scipy.stats.bootstrap because that one lets a single NaN
+    resample turn the whole interval into NaN and applies non-vectorised statistics per column.
+    """
+    data = np.asarray(data)
+    n = len(data)
+    if n < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, n, size=(n_resamples, n))
+    if vectorized:
+        values = np.asarray(statistic(data[indices], axis=1), dtype=np.float64)
+    else:
+        values = np.array([statistic(data[index]) for index in indices], dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return math.nan, math.nan
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def summarize(
+    values: Sequence[float] | np.ndarray,
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> Summary:
+    """Median, its bootstrap CI and the IQR of the non-NaN ``values``."""
+    values = _finite(values)
+    if values.size == 0:
+        return Summary(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
+    low, high = bootstrap_ci(values, np.median, n_resamples, confidence, seed, vectorized=True)
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return Summary(float(median), low, high, float(q1), float(q3), int(values.size))
+
+
+def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired values (pairs with a NaN dropped).
+
+    Identical samples (every difference zero) give p = 1; fewer than 2 pairs give NaN.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in length: {a.shape} vs {b.shape}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    if a.size < 2:
+        return math.nan
+    if np.all(a == b):
+        return 1.0
+    return float(stats.wilcoxon(a, b).pvalue)
+
+
+def mann_whitney(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided Mann-Whitney U p-value of two independent samples (NaNs dropped)."""
+    a, b = _finite(a), _finite(b)
+    if a.size == 0 or b.size == 0:
+        return math.nan
+    return float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+
+def bonferroni(pvalues: Sequence[float], n_comparisons: int | None = None) -> np.ndarray:
+    """Bonferroni-adjusted p-values: p x number of comparisons, capped at 1 (NaN stays NaN)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = len(p) if n_comparisons is None else n_comparisons
+    return np.minimum(p * m, 1.0)
+
+
+def icc_2_1(ratings: Sequence[Sequence[float]] | np.ndarray) -> float:
+    """ICC(2,1) of Shrout & Fleiss (1979): two-way random effects, absolute agreement, single
+    measures, from the ANOVA mean squares.
+
+    ``ratings`` is (n subjects, k raters), e.g. per patient (predicted volume, true volume).
+    Rows with a NaN are dropped; fewer than 2 subjects, or no variance at all, give NaN.
+    """
+    x = np.asarray(ratings, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 2:
+        raise ValueError(f"ratings must be (subjects, raters >= 2), got shape {x.shape}")
+    x = x[~np.isnan(x).any(axis=1)]
+    n, k = x.shape
+    if n < 2:
+        return math.nan
+    grand = x.mean()
+    ss_rows = k * np.sum((x.mean(axis=1) - grand) ** 2)
+    ss_cols = n * np.sum((x.mean(axis=0) - grand) ** 2)
+    ss_error = np.sum((x - grand) ** 2) - ss_rows - ss_cols
+    ms_rows = ss_rows / (n - 1)
+    ms_cols = ss_cols / (k - 1)
+    ms_error = ss_error / ((n - 1) * (k - 1))
+    denominator = ms_rows + (k - 1) * ms_error + k * (ms_cols - ms_error) / n
+    if denominator == 0:
+        return math.nan
+    return float((ms_rows - ms_error) / denominator)

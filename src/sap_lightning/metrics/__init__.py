@@ -1,0 +1,38 @@
+"""Lesion-wise metrics: a functional core on whole-case arrays and torchmetrics wrappers.
+
+See :mod:`sap_lightning.metrics.functional` for the definitions and the empty-mask conventions.
+"""
+
+from sap_lightning.metrics.functional import (
+    FrocCounts,
+    LesionDetectionResult,
+    LesionScore,
+    binarize,
+    dice,
+    froc_counts,
+    lesion_detection,
+    lesion_scores,
+    surface_dice,
+)
+from sap_lightning.metrics.lesion import (
+    DEFAULT_THRESHOLDS,
+    LesionDetection,
+    LesionSegmentation,
+    make_lesion_metrics,
+)
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "FrocCounts",
+    "LesionDetection",
+    "LesionDetectionResult",
+    "LesionScore",
+    "LesionSegmentation",
+    "binarize",
+    "dice",
+    "froc_counts",
+    "lesion_detection",
+    "lesion_scores",
+    "make_lesion_metrics",
+    "surface_dice",
+]

@@ -1,0 +1,650 @@
+"""Lesion-wise metrics on whole-case arrays: Dice, normalised surface Dice, detection, FROC counts.
+
+Every function takes numpy arrays or torch tensors of shape (X, Y, Z) (any device; they are moved
+to the CPU) and a voxel spacing in mm **in array axis order**. Lesions are 3D connected components
+(cc3d, connectivity 6, 18 or 26; default 6 as in the authors' code). Volumes are voxel count x
+voxel volume, in mL.
+
+Whole-body volumes are large and lesions are tiny, so the functions work on the sparse set of
+foreground voxels (flat indices) and on per-lesion crops, never with per-lesion passes over the
+whole volume.
+
+Conventions for empty masks (the libraries disagree; these are the project's, and tested):
+
+- ``dice`` and ``surface_dice``: both masks empty -> 1.0; exactly one empty -> 0.0. A case with
+  no ground-truth lesion has no lesion rows, so it never enters lesion-level means.
+- ``sensitivity`` with no ground-truth lesion -> NaN (undefined; the patient is left out of the
+  sensitivity median, as the paper does for the >= 1 mL analysis).
+- ``precision`` with no predicted component -> NaN.
+- ``F2 = 5PR / (4P + R)``, with P per predicted component and R per ground-truth lesion (under
+  split/merge the two sides count different true positives; each side uses its own). When only
+  one side is undefined it counts as perfect: no predictions -> ``F2 = 5R / (4 + R)`` (0 when
+  lesions exist and none is found), no lesions -> ``F2 = 5P / (4P + 1)`` (0 when every component
+  is a false positive). Both sides empty -> NaN.
+- Missed lesions get Dice 0 and NSD 0 in ``lesion_scores`` (their ``detected`` flag is False);
+  "Dice of detected lesions" filters on the flag, "per-patient mean Dice" keeps the zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import cc3d
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+Connectivity = Literal[6, 18, 26]
+Matching = Literal["any_overlap", "one_to_one"]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+__all__ = [
+    "FrocCounts",
+    "LesionDetectionResult",
+    "LesionScore",
+    "binarize",
+    "detection_rates",
+    "dice",
+    "f2_score",
+    "froc_counts",
+    "lesion_detection",
+    "lesion_scores",
+    "surface_dice",
+    "voxel_volume_ml",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# input handling
+
+
+def _to_numpy(array: ArrayLike) -> np.ndarray:
+    """A C-contiguous numpy view/copy of ``array`` (torch tensors are moved to the CPU)."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach()
+        if array.is_floating_point() and array.dtype not in (torch.float32, torch.float64):
+            array = array.float()  # half precisions are widened (numpy has no bfloat16)
+        array = array.cpu().numpy()
+    array = np.asarray(array)
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    return np.ascontiguousarray(array)
+
+
+def _as_mask(array: ArrayLike, name: str) -> np.ndarray:
+    """A 3D boolean mask; any non-zero value is foreground."""
+    array = _to_numpy(array)
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be a 3D array (X, Y, Z), got shape {array.shape}")
+    return array if array.dtype == np.bool_ else array != 0
+
+
+def _as_probability(array: ArrayLike, name: str = "prob") -> np.ndarray:
+    """A 3D float array (float32 or float64; other types become float32)."""
+    array = _to_numpy(array)
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be a 3D array (X, Y, Z), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    return array
+
+
+def _check_same_shape(pred: np.ndarray, target: np.ndarray) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+
+
+def _as_spacing(spacing: Sequence[float] | ArrayLike) -> tuple[float, float, float]:
+    """Three positive finite spacings in mm (array axis order), from any sequence or tensor."""
+    values = tuple(float(s) for s in np.asarray(_to_numpy(spacing), dtype=np.float64).ravel())
+    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"spacing must be 3 positive numbers in mm, got {values}")
+    return values  # type: ignore[return-value]
+
+
+def _check_connectivity(connectivity: int) -> int:
+    if connectivity not in (6, 18, 26):
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    return int(connectivity)
+
+
+def voxel_volume_ml(spacing: Sequence[float]) -> float:
+    """Volume of one voxel in mL (spacing in mm)."""
+    sx, sy, sz = _as_spacing(spacing)
+    return sx * sy * sz / 1000.0
+
+
+def binarize(prob: ArrayLike, threshold: float) -> np.ndarray:
+    """``prob >= threshold``, compared in the array's own float type.
+
+    Every probability/threshold comparison of the library (operating point, FROC sweep,
+    threshold tuning) is made this way, so they agree voxel for voxel: a float32 map compared
+    with a float64 threshold can differ from the float32 comparison at values on the threshold.
+    """
+    prob = _as_probability(prob)
+    return prob >= prob.dtype.type(threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# connected components on the sparse foreground
+
+
+@dataclass(frozen=True)
+class _Components:
+    labels: np.ndarray  # uint32 label volume, 0 = background, components 1..count
+    count: int
+    flat: np.ndarray  # flat (C-order) indices of the foreground voxels
+    ids: np.ndarray  # component id (1..count) of each foreground voxel
+    voxels: np.ndarray  # voxel count per component, index 0 = component 1
+
+    def bounding_boxes(self) -> np.ndarray:
+        """(count, 3, 2) array of [start, stop) voxel bounds per component."""
+        boxes = np.empty((self.count, 3, 2), dtype=np.int64)
+        if self.count == 0:
+            return boxes
+        coords = np.unravel_index(self.flat, self.labels.shape)
+        index = self.ids.astype(np.int64) - 1
+        for axis, coord in enumerate(coords):
+            low = np.full(self.count, np.iinfo(np.int64).max)
+            high = np.full(self.count, -1)
+            np.minimum.at(low, index, coord)
+            np.maximum.at(high, index, coord)
+            boxes[:, axis, 0], boxes[:, axis, 1] = low, high + 1
+        return boxes
+
+
+def _components(mask: np.ndarray, connectivity: int) -> _Components:
+    labels, count = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    flat = np.flatnonzero(mask)
+    ids = labels.ravel()[flat]
+    voxels = np.bincount(ids, minlength=count + 1)[1:]
+    return _Components(labels, int(count), flat, ids, voxels)
+
+
+@dataclass(frozen=True)
+class _Overlaps:
+    """Every (GT lesion, predicted component) pair that shares voxels, and how many."""
+
+    gt: np.ndarray  # GT lesion id (1..n_gt)
+    pred: np.ndarray  # predicted component id (1..n_pred)
+    voxels: np.ndarray  # shared voxel count
+
+
+def _overlaps(gt: _Components, pred: _Components) -> _Overlaps:
+    pred_at_gt = pred.labels.ravel()[gt.flat]
+    shared = pred_at_gt > 0
+    stride = np.int64(pred.count + 1)
+    codes = gt.ids[shared].astype(np.int64) * stride + pred_at_gt[shared]
+    pairs, counts = np.unique(codes, return_counts=True)
+    return _Overlaps(pairs // stride, pairs % stride, counts)
+
+
+def _match(
+    gt: _Components,
+    pred: _Components,
+    overlaps: _Overlaps,
+    matching: Matching,
+    iou_threshold: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean 'matched' flags per GT lesion and per predicted component."""
+    gt_hit = np.zeros(gt.count, dtype=bool)
+    pred_hit = np.zeros(pred.count, dtype=bool)
+    if matching == "any_overlap":
+        gt_hit[overlaps.gt - 1] = True
+        pred_hit[overlaps.pred - 1] = True
+    elif matching == "one_to_one":
+        # Greedy by decreasing IoU, each lesion and component used once: panoptica's
+        # NaiveThresholdMatching (IoU >= threshold; threshold 0 means any overlap).
+        union = gt.voxels[overlaps.gt - 1] + pred.voxels[overlaps.pred - 1] - overlaps.voxels
+        iou = overlaps.voxels / union
+        for k in np.argsort(-iou, kind="stable"):
+            if iou[k] < iou_threshold:
+                break
+            g, p = overlaps.gt[k] - 1, overlaps.pred[k] - 1
+            if not gt_hit[g] and not pred_hit[p]:
+                gt_hit[g] = pred_hit[p] = True
+    else:
+        raise ValueError(f"matching must be 'any_overlap' or 'one_to_one', got {matching!r}")
+    return gt_hit, pred_hit
+
+
+# --------------------------------------------------------------------------------------------
+# overlap and surface metrics
+
+
+def dice(pred: ArrayLike, target: ArrayLike) -> float:
+    """Dice of two binary masks; both empty -> 1.0."""
+    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
+    _check_same_shape(pred, target)
+    total = np.count_nonzero(pred) + np.count_nonzero(target)
+    if total == 0:
+        return 1.0
+    return 2.0 * np.count_nonzero(pred & target) / total
+
+
+@functools.lru_cache(maxsize=32)
+def _surfel_area_table(spacing: tuple[float, float, float]) -> np.ndarray:
+    # MONAI's port of DeepMind's marching-cubes normals table: the area of the surface
+    # element of every 2x2x2 neighbourhood code. Reused rather than re-derived.
+    from monai.metrics.utils import create_table_neighbour_code_to_surface_area
+
+    table, _kernel = create_table_neighbour_code_to_surface_area(spacing)
+    return table.double().numpy()
+
+
+def _surfels(
+    mask: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (mm) and areas (mm^2) of the surface elements of ``mask``.
+
+    ``mask`` must have at least one background voxel of margin on every side. Surface elements
+    sit on the corners between voxels: one per 2x2x2 neighbourhood that is neither all inside
+    nor all outside (Nikolov et al.; the bit order is MONAI's encoding kernel).
+    """
+    m = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
+    code = (
+        (m[:-1, :-1, :-1] << 7)
+        | (m[:-1, :-1, 1:] << 6)
+        | (m[:-1, 1:, :-1] << 5)
+        | (m[:-1, 1:, 1:] << 4)
+        | (m[1:, :-1, :-1] << 3)
+        | (m[1:, :-1, 1:] << 2)
+        | (m[1:, 1:, :-1] << 1)
+        | m[1:, 1:, 1:]
+    )
+    surface = (code != 0) & (code != 255)
+    points = np.argwhere(surface) * np.asarray(spacing)
+    return points, _surfel_area_table(spacing)[code[surface]]
+
+
+def _nsd_on_crop(
+    pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float, float], tolerance_mm: float
+) -> float:
+    """Area-weighted NSD of two masks that already carry a background margin."""
+    pred_points, pred_area = _surfels(pred, spacing)
+    gt_points, gt_area = _surfels(target, spacing)
+    if len(pred_points) == 0 and len(gt_points) == 0:
+        return 1.0
+    if len(pred_points) == 0 or len(gt_points) == 0:
+        return 0.0
+    gt_to_pred = cKDTree(pred_points).query(gt_points, k=1)[0]
+    pred_to_gt = cKDTree(gt_points).query(pred_points, k=1)[0]
+    within = gt_area[gt_to_pred <= tolerance_mm].sum() + pred_area[pred_to_gt <= tolerance_mm].sum()
+    return float(within / (gt_area.sum() + pred_area.sum()))
+
+
+def _padded_crop(array: np.ndarray, box: np.ndarray, margin: int = 1) -> np.ndarray:
+    """``array[box]`` grown by ``margin`` voxels per side, zero-padded beyond the array."""
+    starts = box[:, 0] - margin
+    stops = box[:, 1] + margin
+    inner = tuple(
+        slice(max(a, 0), min(b, n)) for a, b, n in zip(starts, stops, array.shape, strict=True)
+    )
+    crop = array[inner]
+    pad = [(max(-a, 0), max(b - n, 0)) for a, b, n in zip(starts, stops, array.shape, strict=True)]
+    return np.pad(crop, pad) if any(p != (0, 0) for p in pad) else crop
+
+
+def _union_box(*boxes: np.ndarray) -> np.ndarray:
+    stacked = np.stack(boxes)
+    return np.stack([stacked[:, :, 0].min(0), stacked[:, :, 1].max(0)], axis=1)
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray | None:
+    coords = np.nonzero(mask)
+    if len(coords[0]) == 0:
+        return None
+    return np.array([[c.min(), c.max() + 1] for c in coords])
+
+
+def surface_dice(
+    pred: ArrayLike,
+    target: ArrayLike,
+    spacing: Sequence[float],
+    tolerance_mm: float = 2.0,
+) -> float:
+    """Area-weighted normalised surface Dice (Nikolov et al. 2021), inclusive at the tolerance.
+
+    The fraction of the two surfaces' total area that lies within ``tolerance_mm`` of the other
+    surface; equal to MONAI ``compute_surface_dice(..., use_subvoxels=True)``. Computed on the
+    bounding box of both masks plus one voxel, so whole-body arrays cost little. Both masks
+    empty -> 1.0; exactly one empty -> 0.0.
+    """
+    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
+    _check_same_shape(pred, target)
+    spacing = _as_spacing(spacing)
+    if not tolerance_mm >= 0:
+        raise ValueError(f"tolerance_mm must be >= 0, got {tolerance_mm}")
+    box = _mask_box(pred | target)
+    if box is None:
+        return 1.0
+    return _nsd_on_crop(
+        _padded_crop(pred, box), _padded_crop(target, box), spacing, float(tolerance_mm)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# detection
+
+
+def f2_score(sensitivity: np.ndarray | float, precision: np.ndarray | float) -> np.ndarray | float:
+    """F2 = 5PR / (4P + R), with the module's convention for undefined (NaN) sides.
+
+    One side NaN counts as perfect (1.0); both NaN -> NaN; P = R = 0 -> 0. Works element-wise.
+    """
+    r = np.asarray(sensitivity, dtype=np.float64)
+    p = np.asarray(precision, dtype=np.float64)
+    both_nan = np.isnan(r) & np.isnan(p)
+    r = np.where(np.isnan(r), 1.0, r)
+    p = np.where(np.isnan(p), 1.0, p)
+    denominator = 4.0 * p + r
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f2 = np.where(denominator > 0, 5.0 * p * r / np.where(denominator > 0, denominator, 1), 0.0)
+    f2 = np.where(both_nan, np.nan, f2)
+    return float(f2) if f2.ndim == 0 else f2
+
+
+def detection_rates(
+    n_gt: np.ndarray | int,
+    n_detected: np.ndarray | int,
+    n_pred: np.ndarray | int,
+    n_pred_matched: np.ndarray | int,
+) -> tuple[np.ndarray | float, np.ndarray | float, np.ndarray | float]:
+    """(sensitivity, precision, F2) from counts, element-wise; 0/0 -> NaN as documented."""
+    n_gt, n_detected = np.asarray(n_gt, np.float64), np.asarray(n_detected, np.float64)
+    n_pred, n_pred_matched = np.asarray(n_pred, np.float64), np.asarray(n_pred_matched, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sensitivity = np.where(n_gt > 0, n_detected / np.where(n_gt > 0, n_gt, 1), np.nan)
+        precision = np.where(n_pred > 0, n_pred_matched / np.where(n_pred > 0, n_pred, 1), np.nan)
+    f2 = f2_score(sensitivity, precision)
+    if sensitivity.ndim == 0:
+        return float(sensitivity), float(precision), float(f2)
+    return sensitivity, precision, f2
+
+
+@dataclass(frozen=True)
+class LesionDetectionResult:
+    """Lesion-wise detection counts of one case and the rates derived from them.
+
+    ``n_detected`` counts GT lesions found, ``n_pred_matched`` predicted components that count
+    as true positives; they differ under split/merge with ``any_overlap`` matching.
+    """
+
+    n_gt: int
+    n_pred: int
+    n_detected: int
+    n_pred_matched: int
+    matching: str
+    min_volume_ml: float
+
+    @property
+    def n_false_positive(self) -> int:
+        return self.n_pred - self.n_pred_matched
+
+    @property
+    def n_missed(self) -> int:
+        return self.n_gt - self.n_detected
+
+    @property
+    def sensitivity(self) -> float:
+        return detection_rates(self.n_gt, self.n_detected, self.n_pred, self.n_pred_matched)[0]
+
+    @property
+    def precision(self) -> float:
+        return detection_rates(self.n_gt, self.n_detected, self.n_pred, self.n_pred_matched)[1]
+
+    @property
+    def f2(self) -> float:
+        return detection_rates(self.n_gt, self.n_detected, self.n_pred, self.n_pred_matched)[2]
+
+
+def lesion_detection(
+    pred: ArrayLike,
+    target: ArrayLike,
+    spacing: Sequence[float],
+    connectivity: Connectivity = 6,
+    min_volume_ml: float = 0.0,
+    matching: Matching = "any_overlap",
+    iou_threshold: float = 0.5,
+) -> LesionDetectionResult:
+    """Count detected lesions and false-positive components of one case.
+
+    ``matching="any_overlap"`` (the paper): a GT lesion is detected when any predicted voxel
+    overlaps it; a predicted component is a true positive when it touches any GT lesion; each
+    side is counted on its own (a split lesion is one detection and no FP; a merged blob
+    detects every lesion it covers). ``matching="one_to_one"``: greedy pairing by decreasing IoU
+    among overlapping pairs with IoU >= ``iou_threshold`` (panoptica's naive threshold
+    matching; 0 means any overlap), each lesion and component used at most once.
+
+    With ``min_volume_ml`` > 0 the matching is done on all components, then sensitivity is
+    over GT lesions of at least that volume (found by a component of any size) and precision
+    and false positives over predicted components of at least that volume.
+    """
+    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
+    _check_same_shape(pred, target)
+    ml_per_voxel = voxel_volume_ml(spacing)
+    connectivity = _check_connectivity(connectivity)
+    gt = _components(target, connectivity)
+    pr = _components(pred, connectivity)
+    gt_hit, pred_hit = _match(gt, pr, _overlaps(gt, pr), matching, iou_threshold)
+    gt_kept = gt.voxels * ml_per_voxel >= min_volume_ml
+    pred_kept = pr.voxels * ml_per_voxel >= min_volume_ml
+    return LesionDetectionResult(
+        n_gt=int(gt_kept.sum()),
+        n_pred=int(pred_kept.sum()),
+        n_detected=int((gt_hit & gt_kept).sum()),
+        n_pred_matched=int((pred_hit & pred_kept).sum()),
+        matching=matching,
+        min_volume_ml=float(min_volume_ml),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# per-lesion segmentation quality
+
+
+@dataclass(frozen=True)
+class LesionScore:
+    """Segmentation quality of one GT lesion against the predicted components that touch it."""
+
+    lesion_id: int
+    volume_ml: float
+    detected: bool
+    dice: float
+    nsd: float
+    pred_volume_ml: float
+    n_pred_components: int
+
+
+def lesion_scores(
+    pred: ArrayLike,
+    target: ArrayLike,
+    spacing: Sequence[float],
+    tolerance_mm: float = 2.0,
+    connectivity: Connectivity = 6,
+) -> list[LesionScore]:
+    """One row per GT lesion (ids in cc3d's raster order): Dice and NSD against the union of
+    the predicted components that overlap it (whole components, also where they reach into
+    other lesions). Missed lesions get Dice 0 and NSD 0. NSD is computed on a per-lesion crop.
+    """
+    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
+    _check_same_shape(pred, target)
+    spacing = _as_spacing(spacing)
+    ml_per_voxel = voxel_volume_ml(spacing)
+    connectivity = _check_connectivity(connectivity)
+    gt = _components(target, connectivity)
+    pr = _components(pred, connectivity)
+    overlaps = _overlaps(gt, pr)
+    gt_boxes = gt.bounding_boxes()
+    pred_boxes = pr.bounding_boxes()
+    # overlaps are sorted by GT id: split them into one group per lesion
+    group_starts = np.searchsorted(overlaps.gt, np.arange(1, gt.count + 2))
+    rows: list[LesionScore] = []
+    for index in range(gt.count):
+        lesion_id = index + 1
+        lo, hi = group_starts[index], group_starts[index + 1]
+        touching = overlaps.pred[lo:hi]
+        volume_ml = float(gt.voxels[index] * ml_per_voxel)
+        if len(touching) == 0:
+            rows.append(LesionScore(lesion_id, volume_ml, False, 0.0, 0.0, 0.0, 0))
+            continue
+        pred_voxels = int(pr.voxels[touching - 1].sum())
+        shared = int(overlaps.voxels[lo:hi].sum())
+        lesion_dice = 2.0 * shared / (gt.voxels[index] + pred_voxels)
+        box = _union_box(gt_boxes[index], *pred_boxes[touching - 1])
+        gt_crop = _padded_crop(gt.labels, box) == lesion_id
+        pred_crop = np.isin(_padded_crop(pr.labels, box), touching)
+        nsd = _nsd_on_crop(pred_crop, gt_crop, spacing, float(tolerance_mm))
+        rows.append(
+            LesionScore(
+                lesion_id=lesion_id,
+                volume_ml=volume_ml,
+                detected=True,
+                dice=float(lesion_dice),
+                nsd=nsd,
+                pred_volume_ml=float(pred_voxels * ml_per_voxel),
+                n_pred_components=len(touching),
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# FROC: detection counts at many thresholds in one pass
+
+
+@dataclass(frozen=True)
+class FrocCounts:
+    """Any-overlap detection counts of one case at each threshold (ascending).
+
+    ``*_large`` counts use only GT lesions / predicted components of at least
+    ``min_volume_ml`` (the GT lesions may be found by components of any size).
+    Entry ``k`` equals ``lesion_detection(binarize(prob, thresholds[k]), ...)``.
+    """
+
+    thresholds: np.ndarray
+    min_volume_ml: float
+    n_gt: int
+    n_gt_large: int
+    n_detected: np.ndarray
+    n_pred: np.ndarray
+    n_pred_matched: np.ndarray
+    n_detected_large: np.ndarray
+    n_pred_large: np.ndarray
+    n_pred_matched_large: np.ndarray
+
+    def at(self, index: int, large: bool = False) -> LesionDetectionResult:
+        """The counts at ``thresholds[index]`` as a :class:`LesionDetectionResult`."""
+        if large:
+            counts = (self.n_gt_large, self.n_pred_large, self.n_detected_large)
+            matched = self.n_pred_matched_large
+        else:
+            counts = (self.n_gt, self.n_pred, self.n_detected)
+            matched = self.n_pred_matched
+        return LesionDetectionResult(
+            n_gt=int(counts[0]),
+            n_pred=int(counts[1][index]),
+            n_detected=int(counts[2][index]),
+            n_pred_matched=int(matched[index]),
+            matching="any_overlap",
+            min_volume_ml=self.min_volume_ml if large else 0.0,
+        )
+
+
+def check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
+    """Sorted unique probability thresholds, each in (0, 1]."""
+    values = np.unique(np.asarray(list(thresholds), dtype=np.float64))
+    if values.size == 0 or not np.all((values > 0) & (values <= 1)):
+        raise ValueError(f"thresholds must be non-empty and in (0, 1], got {list(thresholds)}")
+    return values
+
+
+def froc_counts(
+    prob: ArrayLike,
+    target: ArrayLike,
+    spacing: Sequence[float],
+    thresholds: Sequence[float],
+    connectivity: Connectivity = 6,
+    min_volume_ml: float = 1.0,
+) -> FrocCounts:
+    """Any-overlap detection counts at every threshold, for a FROC curve or threshold tuning.
+
+    One pass: the GT is labelled once; a GT lesion is detected at ``t`` exactly when its
+    maximum probability is >= ``t``. Components at a higher threshold are nested inside the
+    components at the lowest one, so each of those is cropped once and only its crop is
+    relabelled per threshold, and only at thresholds between its minimum and maximum
+    probability (below, it is unchanged; above, it is gone).
+    """
+    prob = _as_probability(prob)
+    target = _as_mask(target, "target")
+    _check_same_shape(prob, target)
+    thresholds = check_thresholds(thresholds)
+    connectivity = _check_connectivity(connectivity)
+    ml_per_voxel = voxel_volume_ml(spacing)
+    dtype_thresholds = thresholds.astype(prob.dtype)  # compare as binarize() does
+
+    gt = _components(target, connectivity)
+    gt_large = gt.voxels * ml_per_voxel >= min_volume_ml
+    gt_max = np.full(gt.count, -np.inf, dtype=prob.dtype)
+    np.maximum.at(gt_max, gt.ids.astype(np.int64) - 1, prob.ravel()[gt.flat])
+    found = gt_max[None, :] >= dtype_thresholds[:, None]  # (thresholds, lesions)
+
+    base = _components(prob >= dtype_thresholds[0], connectivity)
+    base_index = base.ids.astype(np.int64) - 1
+    base_values = prob.ravel()[base.flat]
+    base_max = np.full(base.count, -np.inf, dtype=prob.dtype)
+    base_min = np.full(base.count, np.inf, dtype=prob.dtype)
+    np.maximum.at(base_max, base_index, base_values)
+    np.minimum.at(base_min, base_index, base_values)
+    base_touches = np.zeros(base.count, dtype=bool)
+    touched_ids = base.labels.ravel()[gt.flat]
+    base_touches[touched_ids[touched_ids > 0].astype(np.int64) - 1] = True
+    base_large = base.voxels * ml_per_voxel >= min_volume_ml
+
+    # a component whose every voxel passes a threshold is unchanged there: count it as it is
+    intact = dtype_thresholds[:, None] <= base_min[None, :]  # (thresholds, components)
+    n_pred = intact.sum(axis=1)
+    n_matched = (intact & base_touches).sum(axis=1)
+    n_pred_large = (intact & base_large).sum(axis=1)
+    n_matched_large = (intact & base_touches & base_large).sum(axis=1)
+
+    # otherwise relabel its crop, up to its maximum probability
+    for index, box in enumerate(base.bounding_boxes()):
+        levels = np.flatnonzero(
+            (dtype_thresholds > base_min[index]) & (dtype_thresholds <= base_max[index])
+        )
+        if len(levels) == 0:
+            continue
+        region = tuple(slice(a, b) for a, b in box)
+        own = base.labels[region] == index + 1
+        local_prob = np.where(own, prob[region], prob.dtype.type(-np.inf))
+        local_gt = target[region] & own
+        for level in levels:
+            labels, count = cc3d.connected_components(
+                local_prob >= dtype_thresholds[level], connectivity=connectivity, return_N=True
+            )
+            voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+            touches = np.bincount(labels[local_gt], minlength=count + 1)[1:] > 0
+            large = voxels * ml_per_voxel >= min_volume_ml
+            n_pred[level] += count
+            n_matched[level] += touches.sum()
+            n_pred_large[level] += large.sum()
+            n_matched_large[level] += (touches & large).sum()
+
+    return FrocCounts(
+        thresholds=thresholds,
+        min_volume_ml=float(min_volume_ml),
+        n_gt=gt.count,
+        n_gt_large=int(gt_large.sum()),
+        n_detected=found.sum(axis=1),
+        n_pred=n_pred,
+        n_pred_matched=n_matched,
+        n_detected_large=found[:, gt_large].sum(axis=1),
+        n_pred_large=n_pred_large,
+        n_pred_matched_large=n_matched_large,
+    )

@@ -1,0 +1,152 @@
+"""``sap predict`` outputs: grid, dtypes, threshold, lesion table and regions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sap_lightning.backbones import create_backbone
+from sap_lightning.cli import main
+from sap_lightning.data.layout import LESION_LABELS, SKELETON_LABELS
+from sap_lightning.inference.burden import OTHER_BONE
+from sap_lightning.transfer import META_KEY, make_backbone_meta
+from tests.datasets import write_tiny_dataset
+
+SHAPE = (24, 20, 16)
+
+
+def _write_checkpoint(path: Path, task: str, labels: dict[str, int], seed: int) -> Path:
+    """A Lightning-layout checkpoint of an untrained tiny network (weights are random on purpose:
+    the test checks the plumbing, not the model)."""
+    torch.manual_seed(seed)
+    net = create_backbone("unet_tiny", 2, len(labels))
+    meta = make_backbone_meta(
+        backbone="unet_tiny",
+        backbone_kwargs={},
+        in_channels=2,
+        out_channels=len(labels),
+        task=task,
+        channel_names=["T1", "b1000"],
+        label_names=labels,
+        spacing=[1.5, 1.5, 4.0],
+        normalisation="percentile_1_99_clip_rescale",
+        extra={"patch_size": [32, 32, 32]},
+    )
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, META_KEY: meta, "pytorch-lightning_version": "2"}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("predict")
+    dataset = write_tiny_dataset(root / "lesion", n_cases=2, shape=SHAPE)
+    run = root / "run"
+    _write_checkpoint(run / "checkpoints" / "last.ckpt", "lesion", LESION_LABELS, 0)
+    (run / "threshold.json").write_text(json.dumps({"threshold": 0.5}))
+    skeleton = _write_checkpoint(root / "skeleton.ckpt", "skeleton", SKELETON_LABELS, 1)
+    out = root / "out"
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run),
+                "--input",
+                str(dataset),
+                "--out",
+                str(out),
+                "--skeleton-checkpoint",
+                str(skeleton),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    return {"dataset": dataset, "out": out, "run": run}
+
+
+def test_outputs_share_the_input_grid(setup) -> None:
+    image = nib.load(setup["dataset"] / "imagesTr" / "case000_0000.nii.gz")
+    for name, dtype in [
+        ("case000_prob", np.uint16),
+        ("case000", np.uint8),
+        ("case000_skeleton", np.uint8),
+    ]:
+        out = nib.load(setup["out"] / f"{name}.nii.gz")
+        assert out.shape == image.shape
+        np.testing.assert_allclose(out.affine, image.affine)
+        assert out.get_data_dtype() == dtype
+
+
+def test_mask_is_probability_at_the_run_threshold(setup) -> None:
+    prob = nib.load(setup["out"] / "case000_prob.nii.gz").get_fdata()
+    mask = np.asanyarray(nib.load(setup["out"] / "case000.nii.gz").dataobj)
+    assert prob.min() >= 0.0 and prob.max() <= 1.0
+    np.testing.assert_array_equal(mask, (prob >= 0.5).astype(np.uint8))
+
+
+def test_table_and_summary_agree_with_the_mask(setup) -> None:
+    mask = np.asanyarray(nib.load(setup["out"] / "case000.nii.gz").dataobj)
+    skeleton = np.asanyarray(nib.load(setup["out"] / "case000_skeleton.nii.gz").dataobj)
+    table = pd.read_csv(setup["out"] / "case000_lesions.csv")
+    summary = json.loads((setup["out"] / "case000_summary.json").read_text())
+    assert table["voxels"].sum() == mask.sum()
+    assert summary["lesions"] == len(table)
+    assert summary["total_volume_ml"] == pytest.approx(mask.sum() * 1.5 * 1.5 * 4.0 / 1000)
+    assert set(table["region"]) <= set(SKELETON_LABELS) - {"background"} | {OTHER_BONE}
+    assert set(np.unique(skeleton)) <= set(SKELETON_LABELS.values())
+
+
+def test_threshold_override_and_plain_folder_input(setup, tmp_path: Path) -> None:
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    for f in (setup["dataset"] / "imagesTr").glob("case001_*.nii.gz"):
+        (folder / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(setup["run"] / "checkpoints" / "last.ckpt"),
+                "--input",
+                str(folder),
+                "--out",
+                str(out),
+                "--threshold",
+                "0.99",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    prob = nib.load(out / "case001_prob.nii.gz").get_fdata()
+    mask = np.asanyarray(nib.load(out / "case001.nii.gz").dataobj)
+    np.testing.assert_array_equal(mask, (prob >= 0.99).astype(np.uint8))
+    assert json.loads((out / "case001_summary.json").read_text())["threshold"] == 0.99
+
+
+def test_wrong_task_checkpoint_is_refused(setup, tmp_path: Path, capsys) -> None:
+    skeleton = _write_checkpoint(tmp_path / "s.ckpt", "skeleton", SKELETON_LABELS, 2)
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(skeleton),
+            "--input",
+            str(setup["dataset"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    assert "'skeleton' model where a 'lesion' model is expected" in capsys.readouterr().err
