@@ -63,8 +63,8 @@ $(PHANTOMS)/lesion/dataset.json:
 data: install $(PHANTOMS)/lesion/dataset.json ## Generate, check, preprocess and split the synthetic cohort
 	$(SAP) check-data $(PHANTOMS)/skeleton
 	$(SAP) check-data $(PHANTOMS)/lesion
-	$(SAP) preprocess $(PHANTOMS)/skeleton --out $(DATA)/cache/skeleton
-	$(SAP) preprocess $(PHANTOMS)/lesion --out $(DATA)/cache/lesion
+	$(SAP) preprocess $(PHANTOMS)/skeleton
+	$(SAP) preprocess $(PHANTOMS)/lesion
 	$(SAP) split $(PHANTOMS)/skeleton --seed $(SEED)
 	$(SAP) split $(PHANTOMS)/lesion --folds 7 --tuning-fold 0 --seed $(SEED)
 

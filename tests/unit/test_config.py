@@ -80,3 +80,12 @@ def test_plain_dict_round_trip_survives_weights_only_checkpoints(tmp_path: Path)
     assert from_dict(loaded) == cfg
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_pretrained_follows_init_unless_given() -> None:
+    runs = "model.pretrained_by_init={sap: runs/pre, ssl: runs/ssl}"
+    assert load_config(None, [runs, "model.init=sap"]).model.pretrained == "runs/pre"
+    assert load_config(None, [runs, "model.init=ssl"]).model.pretrained == "runs/ssl"
+    assert load_config(None, [runs, "model.init=scratch"]).model.pretrained is None
+    given = load_config(None, [runs, "model.init=sap", "model.pretrained=x.ckpt"])
+    assert given.model.pretrained == "x.ckpt"

@@ -111,7 +111,12 @@ def run_check_data(args: argparse.Namespace) -> int:
 
 def add_arguments_preprocess(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
-    parser.add_argument("--out", type=Path, required=True, help="cache folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="cache folder (default DATASET/../cache/<dataset name>, where training looks)",
+    )
     parser.add_argument(
         "--target-spacing",
         type=float,
@@ -147,9 +152,10 @@ def run_preprocess(args: argparse.Namespace) -> int:
         connectivity=args.connectivity,
         seed=args.seed,
     )
-    report = preprocess_dataset(
-        args.dataset, args.out, params, workers=args.workers, force=args.force
-    )
+    from sap_lightning.data.layout import default_cache_path
+
+    out = args.out if args.out is not None else default_cache_path(args.dataset)
+    report = preprocess_dataset(args.dataset, out, params, workers=args.workers, force=args.force)
     removed = f", {len(report.removed)} removed" if report.removed else ""
     print(
         f"cache {report.cache_root}: {len(report.written)} cases written, "

@@ -23,6 +23,7 @@ from sap_lightning.config.schema import (
     SAMPLERS,
     TASKS,
     ExperimentConfig,
+    StudyConfig,
 )
 from sap_lightning.errors import ConfigError
 from sap_lightning.io import write_text
@@ -116,26 +117,23 @@ def validate_config(cfg: ExperimentConfig) -> None:
         raise ConfigError("'data.batch_size' must be at least 1")
 
 
-OPEN_KEYS = ("model.kwargs",)
+OPEN_KEYS = ("model.kwargs", "model.pretrained_by_init", "finetune_configs")
 """Free-form mappings inside the schema (backbone factory arguments, checked when it is built)."""
 
 
-def _schema() -> DictConfig:
-    schema = OmegaConf.structured(ExperimentConfig)
+def _schema(kind: type = ExperimentConfig) -> DictConfig:
+    schema = OmegaConf.structured(kind)
     OmegaConf.set_struct(schema, True)
     for key in OPEN_KEYS:
-        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
+        node = OmegaConf.select(schema, key)
+        if node is not None:
+            OmegaConf.set_struct(node, False)
     return schema
 
 
-def load_config(
-    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
-) -> ExperimentConfig:
-    """Compose ``path`` (with its ``base:`` files) and ``key=value`` overrides over the schema.
-
-    Raises ``ConfigError`` naming the file and key for unknown keys, wrong types or bad values.
-    """
-    cfg = _schema()
+def _compose(kind: type, path: str | os.PathLike | None, overrides: Sequence[str]) -> Any:
+    """Schema <- YAML file (with bases) <- ``key=value`` overrides, as a dataclass instance."""
+    cfg = _schema(kind)
     if path is not None:
         cfg = _merge_checked(cfg, _read_yaml(Path(path), ()), str(path))
     bad = [item for item in overrides if "=" not in item]
@@ -148,11 +146,38 @@ def load_config(
             raise ConfigError(f"command-line overrides: {err}") from None
         cfg = _merge_checked(cfg, dotlist, "command-line override")
     try:
-        result = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
+    """Compose ``path`` (with its ``base:`` files) and ``key=value`` overrides over the schema.
+
+    Raises ``ConfigError`` naming the file and key for unknown keys, wrong types or bad values.
+    """
+    result = _compose(ExperimentConfig, path, overrides)
     assert isinstance(result, ExperimentConfig)
+    if result.model.pretrained is None and result.model.init != "scratch":
+        result.model.pretrained = result.model.pretrained_by_init.get(result.model.init)
     validate_config(result)
+    return result
+
+
+def load_study_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> StudyConfig:
+    """Compose a study file (``sap study``) the same way as an experiment."""
+    result = _compose(StudyConfig, path, overrides)
+    assert isinstance(result, StudyConfig)
+    if result.tuning_fold not in range(result.n_folds) or result.n_folds < 2:
+        raise ConfigError(
+            f"study: 'n_folds' must be >= 2 and 'tuning_fold' in 0..{result.n_folds - 1}"
+        )
+    if not result.finetune_configs:
+        raise ConfigError("study: 'finetune_configs' names no arm")
     return result
 
 

@@ -77,6 +77,9 @@ class ModelConfig:
     ``ssl`` (SSL checkpoint, encoder only)."""
     pretrained: str | None = None
     """Checkpoint, exported backbone or run folder to initialise from (``init`` sap or ssl)."""
+    pretrained_by_init: dict[str, str] = field(default_factory=dict)
+    """Default ``pretrained`` per ``init`` mode (e.g. ``{sap: runs/pretrain, ssl: runs/ssl}``), so
+    one experiment file (or a sweep) can switch arms with ``model.init`` alone."""
     in_channel_policy: str = "repeat_mean"
 
 
@@ -177,3 +180,43 @@ class ExperimentConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class StudyConfig:
+    """The whole study in one run (``sap study``): cohort, pretraining, three arms, report.
+
+    Each training step loads its experiment file and applies ``overrides`` (common to every
+    step) then the step's own overrides, so any experiment key can be changed for the study.
+    """
+
+    name: str = "demo"
+    seed: int = 0
+    data_dir: str = "data/demo"
+    """Where the synthetic cohort, its cache and splits are written."""
+    dataset_root: str | None = None
+    """Use an existing cohort (folder with ``skeleton/`` and ``lesion/`` datasets) instead."""
+    healthy: int = 10
+    patients: int = 14
+    phantom_shape: list[int] | None = None
+    phantom_spacing: list[float] | None = None
+    n_folds: int = 3
+    tuning_fold: int = 0
+    runs_dir: str = "runs/demo"
+    report_dir: str = "reports/demo"
+    pretrain_config: str = "experiments/cpu/pretrain.yaml"
+    ssl_config: str = "experiments/cpu/ssl.yaml"
+    finetune_configs: dict[str, str] = field(
+        default_factory=lambda: {
+            "scratch": "experiments/cpu/finetune_scratch.yaml",
+            "ssl": "experiments/cpu/finetune_ssl.yaml",
+            "sap": "experiments/cpu/finetune_sap.yaml",
+        }
+    )
+    """Arm name -> experiment file; arms appear in the report in this order."""
+    overrides: list[str] = field(default_factory=list)
+    pretrain_overrides: list[str] = field(default_factory=list)
+    ssl_overrides: list[str] = field(default_factory=list)
+    finetune_overrides: list[str] = field(default_factory=list)
+    predict_overlap: float = 0.25
+    n_resamples: int = 1000

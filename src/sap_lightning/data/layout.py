@@ -49,6 +49,18 @@ FILE_ENDING = ".nii.gz"
 SPLITS_JSON = "splits.json"
 
 
+def default_cache_path(dataset: str | os.PathLike) -> Path:
+    """Where a dataset's preprocessing cache lives unless told otherwise:
+    ``<dataset>/../cache/<dataset name>`` (outside the dataset, which stays untouched)."""
+    dataset = Path(dataset)
+    return dataset.parent / "cache" / dataset.name
+
+
+def default_splits_path(dataset: str | os.PathLike) -> Path:
+    """``<dataset>/splits.json``."""
+    return Path(dataset) / SPLITS_JSON
+
+
 def task_of_labels(labels: dict[str, int]) -> str:
     """Name the task a label set belongs to: ``"lesion"`` (binary) or ``"skeleton"``."""
     return "lesion" if set(labels) == set(LESION_LABELS) else "skeleton"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,7 @@ def predict_cases(
     out_dir: str | os.PathLike,
     *,
     skeleton_checkpoint: str | os.PathLike | None = None,
+    case_ids: Sequence[str] | None = None,
     threshold: float | None = None,
     device: str | None = None,
     sw_batch_size: int = 2,
@@ -159,7 +160,8 @@ def predict_cases(
     connectivity: int = 6,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Predict every input case; returns the per-case exam summaries (also written as JSON)."""
+    """Predict the input cases (all, or ``case_ids``); returns the per-case exam summaries (also
+    written as JSON)."""
     lesion_model = load_trained_model(checkpoint, expected_task="lesion")
     skeleton_model = (
         load_trained_model(skeleton_checkpoint, expected_task="skeleton")
@@ -188,7 +190,14 @@ def predict_cases(
         device=compute_device, sw_batch_size=sw_batch_size, overlap=overlap, progress=progress
     )
     summaries = []
-    for case in iter_input_cases(input_path, int(lesion_model.meta["in_channels"])):
+    cases = list(iter_input_cases(input_path, int(lesion_model.meta["in_channels"])))
+    if case_ids is not None:
+        by_id = {case.case_id: case for case in cases}
+        unknown = sorted(set(case_ids) - set(by_id))
+        if unknown:
+            raise DatasetError(f"{input_path}: no input case named {unknown}")
+        cases = [by_id[case_id] for case_id in case_ids]
+    for case in cases:
         image, _, affine = read_case_arrays(case)
         lesion_prob = _probabilities(lesion_model, image, affine, **settings)[1]
         # Threshold the probabilities as stored, so the mask equals what a reader of the

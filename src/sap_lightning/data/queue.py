@@ -1,0 +1,166 @@
+"""The training patch queue: the only place in the library that builds a ``tio.Queue``.
+
+The queue's *subjects* are the patch tasks of the current epoch plan (``PatchDataset``): its
+loader workers cut and augment one patch per task, and the queue buffers ``max_length`` of them
+for the training loader. Under DDP (design.md, "TorchIO Queue under DDP"):
+
+- each rank takes a disjoint share of the plan through ``subject_sampler=DistributedSampler(
+  shuffle=False)`` and ``shuffle_subjects=False``; the plan itself is reshuffled every epoch from
+  a seed shared by all ranks, so shares change between epochs and together cover the plan;
+- the Trainer must be built with ``use_distributed_sampler=False``, or Lightning would wrap the
+  outer loader again and each rank would use only part of its own share;
+- :meth:`EpochQueue.start_epoch` must run at every train epoch start (``datamodule.callbacks()``
+  does it): Lightning never reaches a sampler hidden inside a dataset;
+- the plan length is a multiple of ``world size x batch size`` and the outer loader drops
+  incomplete batches, so every rank runs the same number of steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from sap_lightning.data.subjects import CASE_ID, IMAGE, LABEL, LOCATION, TASK_INDEX, PatchDataset
+
+log = logging.getLogger(__name__)
+
+LOADER_PREFETCH = 2
+"""Tasks each loader worker holds in flight (PyTorch's default ``prefetch_factor``)."""
+
+
+class PrecutPatchSampler(tio.data.PatchSampler):
+    """Yields each subject once, as is: ``PatchDataset`` already cut it to the patch size in a
+    loader worker (so that only the patch is read from the memory map and augmented), leaving
+    nothing for the queue's sampler to crop."""
+
+    def _generate_patches(
+        self, subject: tio.Subject, num_patches: int | None = None
+    ) -> Generator[tio.Subject]:
+        shape = tuple(int(n) for n in subject.spatial_shape)
+        if shape != tuple(int(n) for n in self.patch_size):
+            raise RuntimeError(f"patch of shape {shape}, expected {tuple(self.patch_size)}")
+        yield subject
+
+
+class EpochQueue(tio.Queue):
+    """A ``tio.Queue`` that can be restarted at an epoch boundary.
+
+    A queue left mid-epoch (``limit_train_batches``, an interrupted epoch) still holds patches
+    and a subject iterator of the old plan; :meth:`start_epoch` drops both so the new epoch
+    starts from its own plan. Loader workers are started lazily, at the first patch requested
+    after ``start_epoch``, so they see the new plan.
+    """
+
+    def start_epoch(self, epoch: int) -> None:
+        self.subjects_dataset.set_epoch(epoch)
+        if isinstance(self.subject_sampler, DistributedSampler):
+            self.subject_sampler.set_epoch(epoch)
+        # tio.Queue keeps this state in private attributes; resetting them is the only way to
+        # restart it (tests/unit/test_datamodule.py checks it still works).
+        self.patches_list = []
+        self._subjects_iterable = None
+        self._incomplete_subject = None
+        self._num_patches_incomplete = 0
+        self._num_sampled_subjects = 0
+
+
+@dataclass(frozen=True)
+class QueueMemory:
+    """Upper bound of the RAM the training loader holds, in bytes."""
+
+    patch_bytes: int
+    queue_length: int
+    num_workers: int
+
+    @property
+    def queue_bytes(self) -> int:
+        return self.queue_length * self.patch_bytes
+
+    @property
+    def worker_bytes(self) -> int:
+        """Patches in flight in the loader workers; each holds the read patch and its augmented
+        copy."""
+        return self.num_workers * LOADER_PREFETCH * 2 * self.patch_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.queue_bytes + self.worker_bytes
+
+    def __str__(self) -> str:
+        mib = 1024**2
+        return (
+            f"patch queue memory <= {self.total_bytes / mib:.1f} MiB: queue "
+            f"{self.queue_length} x {self.patch_bytes / mib:.2f} MiB + "
+            f"{self.num_workers} workers x {LOADER_PREFETCH} in flight x 2 copies"
+        )
+
+
+def patch_nbytes(channels: int, patch_size: Sequence[int], with_label: bool) -> int:
+    """Bytes of one training patch: float32 image channels and a uint8 label."""
+    voxels = int(np.prod(patch_size))
+    return voxels * (4 * channels + (1 if with_label else 0))
+
+
+def build_patch_queue(
+    dataset: PatchDataset,
+    queue_length: int,
+    num_workers: int,
+    world_size: int = 1,
+    rank: int = 0,
+) -> EpochQueue:
+    """A queue over ``dataset`` streaming this rank's share of the epoch plan (one patch per
+    task, in plan order: the plan is already a random permutation)."""
+    if len(dataset) % world_size:
+        raise ValueError(
+            f"{len(dataset)} patch tasks per epoch do not split evenly over {world_size} ranks"
+        )
+    subject_sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=True
+    )
+    return EpochQueue(
+        dataset,  # type: ignore[arg-type]  # duck-typed SubjectsDataset (len, [], dry_iter)
+        max_length=max(1, int(queue_length)),
+        samples_per_volume=1,
+        sampler=PrecutPatchSampler(tuple(int(n) for n in dataset.patch)),
+        subject_sampler=subject_sampler,
+        num_workers=num_workers,
+        shuffle_subjects=False,
+        shuffle_patches=False,
+        start_background=False,
+    )
+
+
+def collate_patches(patches: Sequence[tio.Subject]) -> dict[str, Any]:
+    """Batch patches: ``image`` float32 (B, C, *patch), ``label`` int64 (B, 1, *patch) when the
+    patches carry one, ``case_id`` list[str], ``task_index`` int64 (B,) (plan positions) and
+    ``location`` int64 (B, 6) (patch bounds in the case, as TorchIO's patch samplers give)."""
+    batch: dict[str, Any] = {
+        IMAGE: torch.stack([p[IMAGE].data for p in patches]).float(),
+        CASE_ID: [str(p[CASE_ID]) for p in patches],
+        TASK_INDEX: torch.tensor([int(p[TASK_INDEX]) for p in patches], dtype=torch.int64),
+        LOCATION: torch.stack([torch.as_tensor(p[LOCATION]) for p in patches]).long(),
+    }
+    if LABEL in patches[0]:
+        batch[LABEL] = torch.stack([p[LABEL].data for p in patches]).long()
+    return batch
+
+
+def build_patch_loader(queue: EpochQueue, batch_size: int) -> DataLoader:
+    """The training loader: batches popped from the queue in the main process (the queue's own
+    workers do the loading; TorchIO requires ``num_workers=0`` here), incomplete batches dropped."""
+    return DataLoader(
+        queue,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        drop_last=True,
+        collate_fn=collate_patches,
+    )
