@@ -10,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from tests.datasets import affine_for, save, truncate, write_authors_folder, write_tiny_dataset
 
 from sap_lightning.data import dataset as dataset_module
 from sap_lightning.data.dataset import (
@@ -23,6 +22,7 @@ from sap_lightning.data.dataset import (
     require_valid_dataset,
 )
 from sap_lightning.errors import DatasetError
+from tests.datasets import affine_for, save, truncate, write_authors_folder, write_tiny_dataset
 
 SHAPE = (20, 16, 12)
 SPACING = (1.5, 1.5, 4.0)

@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-from tests.datasets import truncate, write_tiny_dataset
 
 from sap_lightning.data import preprocess
 from sap_lightning.data.preprocess import (
@@ -23,6 +22,7 @@ from sap_lightning.data.preprocess import (
     resampled_grid,
 )
 from sap_lightning.errors import DatasetError
+from tests.datasets import truncate, write_tiny_dataset
 
 SHAPE = (20, 16, 12)
 SPACING = (1.5, 1.5, 4.0)  # anisotropic, so axis-order mistakes show

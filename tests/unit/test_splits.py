@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-from tests.datasets import write_tiny_dataset
 
 from sap_lightning.data.dataset import load_dataset
 from sap_lightning.data.splits import (
@@ -21,6 +20,7 @@ from sap_lightning.data.splits import (
     splits_from_dict,
 )
 from sap_lightning.errors import DatasetError
+from tests.datasets import write_tiny_dataset
 
 
 def _cohort(n_subjects: int, max_scans: int, seed: int) -> tuple[list[str], list[int], list[str]]:

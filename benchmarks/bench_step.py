@@ -1,0 +1,200 @@
+"""Training-step time: ``LesionSegmentation`` under a Lightning Trainer against a raw PyTorch loop.
+
+Both train the same network (same initial weights) on the same in-memory batches from the same
+``DataLoader``, with the same loss (MONAI ``DiceCELoss`` as configured by the library), the same
+optimiser (Adam, the configured learning rate and weight decay) and the same precision:
+
+- **ours**: ``Trainer.fit`` of the library's module (its ``training_step`` with logging and the
+  non-finite-loss check, Lightning's loops, hooks and optimiser closure); no logger, checkpoint,
+  progress bar or validation, which are per-epoch or optional costs;
+- **raw**: ``for batch in loader: forward, loss, backward, step``.
+
+The first ``--warmup`` steps of each are not timed (allocator, cuDNN autotuning); on an
+accelerator the device is synchronised at both ends of the timed window. The two are measured
+alternately ``--rounds`` times; the ratio uses the fastest round of each (the least disturbed
+one on a shared machine; the medians are printed too). The last line is ``step ratio: R.RRx``
+(ours over raw; the target is at most 1.05x).
+
+Usage: ``python benchmarks/bench_step.py [--backbone unet_tiny] [--patch 32] [--batch 2]
+[--steps 20] [--warmup 3] [--rounds 3] [--precision 32-true]``. On a GPU, e.g.
+``--backbone swin_unetr --patch 96 --precision 16-mixed`` is the paper's step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from sap_lightning.config import load_config
+from sap_lightning.modules import build_module
+from sap_lightning.modules.losses import segmentation_loss
+
+DATA_INFO = {
+    "in_channels": 2,
+    "num_classes": 2,
+    "channel_names": ["T1", "b1000"],
+    "label_names": ["background", "lesion"],
+    "spacing": [1.5, 1.5, 4.0],
+}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def _device() -> torch.device:
+    """The accelerator Lightning's ``accelerator="auto"`` picks, or the CPU."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    current = accelerator.current_accelerator() if accelerator is not None else None
+    return current if current is not None else torch.device("cpu")
+
+
+def make_batches(count: int, batch: int, patch: int, seed: int = 0) -> list[dict]:
+    """Image in [0, 1] and a sparse binary label, as the lesion loader gives."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, 1, patch, patch, patch)
+    return [
+        {
+            "image": torch.rand(batch, 2, patch, patch, patch, generator=generator),
+            "label": (torch.rand(shape, generator=generator) > 0.97).long(),
+            "case_id": [f"case{i}" for i in range(batch)],
+        }
+        for _ in range(count)
+    ]
+
+
+class StepTimer(L.Callback):
+    """Wall time of the training steps after ``warmup``, device synchronised at both ends."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = 0.0
+        self.end = 0.0
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            _synchronize(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            _synchronize(pl_module.device)
+            self.end = time.perf_counter()
+            self.steps = batch_idx + 1 - self.warmup
+
+
+def time_lightning(module: L.LightningModule, loader: DataLoader, args) -> float:
+    timer = StepTimer(args.warmup)
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        precision=args.precision,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        benchmark=True,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return (timer.end - timer.start) / timer.steps
+
+
+def time_raw(net: torch.nn.Module, loader: Iterable[dict], cfg, device, args) -> float:
+    """The plain loop, with the same autocast / gradient scaling as Lightning's precision."""
+    net = net.to(device).train()
+    loss_fn = segmentation_loss(cfg.loss)
+    optimizer = torch.optim.Adam(
+        net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    mixed = args.precision in ("16-mixed", "bf16-mixed")
+    dtype = torch.float16 if args.precision == "16-mixed" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
+    start = 0.0
+    for step, batch in enumerate(loader):
+        if step == args.warmup:
+            _synchronize(device)
+            start = time.perf_counter()
+        image = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=mixed):
+            loss = loss_fn(net(image), label)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    _synchronize(device)
+    return (time.perf_counter() - start) / (len(loader) - args.warmup)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="unet_tiny")
+    parser.add_argument("--patch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--precision", default="32-true")
+    args = parser.parse_args()
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+    cfg = load_config(
+        None,
+        [
+            "task=lesion",
+            f"model.backbone={args.backbone}",
+            f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
+            f"data.batch_size={args.batch}",
+            "optim.lr=1e-4",
+        ],
+    )
+    torch.manual_seed(0)
+    template = build_module(cfg, DATA_INFO)
+    initial_state = copy.deepcopy(template.state_dict())
+    batches = make_batches(args.warmup + args.steps, args.batch, args.patch)
+    loader = DataLoader(batches, batch_size=None, shuffle=False)
+    device = _device()
+    print(
+        f"LesionSegmentation step: {args.backbone}, batch {args.batch} x 2 x {args.patch}^3, "
+        f"{args.precision}, {args.steps} timed steps after {args.warmup}, on {device.type}"
+    )
+
+    ours, raw = [], []
+    for round_index in range(args.rounds):
+        module = build_module(cfg, DATA_INFO)
+        module.load_state_dict(initial_state)
+        ours.append(time_lightning(module, loader, args))
+        net = copy.deepcopy(template.net)
+        net.load_state_dict({k[4:]: v for k, v in initial_state.items() if k.startswith("net.")})
+        raw.append(time_raw(net, loader, cfg, device, args))
+        print(
+            f"round {round_index + 1}: ours {ours[-1] * 1e3:.1f} ms/step, "
+            f"raw {raw[-1] * 1e3:.1f} ms/step"
+        )
+    for label, times in (("ours (Lightning module)", ours), ("raw PyTorch loop", raw)):
+        print(
+            f"{label + ':':25s}{min(times) * 1e3:8.1f} ms/step fastest, "
+            f"{statistics.median(times) * 1e3:8.1f} ms/step median"
+        )
+    print(f"step ratio: {min(ours) / min(raw):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""``sap pretrain`` / ``sap ssl`` / ``sap finetune``: ``--config experiments/X.yaml key=value ...``.
+
+Each command fixes ``task`` (skeleton, ssl, lesion); everything else comes from the YAML file
+and the overrides, checked by the config loader (a mistyped key is refused and named).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sap_lightning.config import load_config
+
+
+def _add_common(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--config",
+        help=f"experiment YAML file (e.g. {example}); schema defaults when omitted",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. trainer.max_epochs=2 data.fold=3 logger=csv",
+    )
+
+
+def _run(task: str, args: argparse.Namespace) -> int:
+    from sap_lightning.train import run_training  # Lightning is imported only when training
+
+    cfg = load_config(args.config, [*args.overrides, f"task={task}"])
+    result = run_training(cfg)
+    if not result.is_global_zero:
+        return 0  # an extra DDP process: the launching one reports
+    if result.interrupted:
+        print(f"interrupted; run folder: {result.run_dir} (resume with resume=true)")
+        return 1
+    print(f"run folder: {result.run_dir}")
+    for label, path in (
+        ("last checkpoint", result.last_checkpoint),
+        ("best checkpoint", result.best_checkpoint),
+        ("exported backbone", result.backbone),
+        ("transfer report", result.transfer_report),
+    ):
+        if path is not None:
+            print(f"{label}: {path}")
+    for name in sorted(result.metrics):
+        if name.startswith("val/"):
+            print(f"{name} = {result.metrics[name]:.4f}")
+    return 0
+
+
+def add_arguments_pretrain(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser, "experiments/paper/pretrain.yaml")
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    return _run("skeleton", args)
+
+
+def add_arguments_ssl(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser, "experiments/paper/ssl.yaml")
+
+
+def run_ssl(args: argparse.Namespace) -> int:
+    return _run("ssl", args)
+
+
+def add_arguments_finetune(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser, "experiments/paper/finetune_sap.yaml")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    return _run("lesion", args)

@@ -1,0 +1,43 @@
+"""LightningModules of the three training tasks, built on the backbone registry.
+
+- :class:`SkeletonSegmentation`: stage 1 of SAP (background + 9 skeletal regions).
+- :class:`LesionSegmentation`: stage 2 (binary lesions), ``model.init`` scratch | sap | ssl.
+- :class:`ContrastivePretraining`: the SSL comparator (Tang et al., CVPR 2022).
+
+``build_module(cfg, data_info)`` picks the class of ``cfg.task``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sap_lightning.config import ExperimentConfig, to_dict
+from sap_lightning.modules.base import SapModule, data_info_from, warmup_cosine_factor
+from sap_lightning.modules.lesion import LesionSegmentation
+from sap_lightning.modules.skeleton import SkeletonSegmentation
+from sap_lightning.modules.ssl import ContrastivePretraining
+
+MODULES: dict[str, type[SapModule]] = {
+    "skeleton": SkeletonSegmentation,
+    "lesion": LesionSegmentation,
+    "ssl": ContrastivePretraining,
+}
+"""task -> LightningModule class."""
+
+
+def build_module(cfg: ExperimentConfig, data_info: Mapping[str, Any]) -> SapModule:
+    """The module for ``cfg.task``, built from plain dicts (see :class:`SapModule`)."""
+    return MODULES[cfg.task](to_dict(cfg), dict(data_info))
+
+
+__all__ = [
+    "MODULES",
+    "ContrastivePretraining",
+    "LesionSegmentation",
+    "SapModule",
+    "SkeletonSegmentation",
+    "build_module",
+    "data_info_from",
+    "warmup_cosine_factor",
+]

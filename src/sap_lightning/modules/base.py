@@ -1,0 +1,392 @@
+"""What every LightningModule of the library shares.
+
+- The network is built from the backbone registry and stored as ``self.net`` (checkpoint keys
+  ``net.*``); the checkpoint carries a plain-dict ``sap_meta`` block (the weight-transfer
+  metadata) next to Lightning's own entries, so every checkpoint loads with
+  ``torch.load(weights_only=True)``.
+- Hyper-parameters are two plain dicts: the resolved experiment config and the values derived
+  from the data (channels, classes, label names, spacing).
+- Optimiser (Adam / AdamW) with optional encoder / decoder learning rates, and a schedule
+  stepped once per epoch: linear warm-up for ``optim.warmup_epochs`` epochs, then cosine decay
+  to ``optim.min_lr_ratio`` x lr at ``trainer.max_epochs``. Per epoch, as the paper counts its
+  warm-up and as the Swin UNETR reference scripts step it; it does not depend on the number of
+  steps per epoch (which the sampler and ``limit_train_batches`` change) and resumes exactly.
+- A non-finite training loss stops training with an error naming the step and the cases.
+- Whole-case validation batches stay on the CPU; sliding-window inference moves one window batch
+  at a time to the module's device and stitches on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+import torchmetrics
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.utilities import dim_zero_cat
+
+from sap_lightning.backbones import create_backbone, get_spec
+from sap_lightning.config import ExperimentConfig, from_dict
+from sap_lightning.errors import ConfigError, SapError
+from sap_lightning.inference.sliding_window import predict_volume, round_up_to_multiple
+from sap_lightning.modules.losses import segmentation_loss, split_deep_supervision
+from sap_lightning.transfer import META_KEY, export_backbone, make_backbone_meta, param_groups
+
+NORMALISATION = "percentile_1_99_clip_rescale"
+"""Intensity normalisation of the inputs (per channel, whole-volume 1st-99th percentile clip,
+rescaled to [0, 1]); recorded in every checkpoint and export."""
+
+DATA_INFO_KEYS = ("in_channels", "num_classes", "channel_names", "label_names", "spacing")
+
+
+def data_info_from(datamodule: Any) -> dict[str, Any]:
+    """The data-derived values a module is built with, as plain Python values."""
+    spacing = datamodule.spacing
+    num_classes = datamodule.num_classes  # None for SSL (no labels)
+    return {
+        "in_channels": int(datamodule.in_channels),
+        "num_classes": None if num_classes is None else int(num_classes),
+        "channel_names": [str(name) for name in datamodule.channel_names],
+        "label_names": [str(name) for name in datamodule.label_names],
+        "spacing": None if spacing is None else [float(s) for s in spacing],
+    }
+
+
+def warmup_cosine_factor(
+    epoch: int, warmup_epochs: int, max_epochs: int, min_lr_ratio: float = 0.0
+) -> float:
+    """Learning-rate multiplier of (0-based) ``epoch``.
+
+    Warm-up: ``(epoch + 1) / (warmup_epochs + 1)`` for the first ``warmup_epochs`` epochs, so the
+    rate rises linearly and reaches the base rate at epoch ``warmup_epochs``; then a half cosine
+    from 1 down towards ``min_lr_ratio`` at ``max_epochs`` (reached only by epochs at or past it).
+
+    A multiplier (``LambdaLR``) rather than MONAI's ``LinearWarmupCosineAnnealingLR``: MONAI's
+    starts from one absolute rate shared by all groups (0 by default, a wasted first epoch),
+    while the encoder and decoder groups here must keep their own base rates.
+    """
+    if epoch < warmup_epochs:
+        return (epoch + 1) / (warmup_epochs + 1)
+    decay_epochs = max_epochs - warmup_epochs
+    if decay_epochs <= 0:
+        return 1.0
+    progress = min(1.0, (epoch - warmup_epochs) / decay_epochs)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-case scores, DDP-safe
+
+
+def crc32_of(key: str) -> int:
+    """A stable (process- and run-independent) 32-bit number for a case id or item key."""
+    return zlib.crc32(str(key).encode())
+
+
+def case_key(key: str) -> tuple[float, float]:
+    """A key as two float32-exact numbers (the two 16-bit halves of its CRC-32).
+
+    Metric states synced across ranks must be float tensors; a 32-bit hash does not fit a
+    float32 mantissa, its halves do.
+    """
+    crc = crc32_of(key)
+    return float(crc >> 16), float(crc & 0xFFFF)
+
+
+class CaseScores(torchmetrics.Metric):
+    """Mean of per-item score vectors (an item is a case, or a patch), each item counted once.
+
+    Under DDP the validation items are split over the ranks and padded with duplicates; states
+    are 1-D float tensors concatenated across ranks, and ``compute`` keeps the first entry of
+    every key (two distinct keys collide with probability about n^2 / 2^33 for n items). NaN
+    scores are left out of their column's mean.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_scores: int) -> None:
+        super().__init__()
+        self.num_scores = num_scores
+        self.add_state("keys", default=[], dist_reduce_fx="cat")
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+
+    def update(self, key: str, scores: torch.Tensor) -> None:  # type: ignore[override]
+        scores = torch.as_tensor(scores, dtype=torch.float32, device=self.device).reshape(-1)
+        if scores.numel() != self.num_scores:
+            raise ValueError(f"expected {self.num_scores} scores, got {scores.numel()}")
+        self.keys.append(torch.tensor(case_key(key), dtype=torch.float32, device=self.device))
+        self.scores.append(scores)
+
+    def compute(self) -> tuple[torch.Tensor, int]:  # type: ignore[override]
+        """``(mean scores (num_scores,), number of distinct items)``."""
+        keys = self.keys
+        if (isinstance(keys, list) and not keys) or (
+            isinstance(keys, torch.Tensor) and not keys.numel()
+        ):
+            return torch.full((self.num_scores,), float("nan"), device=self.device), 0
+        keys = dim_zero_cat(keys).reshape(-1, 2)
+        scores = dim_zero_cat(self.scores).reshape(-1, self.num_scores)
+        seen: set[tuple[float, float]] = set()
+        first = []
+        for index, key in enumerate(map(tuple, keys.tolist())):
+            if key not in seen:
+                seen.add(key)
+                first.append(index)
+        unique = scores[first]
+        return torch.nanmean(unique, dim=0), len(first)
+
+
+def confusion_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dice of every class (index order) of two integer label maps of one shape.
+
+    From one confusion matrix (a single ``bincount`` over the volume), so a whole-body volume
+    with 10 classes needs no one-hot copy. A class absent from both maps scores 1.0, present in
+    one only 0.0 (the project's convention, as ``metrics.functional.dice``).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target {tuple(target.shape)}")
+    index = target.reshape(-1).long() * num_classes + pred.reshape(-1).long()
+    confusion = torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+    confusion = confusion.double()
+    true_positive = confusion.diagonal()
+    total = confusion.sum(dim=0) + confusion.sum(dim=1)
+    dice = torch.where(total > 0, 2 * true_positive / total.clamp(min=1), torch.ones_like(total))
+    return dice.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Base module
+
+
+class SapModule(L.LightningModule):
+    """Backbone construction, metadata, optimiser, schedule and export for every task."""
+
+    task: ClassVar[str]
+    monitor: ClassVar[str]
+    """The logged validation value the "best" checkpoint follows."""
+    monitor_mode: ClassVar[str] = "max"
+    """``max`` when higher is better (Dice, F2), ``min`` for losses."""
+    whole_case_validation: ClassVar[bool] = True
+    """Validation batches are whole cases (kept on the CPU) rather than patches."""
+
+    def __init__(self, config: Mapping[str, Any], data_info: Mapping[str, Any]) -> None:
+        super().__init__()
+        missing = [key for key in DATA_INFO_KEYS if key not in data_info]
+        if missing:
+            raise ConfigError(f"data_info lacks {missing}")
+        # Plain dicts only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters({"config": dict(config), "data_info": dict(data_info)})
+        self.cfg: ExperimentConfig = from_dict(dict(config))
+        self.data_info = dict(data_info)
+        self.spec = get_spec(self.cfg.model.backbone)
+        self.backbone_kwargs = self.spec.resolve_kwargs(
+            self.cfg.model.kwargs, name=self.cfg.model.backbone
+        )
+        self.input_multiple = self.spec.input_multiple(self.backbone_kwargs)
+        self._check_patch_size()
+        self.net = create_backbone(
+            self.cfg.model.backbone,
+            self.data_info["in_channels"],
+            self.out_channels,
+            **self.backbone_kwargs,
+        )
+
+    # ------------------------------------------------------------------ shape and metadata
+
+    @property
+    def out_channels(self) -> int:
+        num_classes = self.data_info["num_classes"]
+        if num_classes is None:
+            raise ConfigError(f"task {self.task!r} needs labelled data (the data has no classes)")
+        return int(num_classes)
+
+    def _check_patch_size(self) -> None:
+        patch = list(self.cfg.data.patch_size)
+        name = self.cfg.model.backbone
+        if any(size % self.input_multiple for size in patch):
+            suggestion = round_up_to_multiple(patch, self.input_multiple)
+            raise ConfigError(
+                f"'data.patch_size' {patch} is not a multiple of {self.input_multiple}, which "
+                f"backbone {name!r} needs; use e.g. {suggestion}"
+            )
+        stride = self.spec.bottleneck_stride(self.backbone_kwargs)
+        if min(patch) < 2 * stride:
+            raise ConfigError(
+                f"'data.patch_size' {patch} is too small for backbone {name!r}: it downsamples "
+                f"by {stride}, and its normalisation layers need at least 2 voxels per axis at "
+                f"the bottleneck, so every size must be at least {2 * stride}"
+            )
+
+    def backbone_meta(self) -> dict[str, Any]:
+        """The ``sap_meta`` block: everything fine-tuning and inference check before use."""
+        info = self.data_info
+        return make_backbone_meta(
+            backbone=self.cfg.model.backbone,
+            backbone_kwargs=self.backbone_kwargs,
+            in_channels=info["in_channels"],
+            out_channels=self.out_channels,
+            task=self.task,
+            channel_names=info["channel_names"],
+            label_names=info["label_names"],
+            spacing=info["spacing"],
+            normalisation=NORMALISATION,
+            extra={"patch_size": list(self.cfg.data.patch_size), "run_name": self.cfg.name},
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[META_KEY] = self.backbone_meta()
+
+    def export_backbone(self, path: str | Path) -> Path:
+        """Write ``self.net`` with its metadata (``backbone.pt``), loadable by ``transfer``."""
+        return export_backbone(self.net, path, self.backbone_meta())
+
+    # ------------------------------------------------------------------ optimisation
+
+    def extra_parameter_groups(self) -> list[dict[str, Any]]:
+        """Parameters outside ``self.net`` (task heads); trained at ``optim.lr``."""
+        return []
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups, each named; frozen parameters are left out."""
+        optim = self.cfg.optim
+        if optim.encoder_lr is None and optim.decoder_lr is None:
+            groups = [{"name": "net", "params": list(self.net.parameters()), "lr": optim.lr}]
+        else:
+            groups = param_groups(
+                self.net,
+                self.spec,
+                encoder_lr=optim.lr if optim.encoder_lr is None else optim.encoder_lr,
+                decoder_lr=optim.lr if optim.decoder_lr is None else optim.decoder_lr,
+                weight_decay=optim.weight_decay,
+            )
+        groups += self.extra_parameter_groups()
+        for group in groups:
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        return [group for group in groups if group["params"]]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.cfg.optim
+        optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optim.optimizer]
+        optimizer = optimizer_class(
+            self.parameter_groups(), lr=optim.lr, weight_decay=optim.weight_decay
+        )
+        factor = partial(
+            warmup_cosine_factor,
+            warmup_epochs=optim.warmup_epochs,
+            max_epochs=self.cfg.trainer.max_epochs,
+            min_lr_ratio=optim.min_lr_ratio,
+        )
+        scheduler = LambdaLR(optimizer, lr_lambda=factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "frequency": 1},
+        }
+
+    def check_finite(self, loss: torch.Tensor, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Stop on a NaN / Inf loss, naming where it happened, instead of training on."""
+        if not bool(torch.isfinite(loss.detach())):
+            cases = ", ".join(map(str, batch.get("case_id", []))) or "unknown"
+            raise SapError(
+                f"training loss is {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}, cases {cases}); stopping. "
+                "Lower the learning rate, check the inputs, or use 32-true precision."
+            )
+
+    # ------------------------------------------------------------------ whole-case batches
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # Whole cases (validation, test) stay on the CPU: sliding-window inference moves one
+        # window batch at a time to the device, so a whole-body volume never has to fit on it.
+        if self.whole_case_validation and self._trainer is not None and not self.trainer.training:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+class SegmentationModule(SapModule, ABC):
+    """Dice + CE training on patches; sliding-window validation on whole cases.
+
+    Subclasses turn each case's probabilities into scores (``update_case_metrics``) and the
+    epoch's scores into logged values (``compute_case_metrics``).
+    """
+
+    def __init__(self, config: Mapping[str, Any], data_info: Mapping[str, Any]) -> None:
+        super().__init__(config, data_info)
+        self.deep_supervision = self.spec.deep_supervision(self.backbone_kwargs)
+        self.loss_fn = segmentation_loss(self.cfg.loss, deep_supervision=self.deep_supervision)
+        self.roi_size = round_up_to_multiple(self.cfg.data.patch_size, self.input_multiple)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self.net(batch["image"])
+        if self.deep_supervision:
+            logits = split_deep_supervision(logits)
+        loss = self.loss_fn(logits, batch["label"])
+        self.check_finite(loss, batch, batch_idx)
+        batch_size = batch["image"].shape[0]
+        self.log(
+            "train/loss_step",
+            loss,
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+            batch_size=batch_size,
+        )
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size
+        )
+        return loss
+
+    def predict_case(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (1, K, X, Y, Z) on the CPU for one whole case."""
+        val = self.cfg.validation
+        return predict_volume(
+            self.net,
+            image,
+            self.roi_size,
+            sw_batch_size=val.sw_batch_size,
+            overlap=val.overlap,
+            device=self.device,
+        )
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        probabilities = self.predict_case(batch["image"])
+        label = batch["label"].cpu()
+        spacing = batch["spacing"]
+        for index, case_id in enumerate(batch["case_id"]):
+            self.update_case_metrics(
+                str(case_id),
+                probabilities[index],
+                label[index, 0],
+                [float(s) for s in spacing[index]],
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.compute_case_metrics()
+        # The values are already global (synced inside the metrics); sync_dist only averages
+        # identical numbers and keeps Lightning from warning about rank-local epoch values.
+        self.log_dict(values, sync_dist=True)
+
+    @abstractmethod
+    def update_case_metrics(
+        self,
+        case_id: str,
+        probabilities: torch.Tensor,
+        label: torch.Tensor,
+        spacing: Sequence[float],
+    ) -> None:
+        """Score one validated case (probabilities (K, X, Y, Z) and label (X, Y, Z) on the CPU)."""
+
+    @abstractmethod
+    def compute_case_metrics(self) -> dict[str, float]:
+        """The epoch's validation values (global over ranks); resets the metric states."""

@@ -1,0 +1,172 @@
+"""Stage 2 of SAP and its comparators: binary lesion segmentation, three initialisations.
+
+- ``scratch``: random initialisation (the baseline).
+- ``sap``: every tensor of a skeleton-pretrained network but the output layer
+  (``transfer_weights(mode="all_but_head", expected_task="skeleton")``).
+- ``ssl``: the encoder of an SSL-pretrained network, the rest freshly initialised
+  (``mode="encoder", expected_task="ssl"``).
+
+Foreign weights are only read through :mod:`sap_lightning.transfer`. The differential learning
+rates of the paper (SAP encoder 2e-6 / decoder 1e-5, SSL 5e-6 / 1e-5, baseline 1e-5) come from
+``optim.encoder_lr`` / ``optim.decoder_lr`` / ``optim.lr``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sap_lightning.errors import CheckpointError, ConfigError
+from sap_lightning.metrics import make_lesion_metrics
+from sap_lightning.modules.base import NORMALISATION, SegmentationModule
+from sap_lightning.transfer import transfer_weights
+
+log = logging.getLogger(__name__)
+
+INIT_TRANSFER: dict[str, tuple[str, str]] = {
+    "sap": ("all_but_head", "skeleton"),
+    "ssl": ("encoder", "ssl"),
+}
+"""init mode -> (transfer mode, task the source must have been trained on)."""
+
+EXPORTED_BACKBONE = "backbone.pt"
+SPACING_TOLERANCE = 0.05
+"""Relative spacing difference above which fine-tuning warns that the source saw other voxels."""
+
+
+def resolve_pretrained(path: str | Path) -> Path:
+    """The weight file behind ``model.pretrained``: a checkpoint, an export or a run folder.
+
+    A run folder stands for its exported backbone (``<run>/backbone.pt``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        exported = path / EXPORTED_BACKBONE
+        if exported.is_file():
+            return exported
+        last = path / "checkpoints" / "last.ckpt"
+        hint = f"; pass its checkpoint instead: {last}" if last.is_file() else ""
+        raise CheckpointError(
+            f"{path}: run folder without an exported {EXPORTED_BACKBONE} (the pretraining "
+            f"did not finish?){hint}"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path}: pretrained weights not found (model.pretrained)")
+    return path
+
+
+def metadata_warnings(
+    source_meta: Mapping[str, Any] | None, data_info: Mapping[str, Any]
+) -> list[str]:
+    """Differences between what the source network was trained on and the fine-tuning data."""
+    if not source_meta:
+        return [
+            "the source carries no metadata: its channels, spacing and normalisation are unknown"
+        ]
+    found = []
+    channels = source_meta.get("channel_names")
+    if channels is not None and list(channels) != list(data_info["channel_names"]):
+        found.append(
+            f"input channels differ: source {list(channels)}, data {data_info['channel_names']}"
+        )
+    spacing, ours = source_meta.get("spacing"), data_info.get("spacing")
+    if spacing is not None and ours is not None:
+        relative = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(spacing, ours))
+        if relative > SPACING_TOLERANCE:
+            found.append(f"voxel spacing differs: source {list(spacing)} mm, data {list(ours)} mm")
+    normalisation = source_meta.get("normalisation")
+    if normalisation is not None and normalisation != NORMALISATION:
+        found.append(
+            f"intensity normalisation differs: source {normalisation!r}, ours {NORMALISATION!r}"
+        )
+    return found
+
+
+class LesionSegmentation(SegmentationModule):
+    """Binary lesion segmentation (2-channel softmax), initialised by ``model.init``.
+
+    Validation logs the paper's lesion-wise metrics (:func:`sap_lightning.metrics.make_lesion_metrics`
+    at ``validation.threshold``, ``connectivity`` and ``tolerance_mm``; medians over the
+    validation cases, each case counted once), among them ``val/global_dice`` (Dice of the whole
+    lesion mask), ``val/patient_mean_dice``, ``val/sensitivity``, ``val/precision`` and
+    ``val/f2``, the paper's detection score, which selects the "best" checkpoint (the paper
+    uses the last one, which is always kept).
+    """
+
+    task = "lesion"
+    monitor = "val/f2"
+
+    def __init__(self, config: Mapping[str, Any], data_info: Mapping[str, Any]) -> None:
+        super().__init__(config, data_info)
+        if self.out_channels != 2:
+            raise ConfigError(
+                f"lesion segmentation needs a binary label set (background, lesion); the data "
+                f"has {self.out_channels} classes: {self.data_info['label_names']}"
+            )
+        val = self.cfg.validation
+        self.val_metrics = make_lesion_metrics(
+            threshold=val.threshold,
+            connectivity=val.connectivity,
+            tolerance_mm=val.tolerance_mm,
+            prefix="val/",
+        )
+
+    # ------------------------------------------------------------------ initialisation
+
+    def initialise_from_pretrained(self) -> dict[str, Any]:
+        """Load the ``model.pretrained`` weights as ``model.init`` says; returns the report.
+
+        The report is :class:`sap_lightning.transfer.TransferReport` as a dict, plus ``init``,
+        the resolved ``pretrained_file`` and ``warnings`` on metadata that disagrees with the
+        data. ``scratch`` loads nothing and reports so.
+        """
+        model_cfg = self.cfg.model
+        if model_cfg.init == "scratch":
+            return {"init": "scratch", "pretrained_file": None, "warnings": []}
+        if model_cfg.init not in INIT_TRANSFER:
+            raise ConfigError(f"'model.init' {model_cfg.init!r} is not one of scratch, sap, ssl")
+        if not model_cfg.pretrained:
+            raise ConfigError(
+                f"'model.init' is {model_cfg.init!r} but 'model.pretrained' is not set"
+            )
+        mode, expected_task = INIT_TRANSFER[model_cfg.init]
+        source = resolve_pretrained(model_cfg.pretrained)
+        report = transfer_weights(
+            self.net,
+            source,
+            mode=mode,
+            spec=self.spec,
+            in_channel_policy=model_cfg.in_channel_policy,
+            strict=True,
+            expected_task=expected_task,
+        )
+        warnings = metadata_warnings(report.source_meta, self.data_info)
+        for warning in warnings:
+            log.warning("%s: %s", source, warning)
+        log.info("init %s: %s", model_cfg.init, report.summary())
+        return {
+            "init": model_cfg.init,
+            "pretrained_file": str(source),
+            "warnings": warnings,
+            **report.to_dict(),
+        }
+
+    # ------------------------------------------------------------------ validation
+
+    def update_case_metrics(
+        self,
+        case_id: str,
+        probabilities: torch.Tensor,
+        label: torch.Tensor,
+        spacing: Sequence[float],
+    ) -> None:
+        self.val_metrics.update(probabilities[1], label, spacing=spacing, case_id=case_id)
+
+    def compute_case_metrics(self) -> dict[str, float]:
+        values = {name: float(value) for name, value in self.val_metrics.compute().items()}
+        self.val_metrics.reset()
+        return values

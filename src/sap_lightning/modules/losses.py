@@ -1,0 +1,188 @@
+"""Training losses: Dice + cross-entropy for segmentation, and the three SSL terms of Tang et al.
+
+Segmentation uses MONAI's ``DiceCELoss``, whose ``include_background`` applies to the Dice term
+only: the cross-entropy always covers every class, background included (method.md: "background
+excluded from the Dice term only"). ``tests/unit/test_losses.py`` checks this against MONAI's
+``DiceLoss`` plus PyTorch's ``cross_entropy``.
+
+The contrastive term is NT-Xent (SimCLR) over the *global* batch: the projections of every rank
+are gathered with their autograd graph, so each rank's samples see the other ranks' samples as
+negatives and the gradient flows back to the rank that produced them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from monai.losses import ContrastiveLoss, DeepSupervisionLoss, DiceCELoss
+from torch import nn
+
+from sap_lightning.config.schema import LossConfig
+
+ROTATION_ANGLES_DEG = (0, 90, 180, 270)
+"""Rotation classes of the SSL rotation-prediction task (class k = k x 90 degrees)."""
+AXIAL_DIMS = (-3, -2)
+"""The axial plane of a (..., X, Y, Z) tensor in the NIfTI voxel order used throughout."""
+
+
+def segmentation_loss(cfg: LossConfig, deep_supervision: bool = False) -> nn.Module:
+    """Dice + cross-entropy on softmax logits ``(B, K, *spatial)`` against labels ``(B, 1, ...)``.
+
+    With ``deep_supervision`` the loss takes a list of logits (full resolution first) and sums
+    them with MONAI's exponentially decreasing weights (1, 0.5, 0.25, ...).
+    """
+    loss = DiceCELoss(
+        include_background=False,  # Dice term only; the CE term keeps the background class
+        to_onehot_y=True,
+        softmax=True,
+        smooth_nr=cfg.smooth,
+        smooth_dr=cfg.smooth,
+        lambda_dice=cfg.dice_weight,
+        lambda_ce=cfg.ce_weight,
+    )
+    # DeepSupervisionLoss also accepts a single tensor and casts logits to float32, so the loss
+    # is computed in full precision under mixed-precision training either way.
+    return DeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss
+
+
+def split_deep_supervision(logits: torch.Tensor) -> list[torch.Tensor]:
+    """MONAI DynUNet stacks its deep-supervision outputs on dim 1 in training mode."""
+    return list(torch.unbind(logits, dim=1))
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive (NT-Xent) with negatives from every rank
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (B, ...) of every rank along dim 0, in rank order, differentiably.
+
+    Without an initialised process group this returns ``tensor`` itself. Every rank must pass
+    the same shape (the data modules give every rank the same batch size). The backward pass sums
+    the gradients of all ranks into each rank's own slice, which is what makes negatives from
+    other ranks train this rank's encoder.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    # torch.distributed.nn.functional.all_gather is the documented autograd-aware collective;
+    # its suggested replacement lives in the private ``_functional_collectives`` module, so the
+    # public one is kept and its FutureWarning silenced here.
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def nt_xent_loss(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = gather_with_grad,
+) -> torch.Tensor:
+    """NT-Xent over the global batch: ``z_a[i]`` and ``z_b[i]`` are two views of one sample.
+
+    Every one of the ``2N`` projections (``N`` = batch size summed over ranks) is an anchor whose
+    positive is its other view and whose negatives are the other ``2N - 2`` projections. The
+    value equals MONAI's ``ContrastiveLoss`` on the concatenated batch, on every rank. Each rank
+    computes the full loss; with the summed backward of the gather and DDP's gradient averaging,
+    the parameters receive exactly the gradient of that global loss. Computed in float32.
+    With a global batch of one sample there are no negatives and the loss is 0.
+    """
+    if gather is not None:
+        z_a, z_b = gather(z_a), gather(z_b)
+    return ContrastiveLoss(temperature=temperature)(z_a.float(), z_b.float())
+
+
+# --------------------------------------------------------------------------------------------
+# Views for the SSL tasks (built on the tensor's device; box positions from the CPU generator)
+
+
+def random_rotations(batch_size: int, generator: torch.Generator | None = None) -> list[int]:
+    """Rotation class (0..3) per sample."""
+    return torch.randint(0, len(ROTATION_ANGLES_DEG), (batch_size,), generator=generator).tolist()
+
+
+def rotate_axial(x: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """Rotate sample ``i`` of ``x`` (B, C, X, Y, Z) by ``classes[i]`` x 90 degrees in X-Y."""
+    if x.shape[AXIAL_DIMS[0]] != x.shape[AXIAL_DIMS[1]]:
+        raise ValueError(f"axial rotation needs a square X-Y patch, got {tuple(x.shape[2:])}")
+    return torch.stack([torch.rot90(s, int(k), dims=AXIAL_DIMS) for s, k in zip(x, classes)])
+
+
+_BOX_DRAW = 64
+"""Candidate boxes drawn per random call (one call instead of six per box)."""
+
+
+def _random_boxes(
+    shape: Sequence[int], generator: torch.Generator | None
+) -> Iterator[tuple[slice, ...]]:
+    """Endless boxes with sides between 5% and 25% of each axis (Tang et al.'s
+    ``patch_rand_drop``), uniformly placed inside ``shape``."""
+    size = torch.tensor(list(shape))
+    low = (0.05 * size).round().clamp(min=1)
+    high = (0.25 * size).floor().clamp(min=1)
+    high = torch.maximum(high, low)
+    while True:
+        u = torch.rand(2, _BOX_DRAW, len(shape), generator=generator, dtype=torch.float64)
+        sides = (low + (u[0] * (high - low + 1)).floor()).long()
+        starts = (u[1] * (size - sides + 1)).floor().long()
+        for start, side in zip(starts.tolist(), sides.tolist()):
+            yield tuple(slice(a, a + n) for a, n in zip(start, side))
+
+
+def cutout_views(
+    x: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Tang et al.'s inpainting views of ``x`` (B, C, X, Y, Z) in [0, 1]; ``x`` is not modified.
+
+    Each sample gets random boxes filled with uniform noise in [0, 1] until the boxes' volumes add
+    up to ``fraction`` of the patch (overlaps counted twice, as in Tang et al.); then, when the
+    batch has other samples, the same amount again filled with the content of another sample of
+    the batch. The noise is drawn on ``x``'s device, or from ``generator`` on the CPU when given
+    (deterministic views for validation). Box positions always come from the CPU generator, so
+    no device synchronisation happens.
+    """
+    out = x.detach().clone()
+    spatial = tuple(x.shape[2:])
+    target = fraction * math.prod(spatial)
+    boxes = _random_boxes(spatial, generator)
+    for i in range(x.shape[0]):
+        others = [j for j in range(x.shape[0]) if j != i]
+        sources: list[int | None] = [None]
+        if others:
+            sources.append(others[int(torch.randint(len(others), (1,), generator=generator))])
+        for source in sources:
+            covered = 0
+            while covered < target:
+                box = next(boxes)
+                region = (i, slice(None), *box)
+                if source is None:
+                    shape = out[region].shape
+                    if generator is None:
+                        noise = torch.rand(shape, device=x.device, dtype=x.dtype)
+                    else:
+                        noise = torch.rand(shape, generator=generator).to(x.device, x.dtype)
+                    out[region] = noise
+                else:
+                    out[region] = x[(source, slice(None), *box)]
+                covered += math.prod(s.stop - s.start for s in box)
+    return out
+
+
+def rotation_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the 4-way rotation classifier (float32)."""
+    return F.cross_entropy(logits.float(), classes)
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """L1 between the reconstruction of a cut-out view and the (rotated) original (float32)."""
+    return F.l1_loss(reconstruction.float(), original.float())

@@ -1,0 +1,333 @@
+"""The whole study in one command (``sap study``, ``make demo``).
+
+Steps, each skipped when its output is already complete, so an interrupted study continues:
+
+1. the synthetic cohort (or ``dataset_root``), checked, cached and split (stratified folds,
+   one threshold-tuning fold);
+2. stage 1: skeleton pretraining on the healthy scans; SSL pretraining on the same scans;
+3. for every arm (scratch, SSL, SAP) and every test fold: lesion fine-tuning on the other test
+   folds (never on the tuning fold);
+4. per arm, the threshold is chosen on the tuning fold with the first fold's model (which never
+   saw it) and applied unchanged to every test fold (method.md, the "clean variant");
+5. every test patient is predicted by the model of its fold, evaluated lesion-wise, and the arms
+   are compared in ``<report_dir>/report.md`` (Table 1, p-values, FROC and box plots).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sap_lightning.config import StudyConfig, load_config, to_yaml
+from sap_lightning.data import layout
+from sap_lightning.data.dataset import require_valid_dataset
+from sap_lightning.data.phantom import make_phantom_cohort
+from sap_lightning.data.preprocess import preprocess_dataset
+from sap_lightning.data.splits import Splits, split_dataset
+from sap_lightning.evaluation.predictions import (
+    EvaluationSettings,
+    evaluate_predictions,
+    tune_on_predictions,
+    write_evaluation,
+)
+from sap_lightning.evaluation.report import (
+    Comparison,
+    compare_runs,
+    load_evaluation,
+    write_comparison,
+)
+from sap_lightning.evaluation.threshold import ThresholdChoice, save_threshold
+from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
+from sap_lightning.io import read_json, write_json, write_text
+from sap_lightning.train import run_training
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "study_step.json"
+"""Written into a step's folder when the step completed; a folder without it is redone."""
+
+
+@dataclass
+class StudyResult:
+    report: Path
+    arms: dict[str, Path] = field(default_factory=dict)
+    """Arm name -> evaluation folder."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per step."""
+
+
+def _done(folder: Path) -> bool:
+    return (folder / DONE_FILE).is_file()
+
+
+def _mark_done(folder: Path, **info: Any) -> None:
+    write_json(folder / DONE_FILE, info)
+
+
+def _fresh(folder: Path) -> Path:
+    """Clear an incomplete step folder left by an interrupted study (never a completed one)."""
+    if folder.exists() and not _done(folder):
+        log.info("redoing incomplete step %s", folder)
+        shutil.rmtree(folder)
+    return folder
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def step(self, name: str, action: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        log.info("study: %s", name)
+        result = action()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return result
+
+
+def _cohort(study: StudyConfig) -> tuple[Path, Path]:
+    """The skeleton and lesion datasets, generated when the study owns its data."""
+    if study.dataset_root:
+        root = Path(study.dataset_root)
+    else:
+        root = Path(study.data_dir) / "phantoms"
+        if not (root / "lesion" / "dataset.json").is_file():
+            make_phantom_cohort(
+                root,
+                study.healthy,
+                study.patients,
+                seed=study.seed,
+                shape=study.phantom_shape,
+                spacing=study.phantom_spacing,
+            )
+    return root / "skeleton", root / "lesion"
+
+
+def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
+    for dataset in (skeleton, lesion):
+        require_valid_dataset(dataset)
+        preprocess_dataset(dataset, layout.default_cache_path(dataset))
+    split_dataset(skeleton, seed=study.seed)
+    _, splits, _ = split_dataset(
+        lesion, n_folds=study.n_folds, tuning_fold=study.tuning_fold, seed=study.seed
+    )
+    return splits
+
+
+def _train(config_path: str, overrides: Sequence[str], run_dir: Path) -> Path:
+    """One training run into ``run_dir`` (skipped when complete)."""
+    if _done(run_dir):
+        return run_dir
+    cfg = load_config(config_path, [*overrides, f"run_dir={_fresh(run_dir)}"])
+    result = run_training(cfg)
+    if result.interrupted:
+        raise RuntimeError(f"training in {run_dir} was interrupted")
+    _mark_done(run_dir, config=config_path, metrics=result.metrics)
+    return run_dir
+
+
+def _arm(
+    study: StudyConfig,
+    arm: str,
+    config_path: str,
+    splits: Splits,
+    lesion: Path,
+    pretrained: dict[str, Path],
+    clock: _Clock,
+) -> Path:
+    """Fine-tune one arm on every test fold, tune its threshold, predict and evaluate."""
+    arm_dir = Path(study.runs_dir) / arm
+    init_overrides = [f"model.pretrained={pretrained[arm]}"] if arm in pretrained else []
+    common = [
+        *study.overrides,
+        *study.finetune_overrides,
+        f"data.dataset={lesion}",
+        f"data.n_folds={study.n_folds}",
+        f"data.tuning_fold={study.tuning_fold}",
+        f"seed={study.seed}",
+        *init_overrides,
+    ]
+    fold_runs = {
+        fold: clock.step(
+            f"fine-tune {arm} fold {fold}",
+            lambda fold=fold: _train(
+                config_path, [*common, f"data.fold={fold}"], arm_dir / f"fold{fold}"
+            ),
+        )
+        for fold in splits.test_folds
+    }
+    settings = EvaluationSettings()
+    tuning_dir = arm_dir / "tuning"
+    first_run = fold_runs[splits.test_folds[0]]
+    if not _done(tuning_dir):
+
+        def tune() -> None:
+            predict_cases(
+                first_run,
+                lesion,
+                _fresh(tuning_dir),
+                case_ids=splits.tuning_cases(),
+                threshold=0.5,
+                overlap=study.predict_overlap,
+                progress=False,
+            )
+            choice = tune_on_predictions(tuning_dir, lesion, splits.tuning_cases(), settings)
+            save_threshold(tuning_dir / THRESHOLD_FILE, choice)
+            _mark_done(tuning_dir, threshold=choice.threshold)
+
+        clock.step(f"tune threshold {arm}", tune)
+    threshold = read_json(tuning_dir / DONE_FILE)["threshold"]
+    predictions = arm_dir / "predictions"
+    if not _done(predictions):
+
+        def predict() -> None:
+            _fresh(predictions)
+            for fold, run in fold_runs.items():
+                # The run folder keeps the threshold it is used with (sap predict reads it).
+                save_threshold(run / THRESHOLD_FILE, _choice_from(tuning_dir))
+                predict_cases(
+                    run,
+                    lesion,
+                    predictions,
+                    case_ids=splits.test_cases(fold),
+                    threshold=threshold,
+                    overlap=study.predict_overlap,
+                    progress=False,
+                )
+            _mark_done(predictions, threshold=threshold)
+
+        clock.step(f"predict {arm}", predict)
+    evaluation = arm_dir / "evaluation"
+    test_cases = [case for fold in splits.test_folds for case in splits.test_cases(fold)]
+
+    def evaluate() -> None:
+        result = evaluate_predictions(
+            predictions,
+            lesion,
+            test_cases,
+            EvaluationSettings(threshold=threshold, thresholds=settings.thresholds),
+        )
+        write_evaluation(result, evaluation)
+
+    clock.step(f"evaluate {arm}", evaluate)
+    return evaluation
+
+
+def _choice_from(tuning_dir: Path) -> ThresholdChoice:
+    return ThresholdChoice(**read_json(tuning_dir / THRESHOLD_FILE))
+
+
+def run_study(study: StudyConfig) -> StudyResult:
+    """Run every step of the study and write the comparison report."""
+    clock = _Clock()
+    runs = Path(study.runs_dir)
+    skeleton, lesion = clock.step("cohort", lambda: _cohort(study))
+    splits = clock.step("check, preprocess, split", lambda: _prepare(study, skeleton, lesion))
+    seed = [f"seed={study.seed}"]
+    pretrain_run = clock.step(
+        "skeleton pretraining",
+        lambda: _train(
+            study.pretrain_config,
+            [*study.overrides, *study.pretrain_overrides, f"data.dataset={skeleton}", *seed],
+            runs / "pretrain",
+        ),
+    )
+    ssl_run = clock.step(
+        "SSL pretraining",
+        lambda: _train(
+            study.ssl_config,
+            [*study.overrides, *study.ssl_overrides, f"data.dataset={skeleton}", *seed],
+            runs / "ssl",
+        ),
+    )
+    pretrained = {"sap": pretrain_run, "ssl": ssl_run}
+    arms = {
+        arm: _arm(study, arm, config_path, splits, lesion, pretrained, clock)
+        for arm, config_path in study.finetune_configs.items()
+    }
+    report_dir = Path(study.report_dir)
+    evaluations = [load_evaluation(path, name=arm) for arm, path in arms.items()]
+    comparison = clock.step(
+        "compare", lambda: compare_runs(evaluations, n_resamples=study.n_resamples, seed=study.seed)
+    )
+    write_comparison(comparison, report_dir, n_resamples=study.n_resamples)
+    report = report_dir / "report.md"
+    header = _study_header(study, splits, clock.seconds, comparison)
+    write_text(report, header + report.read_text())
+    write_text(report_dir / "study.yaml", to_yaml(study))
+    return StudyResult(report=report, arms=arms, seconds=clock.seconds)
+
+
+VERDICT_ROWS = (
+    "F2 (detection score)",
+    "lesion sensitivity",
+    "FP per exam",
+    "per-patient mean Dice",
+)
+"""Table 1 rows the verdict quotes (the paper's headline is the F2 detection score)."""
+
+
+def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch") -> str:
+    """Plain-language answer to "did SAP beat the baseline?", from the table's own numbers."""
+    if arm not in comparison.names or baseline not in comparison.names:
+        return f"No verdict: the study has no '{arm}' and '{baseline}' arms to compare."
+    f2 = comparison.cells["F2 (detection score)"]
+    p_f2 = comparison.pvalues["F2 (detection score)"].get(
+        f"{baseline} vs {arm}"
+    ) or comparison.pvalues["F2 (detection score)"].get(f"{arm} vs {baseline}")
+    ours, theirs = f2[arm].estimate, f2[baseline].estimate
+    if math.isnan(ours) or math.isnan(theirs):
+        outcome = "could not be compared (F2 undefined for one arm)"
+    elif ours > theirs:
+        outcome = "beat"
+    elif ours == theirs:
+        outcome = "tied with"
+    else:
+        outcome = "did not beat"
+    p_text = (
+        "" if p_f2 is None else f", paired Wilcoxon p = {p_f2[0]:.3g} (Bonferroni {p_f2[1]:.3g})"
+    )
+    lines = [
+        f"**Verdict: {arm.upper()} {outcome} the {baseline} baseline on the median patient F2 "
+        f"({ours:.3f} vs {theirs:.3f}{p_text}).**",
+        "",
+        "| metric | " + " | ".join(comparison.names) + " |",
+        "|---|" + "---|" * len(comparison.names),
+    ]
+    for row in VERDICT_ROWS:
+        cells = comparison.cells[row]
+        lines.append(f"| {row} | " + " | ".join(cells[n].format() for n in comparison.names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _study_header(
+    study: StudyConfig,
+    splits: Splits,
+    seconds: dict[str, float],
+    comparison: Comparison,
+) -> str:
+    test_cases = sum(len(splits.test_cases(fold)) for fold in splits.test_folds)
+    lines = [
+        f"# Study `{study.name}`",
+        "",
+        f"- Cohort: {study.healthy} healthy scans, {study.patients} patients "
+        f"({'synthetic, seed ' + str(study.seed) if not study.dataset_root else study.dataset_root}).",
+        f"- Folds: {study.n_folds} (fold {study.tuning_fold} tunes the threshold; "
+        f"{len(splits.test_folds)} test folds, {test_cases} test patients).",
+        f"- Experiments: pretraining `{study.pretrain_config}`, SSL `{study.ssl_config}`, arms "
+        + ", ".join(f"{arm} `{path}`" for arm, path in study.finetune_configs.items())
+        + (f"; overrides `{' '.join(study.overrides)}`" if study.overrides else "")
+        + ".",
+        f"- Wall time: {sum(seconds.values()) / 60:.1f} min "
+        + "("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+        + ").",
+        "",
+        verdict(comparison),
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,345 @@
+"""Training runs: run folder, logger, callbacks, Trainer, resume, export. One entry point,
+:func:`run_training`, serves ``sap pretrain``, ``sap ssl`` and ``sap finetune``.
+
+A run folder (``run_dir``, default ``<output_dir>/<name>``) holds::
+
+    config.yaml              the resolved configuration of the run (config.resume<N>.yaml per resume)
+    checkpoints/last.ckpt    the model after the last finished epoch (the one the paper uses)
+    checkpoints/best.ckpt    the best epoch by the module's monitored validation value
+    backbone.pt              pretraining runs: the exported network with its metadata
+    transfer_report.json     fine-tuning runs: what was initialised from where
+    csv/ or wandb/           logs (``logger=csv`` / ``logger=wandb``)
+
+A new run never writes into a folder that already holds files: it stops and says so (pass
+``resume=true`` to continue that run, or choose another ``name`` / ``run_dir``). Versioning the
+folder instead was rejected because under DDP every rank re-executes the command and must find
+the same folder.
+
+Distributed training (``trainer.devices=N`` / ``trainer.num_nodes=M`` with ``trainer.strategy=ddp``)
+re-executes the command in every extra process; work that must happen once (checking the
+folder, writing files) is done by the launching process only, and the data module shards the
+data itself (the Trainer is built with ``use_distributed_sampler=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from sap_lightning.config import ExperimentConfig, save_config
+from sap_lightning.errors import ConfigError
+from sap_lightning.io import write_json, write_text
+from sap_lightning.modules import SapModule, build_module, data_info_from
+from sap_lightning.modules.lesion import LesionSegmentation
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best.ckpt"
+BACKBONE_FILE = "backbone.pt"
+TRANSFER_REPORT = "transfer_report.json"
+WANDB_ID_FILE = "wandb_run_id.txt"
+"""The W&B run id of the run folder, so a resumed run continues the same W&B run."""
+
+UNSUPPORTED_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+"""Launchers that copy the in-memory objects of the launching process into its workers."""
+EXPORTING_TASKS = ("skeleton", "ssl")
+"""Pretraining tasks: their backbone is exported at the end of training."""
+
+
+@dataclass
+class RunResult:
+    """Where a finished run left its outputs, and the final logged values (rank 0)."""
+
+    run_dir: Path
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    backbone: Path | None = None
+    transfer_report: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+    is_global_zero: bool = True
+    """False in the extra processes of a DDP run (they report nothing)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Run folder
+
+
+def resolve_run_dir(cfg: ExperimentConfig) -> Path:
+    """``cfg.run_dir``, or ``<output_dir>/<name>``."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.output_dir) / cfg.name
+
+
+def last_checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def is_launching_process() -> bool:
+    """True in the process that starts a run, False in the processes DDP starts for it.
+
+    Read from the environment, before Lightning has set up distributed training: launchers
+    set ``RANK`` (torchrun), ``SLURM_PROCID`` (SLURM) or ``LOCAL_RANK`` / ``NODE_RANK``
+    (Lightning's own launcher).
+    """
+    for variable in ("RANK", "SLURM_PROCID"):
+        if variable in os.environ:
+            return int(os.environ[variable]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Refuse to start over an existing run; for ``resume`` return the checkpoint to resume."""
+    if resume:
+        last = last_checkpoint_path(run_dir)
+        if not last.is_file():
+            raise ConfigError(
+                f"resume=true but {last} does not exist: nothing to resume in {run_dir} "
+                "(drop resume=true to start a new run in an empty folder)"
+            )
+        return last
+    if run_dir.exists() and any(run_dir.iterdir()):
+        content = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
+        unfinished = (
+            ""
+            if last_checkpoint_path(run_dir).is_file()
+            else " It has no checkpoint (its run stopped before finishing an epoch): delete "
+            "the folder to start over."
+        )
+        raise ConfigError(
+            f"run folder {run_dir} already holds a run ({content}); pass resume=true to "
+            f"continue it, or choose another 'name' or 'run_dir' (nothing was changed).{unfinished}"
+        )
+    return None
+
+
+def _save_run_config(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """``config.yaml`` for a new run; ``config.resume<N>.yaml`` for the N-th resume."""
+    target = run_dir / CONFIG_FILE
+    if cfg.resume:
+        number = 1
+        while (run_dir / f"config.resume{number}.yaml").exists():
+            number += 1
+        target = run_dir / f"config.resume{number}.yaml"
+    return save_config(cfg, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Logger, callbacks, Trainer
+
+
+def _wandb_run_id(run_dir: Path, primary: bool) -> str | None:
+    """The run folder's W&B id: created with the folder, reused on resume."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    if not primary:
+        return None  # only the launching process talks to W&B
+    run_id = uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
+    write_text(path, run_id + "\n")
+    return run_id
+
+
+def build_logger(cfg: ExperimentConfig, run_dir: Path, primary: bool = True) -> Logger | None:
+    """W&B (offline by default; ``wandb sync`` uploads later), CSV, or none.
+
+    The W&B API key is never read here: W&B takes ``WANDB_API_KEY`` from the environment
+    itself when a run is synced or online.
+    """
+    if cfg.logger == "none":
+        return None
+    if cfg.logger == "csv":
+        # A new version folder per (re)start: CSVLogger deletes metrics.csv in a reused one.
+        return CSVLogger(save_dir=run_dir, name="csv")
+    wandb_cfg = cfg.wandb
+    return WandbLogger(
+        name=cfg.name,
+        save_dir=str(run_dir),
+        id=_wandb_run_id(run_dir, primary),
+        project=wandb_cfg.project,
+        entity=wandb_cfg.entity,
+        group=wandb_cfg.group,
+        tags=list(wandb_cfg.tags),
+        mode=wandb_cfg.mode,
+    )
+
+
+def build_callbacks(
+    module: SapModule, run_dir: Path, datamodule: Any, logger: Logger | None
+) -> list[Callback]:
+    """Checkpoints (last after every epoch, best by the module's monitor), the data module's
+    epoch callback and, with a logger, the learning-rate monitor."""
+    checkpoint_dir = run_dir / CHECKPOINT_DIR
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename=None,
+            save_top_k=0,
+            save_last=True,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        ),
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename=Path(BEST_CHECKPOINT).stem,
+            monitor=module.monitor,
+            mode=module.monitor_mode,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+    ]
+    extra = datamodule.callbacks()
+    callbacks += list(extra) if isinstance(extra, Sequence) else [extra]
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    return callbacks
+
+
+def _check_strategy(cfg: ExperimentConfig) -> None:
+    if cfg.trainer.strategy in UNSUPPORTED_STRATEGIES:
+        raise ConfigError(
+            f"'trainer.strategy' {cfg.trainer.strategy!r} is not supported: use 'ddp' (or "
+            "'auto'), which starts every process from the command line, as the run folder "
+            "handling and the data module's sharding expect"
+        )
+
+
+def build_trainer(
+    cfg: ExperimentConfig, run_dir: Path, logger: Logger | None, callbacks: list[Callback]
+) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` (DDP: ``strategy=ddp``, gloo on CPU, NCCL on GPU)."""
+    t = cfg.trainer
+    _check_strategy(cfg)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_epochs=t.max_epochs,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        check_val_every_n_epoch=cfg.validation.every_n_epochs,
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        # Patch shapes are fixed, so letting cuDNN pick its fastest kernels once pays off.
+        benchmark=not t.deterministic,
+        fast_dev_run=t.fast_dev_run,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        enable_progress_bar=t.enable_progress_bar,
+        # The data module gives each rank its own shard (and pads them to equal length).
+        use_distributed_sampler=False,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        default_root_dir=run_dir,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _build_datamodule(cfg: ExperimentConfig, primary: bool) -> Any:
+    """The task's data module, its cache and splits ready, on a dataset that passed its check.
+
+    Only the launching process checks and prepares: DDP's extra processes are started by it
+    afterwards and find the cache in place.
+    """
+    from sap_lightning.data.datamodule import build_datamodule
+    from sap_lightning.data.dataset import require_valid_dataset
+    from sap_lightning.data.preprocess import CACHE_JSON
+
+    datamodule = build_datamodule(cfg)
+    if primary:
+        if (datamodule.cache_root / CACHE_JSON).is_file():
+            # Reads every file once: nothing trains on a dataset broken since it was cached.
+            require_valid_dataset(
+                cfg.data.dataset,
+                require_labels=cfg.task != "ssl",
+                workers=max(1, cfg.data.num_workers),
+            )
+        # Builds the cache and splits.json when missing (validating the dataset first).
+        datamodule.prepare_data()
+    return datamodule
+
+
+def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train ``cfg`` in its run folder; export (pretraining) or record the transfer (fine-tuning).
+
+    ``extra_callbacks`` are added to the Trainer (used by tests and custom drivers).
+    """
+    _check_strategy(cfg)
+    primary = is_launching_process()
+    run_dir = resolve_run_dir(cfg)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    resume_from = (
+        check_run_dir(run_dir, cfg.resume)
+        if primary
+        else (last_checkpoint_path(run_dir) if cfg.resume else None)
+    )
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = _build_datamodule(cfg, primary)
+    module = build_module(cfg, data_info_from(datamodule))
+    report = None
+    if isinstance(module, LesionSegmentation) and resume_from is None:
+        report = module.initialise_from_pretrained()
+
+    # The folder is written only once everything above succeeded.
+    report_path = None
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _save_run_config(cfg, run_dir)
+        if report is not None:
+            report_path = write_json(run_dir / TRANSFER_REPORT, report)
+
+    logger = build_logger(cfg, run_dir, primary)
+    callbacks = build_callbacks(module, run_dir, datamodule, logger) + list(extra_callbacks)
+    trainer = build_trainer(cfg, run_dir, logger, callbacks)
+    try:
+        with warnings.catch_warnings():
+            # Keeping whole-case batches on the CPU is deliberate (SapModule docstring).
+            warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    finally:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            wandb.finish()  # no-op without an active run (other ranks, early failures)
+
+    result = RunResult(
+        run_dir=run_dir,
+        last_checkpoint=_existing(last_checkpoint_path(run_dir)),
+        best_checkpoint=_existing(run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT),
+        transfer_report=_existing(run_dir / TRANSFER_REPORT)
+        if report_path is None
+        else report_path,
+        metrics={k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        interrupted=trainer.interrupted,
+        is_global_zero=trainer.is_global_zero,
+    )
+    if cfg.task in EXPORTING_TASKS and trainer.is_global_zero:
+        if trainer.interrupted:
+            log.warning("training was interrupted: %s not exported", BACKBONE_FILE)
+        else:
+            result.backbone = module.export_backbone(run_dir / BACKBONE_FILE)
+    return result
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None

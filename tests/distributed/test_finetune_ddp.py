@@ -1,0 +1,113 @@
+"""A 2-process DDP fine-tuning run (gloo on CPU) through the real command line, in a subprocess.
+
+The validation metrics it logs must be the metrics of the whole validation set, each case once:
+they are recomputed here in one process from the saved last checkpoint, with MONAI's sliding
+window inference called directly. With 3 validation cases on 2 ranks the distributed sampler
+pads one rank with a repeated case, so a missing gather or de-duplication would show.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from sap_lightning.backbones import create_backbone
+from sap_lightning.config import load_config
+from sap_lightning.data.datamodule import build_datamodule
+from sap_lightning.metrics import make_lesion_metrics
+from tests.datasets import write_tiny_dataset
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+CONFIG = EXPERIMENTS / "cpu" / "finetune_scratch.yaml"
+OVERRIDES = [
+    "trainer.enable_progress_bar=false",
+    "model.kwargs.features=[2,4,4,4,4,2]",
+    "data.samples_per_volume=1",
+    "data.queue_length=4",
+    "data.n_folds=3",
+    "validation.every_n_epochs=1",
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+]
+
+
+def _last_validation_row(run_dir: Path) -> dict[str, float]:
+    (metrics,) = (run_dir / "csv").glob("version_*/metrics.csv")
+    with open(metrics) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/n_cases")]
+    assert len(rows) == 1
+    return {k: float(v) for k, v in rows[0].items() if k.startswith("val/") and v != ""}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_process_finetune_logs_global_validation_metrics(tmp_path: Path) -> None:
+    dataset = write_tiny_dataset(tmp_path / "lesion", n_cases=9, shape=(32, 32, 96), seed=2)
+    run_dir = tmp_path / "run"
+    overrides = [*OVERRIDES, f"data.dataset={dataset}", f"run_dir={run_dir}"]
+    command = [sys.executable, "-m", "sap_lightning", "finetune", "--config", str(CONFIG)]
+    ddp = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(
+        [*command, *overrides, *ddp],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("run folder:") == 1  # only the launching rank reports
+    logged = _last_validation_row(run_dir)
+
+    # One-process reference: the saved network over every validation case.
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    meta = checkpoint["sap_meta"]
+    net = create_backbone(
+        meta["backbone"], meta["in_channels"], meta["out_channels"], **meta["backbone_kwargs"]
+    )
+    net.load_state_dict({k[4:]: v for k, v in checkpoint["state_dict"].items() if k[:4] == "net."})
+    net.eval()
+    cfg = load_config(CONFIG, [*overrides, "task=lesion"])
+    reference = make_lesion_metrics(
+        threshold=cfg.validation.threshold,
+        connectivity=cfg.validation.connectivity,
+        tolerance_mm=cfg.validation.tolerance_mm,
+        prefix="val/",
+    )
+    datamodule = build_datamodule(cfg)
+    assert len(datamodule.val_case_ids) == 3
+    with torch.no_grad():
+        for case in datamodule.val_dataloader():
+            logits = sliding_window_inference(
+                case["image"],
+                roi_size=cfg.data.patch_size,
+                sw_batch_size=cfg.validation.sw_batch_size,
+                predictor=net,
+                overlap=cfg.validation.overlap,
+                mode="gaussian",
+            )
+            probability = torch.softmax(logits, dim=1)[0, 1]
+            reference.update(
+                probability,
+                case["label"][0, 0],
+                spacing=case["spacing"][0],
+                case_id=case["case_id"][0],
+            )
+    expected = {k: float(v) for k, v in reference.compute().items()}
+    assert logged["val/n_cases"] == 3
+    assert set(logged) == set(expected)
+    for name, value in expected.items():
+        if math.isnan(value):
+            assert math.isnan(logged[name]), name
+        else:
+            assert logged[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name

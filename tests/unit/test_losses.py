@@ -1,0 +1,180 @@
+"""Losses and SSL views: Dice + CE, deep supervision, NT-Xent (also across 2 ranks), views."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from monai.losses import ContrastiveLoss, DiceLoss
+
+from sap_lightning.config.schema import LossConfig
+from sap_lightning.modules.losses import (
+    cutout_views,
+    gather_with_grad,
+    nt_xent_loss,
+    random_rotations,
+    rotate_axial,
+    segmentation_loss,
+)
+
+
+def _logits_and_labels(classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, classes, 5, 4, 3, generator=generator)
+    labels = torch.randint(0, classes, (2, 1, 5, 4, 3), generator=generator)
+    return logits, labels
+
+
+def test_dice_ce_leaves_background_out_of_the_dice_term_only() -> None:
+    logits, labels = _logits_and_labels()
+    cfg = LossConfig(dice_weight=0.7, ce_weight=1.3, smooth=1e-5)
+    ours = segmentation_loss(cfg)(logits, labels)
+
+    dice_fg = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)(logits, labels)
+    ce_all = F.cross_entropy(logits, labels[:, 0])  # every class, background included
+    assert ours.item() == pytest.approx(0.7 * dice_fg.item() + 1.3 * ce_all.item(), rel=1e-6)
+
+    dice_all = DiceLoss(include_background=True, to_onehot_y=True, softmax=True)(logits, labels)
+    assert abs(ours.item() - (0.7 * dice_all.item() + 1.3 * ce_all.item())) > 1e-4
+
+
+def test_deep_supervision_sums_levels_with_halving_weights() -> None:
+    logits, labels = _logits_and_labels()
+    coarse = logits.flip(1)
+    cfg = LossConfig()
+    single = segmentation_loss(cfg)
+    expected = single(logits, labels) + 0.5 * single(coarse, labels)
+    got = segmentation_loss(cfg, deep_supervision=True)([logits, coarse], labels)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _nt_xent_by_hand(z_a: np.ndarray, z_b: np.ndarray, temperature: float) -> float:
+    """SimCLR's definition written out: each of 2N anchors against its 2N - 1 others."""
+    z = np.concatenate([z_a, z_b]).astype(np.float64)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    n = len(z_a)
+    total = 0.0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        similarities = {k: z[i] @ z[k] / temperature for k in range(2 * n) if k != i}
+        total -= similarities[positive] - math.log(sum(math.exp(v) for v in similarities.values()))
+    return total / (2 * n)
+
+
+def test_nt_xent_matches_the_definition_and_monai() -> None:
+    generator = torch.Generator().manual_seed(1)
+    z_a, z_b = torch.randn(3, 8, generator=generator), torch.randn(3, 8, generator=generator)
+    loss = nt_xent_loss(z_a, z_b, temperature=0.5)
+    assert loss.item() == pytest.approx(_nt_xent_by_hand(z_a.numpy(), z_b.numpy(), 0.5), rel=1e-5)
+    assert loss.item() == pytest.approx(ContrastiveLoss(temperature=0.5)(z_a, z_b).item())
+
+
+def test_nt_xent_of_one_sample_has_no_negatives() -> None:
+    loss = nt_xent_loss(torch.randn(1, 4), torch.randn(1, 4), temperature=0.5)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------- 2 ranks
+
+WORLD = 2
+PER_RANK = 2
+DIM = 6
+TEMPERATURE = 0.5
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    shape = (WORLD * PER_RANK, DIM)
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        z_a, z_b = _global_batch()
+        own = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        local_a = z_a[own].clone().requires_grad_(True)
+        local_b = z_b[own].clone()
+        gathered = nt_xent_loss(local_a, local_b, TEMPERATURE)
+        gathered.backward()
+        local_only = nt_xent_loss(local_a.detach(), local_b, TEMPERATURE, gather=None)
+        torch.save(
+            {"loss": gathered.detach(), "local": local_only, "grad": local_a.grad},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_nt_xent_uses_negatives_and_returns_gradients_across_ranks(tmp_path: Path) -> None:
+    """2 gloo processes: the loss equals the one-process loss over the concatenated batch, not
+    the loss of a rank's own samples, and each rank's gradient is its share of the global one."""
+    # fork: the workers need nothing but this module, already imported (spawn would re-import
+    # torch and MONAI in each, which takes longer than the test).
+    mp.start_processes(
+        _rank_worker,
+        args=(str(tmp_path / "init"), str(tmp_path)),
+        nprocs=WORLD,
+        start_method="fork",
+    )
+    z_a, z_b = _global_batch()
+    z_a.requires_grad_(True)
+    reference = ContrastiveLoss(temperature=TEMPERATURE)(z_a, z_b)
+    reference.backward()
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["loss"].item() == pytest.approx(reference.item(), rel=1e-5)
+        assert abs(result["local"].item() - reference.item()) > 1e-3
+        # Every rank computes the global loss and the gather's backward sums the ranks'
+        # gradients: WORLD x the global gradient, which DDP's averaging turns back into it.
+        own = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        torch.testing.assert_close(result["grad"], WORLD * z_a.grad[own], rtol=1e-4, atol=1e-6)
+
+
+def test_gather_is_the_identity_without_a_process_group() -> None:
+    tensor = torch.randn(2, 3)
+    assert gather_with_grad(tensor) is tensor
+
+
+# ---------------------------------------------------------------------------------- views
+
+
+def test_axial_rotation_turns_x_and_y_only() -> None:
+    volume = torch.arange(2 * 1 * 4 * 4 * 3, dtype=torch.float32).reshape(2, 1, 4, 4, 3)
+    rotated = rotate_axial(volume, [1, 3])
+    np.testing.assert_array_equal(rotated[0].numpy(), np.rot90(volume[0].numpy(), 1, axes=(1, 2)))
+    np.testing.assert_array_equal(rotated[1].numpy(), np.rot90(volume[1].numpy(), 3, axes=(1, 2)))
+    back = rotate_axial(rotated, [3, 1])
+    torch.testing.assert_close(back, volume)
+    assert set(random_rotations(64, torch.Generator().manual_seed(0))) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="square"):
+        rotate_axial(torch.zeros(1, 1, 4, 5, 3), [1])
+
+
+def test_cutout_covers_the_fraction_and_keeps_the_input() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.full((1, 2, 16, 16, 16), 5.0)  # outside the noise range [0, 1]
+    out = cutout_views(x, fraction=0.3, generator=generator)
+    assert torch.equal(x, torch.full_like(x, 5.0))  # the input is not modified
+    changed = (out != 5.0).all(dim=1)  # both channels of a box are replaced
+    fraction = changed.float().mean().item()
+    # Box volumes add up to at least 30% (overlaps count twice, as in Tang et al.), so the
+    # union covers less; at least one box of side >= 1 was drawn.
+    assert 0.05 < fraction <= 0.3 + (4 / 16) ** 3
+    assert float(out[:, :, changed[0]].min()) >= 0.0 and float(out[:, :, changed[0]].max()) <= 1.0
+
+
+def test_cutout_with_a_seeded_generator_is_reproducible_and_inpaints_from_others() -> None:
+    x = torch.stack([torch.zeros(1, 8, 8, 8), torch.full((1, 8, 8, 8), 7.0)])
+    first = cutout_views(x, 0.2, torch.Generator().manual_seed(3))
+    second = cutout_views(x, 0.2, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first, second)
+    # The second pass pastes content of the other sample: 7s appear in sample 0, 0s in sample 1.
+    assert (first[0] == 7.0).any() and (first[1] == 0.0).any()

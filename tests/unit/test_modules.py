@@ -1,0 +1,313 @@
+"""LightningModules without a Trainer: shapes, optimiser groups, schedule, metadata, safety."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from monai.metrics import compute_dice
+
+from sap_lightning.backbones import get_spec
+from sap_lightning.config import load_config, to_dict
+from sap_lightning.errors import CheckpointError, ConfigError, SapError
+from sap_lightning.metrics.functional import dice as binary_dice
+from sap_lightning.modules import (
+    ContrastivePretraining,
+    LesionSegmentation,
+    SkeletonSegmentation,
+    build_module,
+    warmup_cosine_factor,
+)
+from sap_lightning.modules.base import NORMALISATION, CaseScores, confusion_dice
+from sap_lightning.modules.lesion import metadata_warnings, resolve_pretrained
+from sap_lightning.transfer import load_checkpoint_file
+
+SKELETON_NAMES = ["background", *(f"region{i}" for i in range(1, 10))]
+INFO = {
+    "in_channels": 2,
+    "channel_names": ["T1", "b1000"],
+    "spacing": [1.5, 1.5, 4.0],
+}
+DATA = {
+    "skeleton": {**INFO, "num_classes": 10, "label_names": SKELETON_NAMES},
+    "lesion": {**INFO, "num_classes": 2, "label_names": ["background", "lesion"]},
+    "ssl": {**INFO, "num_classes": None, "label_names": []},
+}
+TINY = ["model.kwargs.features=[2,4,4,4,4,2]", "data.patch_size=[32,32,32]"]
+
+
+def make(task: str, *overrides: str, seed: int = 0, base: tuple[str, ...] = tuple(TINY)):
+    torch.manual_seed(seed)
+    cfg = load_config(None, [f"task={task}", *base, *overrides])
+    return build_module(cfg, DATA[task])
+
+
+def batch(classes: int, size: int = 2, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.rand(size, 2, 32, 32, 32, generator=generator),
+        "label": torch.randint(0, classes, (size, 1, 32, 32, 32), generator=generator),
+        "case_id": [f"case{i}" for i in range(size)],
+    }
+
+
+# ---------------------------------------------------------------------------------- schedule
+
+
+def test_warmup_then_cosine_shape() -> None:
+    factors = [warmup_cosine_factor(e, 10, 400) for e in range(400)]
+    assert factors[0] == pytest.approx(1 / 11)
+    assert factors[9] == pytest.approx(10 / 11)
+    assert factors[10] == pytest.approx(1.0)  # the peak, at the end of the warm-up
+    assert factors[205] == pytest.approx(0.5)  # half-way through the decay
+    assert all(b > a for a, b in itertools.pairwise(factors[:11]))
+    assert all(b < a for a, b in itertools.pairwise(factors[10:]))
+    assert factors[399] == pytest.approx(0.5 * (1 + math.cos(math.pi * 389 / 390)))
+    assert warmup_cosine_factor(400, 10, 400, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(3, 5, 5) == pytest.approx(4 / 6)  # warm-up only
+
+
+def test_sap_learning_rates_follow_the_encoder_split_and_the_schedule() -> None:
+    module = make(
+        "lesion",
+        "optim.lr=1e-5",
+        "optim.encoder_lr=2e-6",
+        "optim.decoder_lr=1e-5",
+        "optim.warmup_epochs=2",
+        "trainer.max_epochs=6",
+    )
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    assert setup["lr_scheduler"]["interval"] == "epoch"
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    spec = get_spec("unet_tiny")
+    names = {id(p): n for n, p in module.net.named_parameters()}
+    encoder = {names[id(p)] for p in groups["encoder"]["params"]}
+    assert encoder == {n for n in names.values() if spec.is_encoder_key(n)}
+    assert "final_conv.weight" in {names[id(p)] for p in groups["decoder"]["params"]}
+    for epoch in range(6):
+        factor = warmup_cosine_factor(epoch, 2, 6)
+        assert groups["encoder"]["lr"] == pytest.approx(2e-6 * factor)
+        assert groups["decoder"]["lr"] == pytest.approx(1e-5 * factor)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_single_learning_rate_without_encoder_decoder_split() -> None:
+    optimizer = make("lesion", "optim.lr=3e-4", "optim.optimizer=adamw").configure_optimizers()[
+        "optimizer"
+    ]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["name"] for g in optimizer.param_groups] == ["net"]
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(3e-4)
+
+
+# ---------------------------------------------------------------------------------- modules
+
+
+def test_skeleton_step_trains_ten_classes() -> None:
+    module = make("skeleton")
+    assert isinstance(module, SkeletonSegmentation)
+    assert module.net(torch.zeros(1, 2, 32, 32, 32)).shape == (1, 10, 32, 32, 32)
+    loss = module.training_step(batch(10), 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in module.net.parameters())
+
+
+def test_non_finite_loss_stops_with_the_step_named() -> None:
+    module = make("lesion")
+    bad = batch(2)
+    bad["image"][0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(SapError, match=r"global step 0 .*batch 3, cases case0, case1"):
+        module.training_step(bad, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.patch_size=[24,32,32]"], "multiple of 16"),
+        (["data.patch_size=[16,16,16]"], "at least 32"),
+    ],
+)
+def test_patch_sizes_the_backbone_cannot_take_are_refused(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make("lesion", *overrides)
+
+
+def test_lesion_needs_a_binary_label_set() -> None:
+    cfg = load_config(None, ["task=lesion", *TINY])
+    with pytest.raises(ConfigError, match="binary"):
+        LesionSegmentation(to_dict(cfg), DATA["skeleton"])
+
+
+def test_checkpoint_metadata_is_plain_and_complete(tmp_path: Path) -> None:
+    module = make("skeleton")
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "x.ckpt")
+    loaded = torch.load(tmp_path / "x.ckpt", weights_only=True)
+    meta = loaded["sap_meta"]
+    assert meta["task"] == "skeleton" and meta["backbone"] == "unet_tiny"
+    assert meta["in_channels"] == 2 and meta["out_channels"] == 10
+    assert meta["label_names"] == SKELETON_NAMES
+    assert meta["normalisation"] == NORMALISATION
+    assert meta["backbone_kwargs"]["features"] == [2, 4, 4, 4, 4, 2]
+    assert loaded["hyper_parameters"]["config"]["task"] == "skeleton"
+    assert all(k.startswith(("net.", "val_dice")) for k in loaded["state_dict"])
+
+
+# ---------------------------------------------------------------------------------- SSL
+
+
+def test_ssl_heads_and_losses_for_a_batch_of_one() -> None:
+    module = make("ssl", "ssl.projection_dim=16")
+    assert isinstance(module, ContrastivePretraining)
+    rotation, projection, reconstruction = module(torch.rand(3, 2, 32, 32, 32))
+    assert rotation.shape == (3, 4) and projection.shape == (3, 16)
+    assert reconstruction.shape == (3, 2, 32, 32, 32)
+    losses = module.ssl_losses(torch.rand(1, 2, 32, 32, 32))
+    assert losses["contrastive"].item() == pytest.approx(0.0, abs=1e-6)  # no negatives
+    weights = module.cfg.ssl
+    expected = (
+        weights.rotation_weight * losses["rotation"]
+        + weights.contrastive_weight * losses["contrastive"]
+        + weights.reconstruction_weight * losses["reconstruction"]
+    )
+    assert losses["loss"].item() == pytest.approx(expected.item())
+    losses["loss"].backward()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable)
+
+
+def test_ssl_trains_only_the_parameters_on_the_bottleneck_path() -> None:
+    # Swin UNETR: the bottleneck is swinViT; the convolutional skip encoders and the decoder
+    # never see an SSL gradient, so they are frozen (DDP would refuse them otherwise).
+    module = make(
+        "ssl",
+        "model.backbone=swin_unetr",
+        "model.kwargs.feature_size=12",
+        "model.kwargs.depths=[1,1,1,1]",
+        "data.patch_size=[64,64,64]",
+        "ssl.projection_dim=8",
+        base=(),
+    )
+    trainable = {n for n, p in module.net.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in module.net.named_parameters() if n.startswith("swinViT.")}
+    group_params = {id(p) for g in module.parameter_groups() for p in g["params"]}
+    assert group_params == {id(p) for p in module.parameters() if p.requires_grad}
+
+
+def test_ssl_refuses_a_non_square_axial_patch() -> None:
+    with pytest.raises(ConfigError, match="axial"):
+        make("ssl", "data.patch_size=[32,64,32]")
+
+
+def test_ssl_validation_scores_are_deterministic_per_patch() -> None:
+    module = make("ssl").eval()
+    patches = {
+        "image": torch.rand(2, 2, 32, 32, 32, generator=torch.Generator().manual_seed(0)),
+        "case_id": ["a", "a"],
+        "location": torch.tensor([[0, 0, 0, 32, 32, 32], [0, 0, 8, 32, 32, 40]]),
+    }
+    with torch.no_grad():
+        module.validation_step(patches, 0)
+        first = module.val_losses.compute()
+        module.val_losses.reset()
+        module.validation_step(patches, 5)
+        second = module.val_losses.compute()
+    assert first[1] == 2  # two locations of one case are two items
+    torch.testing.assert_close(first[0], second[0])
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def test_confusion_dice_matches_binary_dice_and_monai() -> None:
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (6, 5, 4), generator=generator)
+    pred = torch.where(torch.rand(6, 5, 4, generator=generator) < 0.7, target, 3 - target)
+    target[target == 2] = 1  # class 2 only in the prediction -> 0; add an absent class 4
+    scores = confusion_dice(pred, target, 5)
+    for k in range(5):
+        assert scores[k].item() == pytest.approx(binary_dice(pred == k, target == k), rel=1e-6)
+    assert scores[2].item() == 0.0 and scores[4].item() == 1.0
+    one_hot = lambda x: torch.nn.functional.one_hot(x, 5).permute(3, 0, 1, 2)[None]  # noqa: E731
+    monai = compute_dice(one_hot(pred), one_hot(target), include_background=True)[0]
+    for k in (0, 1, 3):  # classes present in the target (MONAI gives NaN otherwise)
+        assert scores[k].item() == pytest.approx(monai[k].item(), rel=1e-6)
+
+
+def test_case_scores_count_each_case_once() -> None:
+    metric = CaseScores(num_scores=2)
+    metric.update("a", torch.tensor([1.0, float("nan")]))
+    metric.update("b", torch.tensor([0.0, 0.5]))
+    metric.update("a", torch.tensor([1.0, float("nan")]))  # DDP padding repeats a case
+    means, count = metric.compute()
+    assert count == 2
+    torch.testing.assert_close(means, torch.tensor([0.5, 0.5]))
+
+
+def test_skeleton_validation_scores_a_perfect_prediction_as_one() -> None:
+    module = make("skeleton")
+    label = torch.zeros(8, 8, 8, dtype=torch.long)
+    label[:4, :4] = 1
+    label[4:, 4:, :2] = 9
+    probabilities = torch.nn.functional.one_hot(label, 10).permute(3, 0, 1, 2).float()
+    module.update_case_metrics("c", probabilities, label, [1.0, 1.0, 1.0])
+    values = module.compute_case_metrics()
+    assert values["val/dice_region1"] == 1.0 and values["val/dice_region9"] == 1.0
+    assert values["val/dice_region5"] == 1.0  # absent from both
+    assert values["val/dice_skeleton"] == 1.0 and values["val/dice_mean"] == 1.0
+
+
+# ---------------------------------------------------------------------------------- init
+
+
+def test_sap_init_loads_all_but_the_head_and_checks_the_task(tmp_path: Path) -> None:
+    skeleton = make("skeleton", seed=1)
+    skeleton.export_backbone(tmp_path / "run" / "backbone.pt")
+    ssl = make("ssl", seed=2)
+    ssl.export_backbone(tmp_path / "ssl.pt")
+
+    lesion = make("lesion", "model.init=sap", f"model.pretrained={tmp_path / 'run'}", seed=3)
+    report = lesion.initialise_from_pretrained()
+    assert report["init"] == "sap" and report["pretrained_file"].endswith("backbone.pt")
+    source = load_checkpoint_file(tmp_path / "run" / "backbone.pt")["state_dict"]
+    for name, tensor in lesion.net.state_dict().items():
+        if name.startswith("final_conv."):
+            assert tensor.shape[0] == 2  # the lesion head, freshly initialised
+        else:
+            assert torch.equal(tensor, source[name]), name
+
+    wrong = make("lesion", "model.init=sap", f"model.pretrained={tmp_path / 'ssl.pt'}")
+    with pytest.raises(CheckpointError, match="'ssl' checkpoint"):
+        wrong.initialise_from_pretrained()
+
+
+def test_pretrained_paths_are_resolved_or_refused(tmp_path: Path) -> None:
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"without an exported backbone\.pt.*last\.ckpt"):
+        resolve_pretrained(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_pretrained(tmp_path / "nothing.pt")
+    (tmp_path / "file.ckpt").write_bytes(b"")
+    assert resolve_pretrained(tmp_path / "file.ckpt") == tmp_path / "file.ckpt"
+
+
+def test_metadata_disagreements_are_reported() -> None:
+    meta = {"channel_names": ["T1", "ADC"], "spacing": [2.0, 1.5, 4.0], "normalisation": "zscore"}
+    found = metadata_warnings(meta, DATA["lesion"])
+    assert len(found) == 3
+    assert any("ADC" in w for w in found) and any("spacing" in w for w in found)
+    same = {
+        "channel_names": ["T1", "b1000"],
+        "spacing": [1.5, 1.5, 4.02],
+        "normalisation": NORMALISATION,
+    }
+    assert metadata_warnings(same, DATA["lesion"]) == []
+    assert len(metadata_warnings(None, DATA["lesion"])) == 1
