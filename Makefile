@@ -22,10 +22,10 @@ FOLD ?= 1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install panoptica-venv test lint format demo data bench clean
+.PHONY: help install panoptica-venv test lint format demo data pretrain ssl finetune predict sweep agent bench clean
 
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,7 +68,37 @@ data: install $(PHANTOMS)/lesion/dataset.json ## Generate, check, preprocess and
 	$(SAP) split $(PHANTOMS)/skeleton --seed $(SEED)
 	$(SAP) split $(PHANTOMS)/lesion --folds 7 --tuning-fold 0 --seed $(SEED)
 
-demo: data ## The main job on the synthetic cohort
+PRETRAIN_RUN ?= runs/cpu_pretrain
+SSL_RUN ?= runs/cpu_ssl
+
+pretrain: data ## Stage 1: skeleton pretraining (CONFIG=experiment.yaml ARGS="key=value ...")
+	$(SAP) pretrain --config $(or $(CONFIG),experiments/cpu/pretrain.yaml) $(ARGS)
+
+ssl: data ## SSL (Tang et al.) pretraining of the same backbone
+	$(SAP) ssl --config $(or $(CONFIG),experiments/cpu/ssl.yaml) $(ARGS)
+
+$(PRETRAIN_RUN)/backbone.pt:
+	$(MAKE) pretrain CONFIG= ARGS=
+
+$(SSL_RUN)/backbone.pt:
+	$(MAKE) ssl CONFIG= ARGS=
+
+# The pretraining an arm starts from is run first when its exported backbone is absent.
+finetune: data $(if $(filter sap,$(INIT)),$(PRETRAIN_RUN)/backbone.pt) $(if $(filter ssl,$(INIT)),$(SSL_RUN)/backbone.pt) ## Lesion fine-tuning: INIT=scratch|sap|ssl FOLD=k
+	$(SAP) finetune --config $(or $(CONFIG),experiments/cpu/finetune_$(INIT).yaml) data.fold=$(FOLD) $(ARGS)
+
+predict: install ## Predict with a run: RUN=runs/... INPUT=dataset OUT=folder [ARGS=...]
+	$(SAP) predict --checkpoint $(RUN) --input $(INPUT) --out $(OUT) $(ARGS)
+
+SWEEP ?= experiments/sweeps/arms_cpu.yaml
+sweep: install ## Create a W&B sweep from SWEEP=experiments/sweeps/X.yaml (needs `wandb login`)
+	$(VENV)/bin/wandb sweep $(SWEEP)
+
+agent: install ## Run a W&B sweep agent: SWEEP_ID=entity/project/id
+	$(VENV)/bin/wandb agent $(SWEEP_ID)
+
+demo: install ## The study in miniature: cohort, pretraining, three arms, report (reports/demo)
+	$(SAP) study --config experiments/study/demo.yaml $(ARGS)
 
 bench: install panoptica-venv ## Performance benchmarks (side-by-side ratios against named baselines)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

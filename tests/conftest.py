@@ -3,9 +3,54 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Keep every run offline and free of secrets: W&B never reaches a server from the tests.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+import pytest
+
+TINY_STUDY_OVERRIDES = [
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "model.kwargs.features=[2,4,4,4,4,2]",
+    "data.samples_per_volume=1",
+    "data.queue_length=2",
+    "validation.roi_size=[64,64,64]",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory):
+    """The whole study (``sap study``) on a tiny cohort with one-step trainings, run once per
+    session: used by the study test and by the comparison notebook."""
+    from sap_lightning.config import StudyConfig
+    from sap_lightning.study import run_study
+
+    root = tmp_path_factory.mktemp("study")
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "cpu"
+    config = StudyConfig(
+        name="tiny",
+        data_dir=str(root / "data"),
+        runs_dir=str(root / "runs"),
+        report_dir=str(root / "report"),
+        healthy=3,
+        patients=6,
+        n_folds=3,
+        phantom_shape=[64, 64, 128],
+        phantom_spacing=[4.5, 4.5, 9.0],
+        n_resamples=50,
+        pretrain_config=str(experiments / "pretrain.yaml"),
+        ssl_config=str(experiments / "ssl.yaml"),
+        finetune_configs={
+            arm: str(experiments / f"finetune_{arm}.yaml") for arm in ("scratch", "ssl", "sap")
+        },
+        overrides=list(TINY_STUDY_OVERRIDES),
+    )
+    return config, run_study(config)

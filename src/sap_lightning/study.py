@@ -30,6 +30,7 @@ from sap_lightning.data.dataset import require_valid_dataset
 from sap_lightning.data.phantom import make_phantom_cohort
 from sap_lightning.data.preprocess import preprocess_dataset
 from sap_lightning.data.splits import Splits, split_dataset
+from sap_lightning.errors import SapError
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
     evaluate_predictions,
@@ -45,7 +46,7 @@ from sap_lightning.evaluation.report import (
 from sap_lightning.evaluation.threshold import ThresholdChoice, save_threshold
 from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
 from sap_lightning.io import read_json, write_json, write_text
-from sap_lightning.train import run_training
+from sap_lightning.train import last_checkpoint_path, run_training
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,29 @@ def _fresh(folder: Path) -> Path:
 
 
 class _Clock:
+    """Wall time per step; a step whose folder was already complete is reported as reused."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.reused: list[str] = []
 
-    def step(self, name: str, action: Callable[[], Any]) -> Any:
+    def step(self, name: str, action: Callable[[], Any], folder: Path | None = None) -> Any:
+        if folder is not None and _done(folder):
+            log.info("study: %s (reusing %s)", name, folder)
+            self.reused.append(name)
+            return action()
         start = time.perf_counter()
         log.info("study: %s", name)
         result = action()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         return result
+
+    def describe(self) -> str:
+        steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
+        text = f"{sum(self.seconds.values()) / 60:.1f} min ({steps})"
+        if self.reused:
+            text += f"; reused from an earlier invocation: {', '.join(self.reused)}"
+        return text
 
 
 def _cohort(study: StudyConfig) -> tuple[Path, Path]:
@@ -109,8 +124,9 @@ def _cohort(study: StudyConfig) -> tuple[Path, Path]:
 
 
 def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
-    for dataset in (skeleton, lesion):
+    for dataset in (skeleton, lesion):  # both checked before anything is written
         require_valid_dataset(dataset)
+    for dataset in (skeleton, lesion):
         preprocess_dataset(dataset, layout.default_cache_path(dataset))
     split_dataset(skeleton, seed=study.seed)
     _, splits, _ = split_dataset(
@@ -120,13 +136,19 @@ def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
 
 
 def _train(config_path: str, overrides: Sequence[str], run_dir: Path) -> Path:
-    """One training run into ``run_dir`` (skipped when complete)."""
+    """One training run into ``run_dir``: skipped when complete, resumed from its last
+    checkpoint when an earlier invocation was interrupted, started afresh otherwise."""
     if _done(run_dir):
         return run_dir
-    cfg = load_config(config_path, [*overrides, f"run_dir={_fresh(run_dir)}"])
+    if last_checkpoint_path(run_dir).is_file():
+        log.info("resuming interrupted run %s", run_dir)
+        extra = [f"run_dir={run_dir}", "resume=true"]
+    else:
+        extra = [f"run_dir={_fresh(run_dir)}"]
+    cfg = load_config(config_path, [*overrides, *extra])
     result = run_training(cfg)
     if result.interrupted:
-        raise RuntimeError(f"training in {run_dir} was interrupted")
+        raise SapError(f"training in {run_dir} was interrupted; run the study again to resume")
     _mark_done(run_dir, config=config_path, metrics=result.metrics)
     return run_dir
 
@@ -158,6 +180,7 @@ def _arm(
             lambda fold=fold: _train(
                 config_path, [*common, f"data.fold={fold}"], arm_dir / f"fold{fold}"
             ),
+            arm_dir / f"fold{fold}",
         )
         for fold in splits.test_folds
     }
@@ -173,6 +196,7 @@ def _arm(
                 _fresh(tuning_dir),
                 case_ids=splits.tuning_cases(),
                 threshold=0.5,
+                validate_input=False,  # checked in _prepare
                 overlap=study.predict_overlap,
                 progress=False,
             )
@@ -196,6 +220,7 @@ def _arm(
                     predictions,
                     case_ids=splits.test_cases(fold),
                     threshold=threshold,
+                    validate_input=False,  # checked in _prepare
                     overlap=study.predict_overlap,
                     progress=False,
                 )
@@ -236,6 +261,7 @@ def run_study(study: StudyConfig) -> StudyResult:
             [*study.overrides, *study.pretrain_overrides, f"data.dataset={skeleton}", *seed],
             runs / "pretrain",
         ),
+        runs / "pretrain",
     )
     ssl_run = clock.step(
         "SSL pretraining",
@@ -244,6 +270,7 @@ def run_study(study: StudyConfig) -> StudyResult:
             [*study.overrides, *study.ssl_overrides, f"data.dataset={skeleton}", *seed],
             runs / "ssl",
         ),
+        runs / "ssl",
     )
     pretrained = {"sap": pretrain_run, "ssl": ssl_run}
     arms = {
@@ -257,7 +284,7 @@ def run_study(study: StudyConfig) -> StudyResult:
     )
     write_comparison(comparison, report_dir, n_resamples=study.n_resamples)
     report = report_dir / "report.md"
-    header = _study_header(study, splits, clock.seconds, comparison)
+    header = _study_header(study, splits, clock, comparison)
     write_text(report, header + report.read_text())
     write_text(report_dir / "study.yaml", to_yaml(study))
     return StudyResult(report=report, arms=arms, seconds=clock.seconds)
@@ -308,7 +335,7 @@ def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch")
 def _study_header(
     study: StudyConfig,
     splits: Splits,
-    seconds: dict[str, float],
+    clock: _Clock,
     comparison: Comparison,
 ) -> str:
     test_cases = sum(len(splits.test_cases(fold)) for fold in splits.test_folds)
@@ -323,11 +350,7 @@ def _study_header(
         + ", ".join(f"{arm} `{path}`" for arm, path in study.finetune_configs.items())
         + (f"; overrides `{' '.join(study.overrides)}`" if study.overrides else "")
         + ".",
-        f"- Wall time: {sum(seconds.values()) / 60:.1f} min "
-        + "("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
-        + ").",
-        "",
+        f"- Wall time of this invocation: {clock.describe()}.",
         verdict(comparison),
     ]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,9 @@
 A run folder (``run_dir``, default ``<output_dir>/<name>``) holds::
 
     config.yaml              the resolved configuration of the run (config.resume<N>.yaml per resume)
-    checkpoints/last.ckpt    the model after the last finished epoch (the one the paper uses)
+    checkpoints/last.ckpt    the model after the last finished epoch (the one the paper uses);
+                             written after every training epoch, atomically, so a job killed at
+                             any moment resumes from its last finished epoch
     checkpoints/best.ckpt    the best epoch by the module's monitored validation value
     backbone.pt              pretraining runs: the exported network with its metadata
     transfer_report.json     fine-tuning runs: what was initialised from where
@@ -34,14 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sap_lightning.config import ExperimentConfig, save_config
 from sap_lightning.errors import ConfigError
-from sap_lightning.io import write_json, write_text
+from sap_lightning.io import atomic_path, write_json, write_text
 from sap_lightning.modules import SapModule, build_module, data_info_from
 from sap_lightning.modules.lesion import LesionSegmentation
+from sap_lightning.transfer import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +107,11 @@ def is_launching_process() -> bool:
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Refuse to start over an existing run; for ``resume`` return the checkpoint to resume."""
+    """Refuse to start over an existing run; for ``resume`` return the checkpoint to resume.
+
+    The checkpoint to resume is read once here (``weights_only=True``), so a truncated or
+    unsafe file is refused with its name before anything in the folder changes.
+    """
     if resume:
         last = last_checkpoint_path(run_dir)
         if not last.is_file():
@@ -110,6 +119,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
                 f"resume=true but {last} does not exist: nothing to resume in {run_dir} "
                 "(drop resume=true to start a new run in an empty folder)"
             )
+        load_checkpoint_file(last)
         return last
     if run_dir.exists() and any(run_dir.iterdir()):
         content = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
@@ -135,6 +145,43 @@ def _save_run_config(cfg: ExperimentConfig, run_dir: Path) -> Path:
             number += 1
         target = run_dir / f"config.resume{number}.yaml"
     return save_config(cfg, target)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a killed job left behind.
+
+    They are hidden (``.last.ckpt.tmp-<pid>``, see :class:`AtomicCheckpointIO`), never read,
+    and as large as a checkpoint.
+    """
+    folder = run_dir / CHECKPOINT_DIR
+    leftovers = sorted(folder.glob(".*.ckpt.tmp-*")) if folder.is_dir() else []
+    for path in leftovers:
+        log.info("removing %s, left by an interrupted checkpoint write", path)
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint under a hidden temporary name in its own folder, then renames it.
+
+    Lightning's own writer stages the file in the system temporary folder and moves it into
+    place: where that folder is another file system (node-local ``/tmp``, shared run folders)
+    the move is a copy, and a job killed during it leaves a truncated ``last.ckpt``; every kill
+    also strands a checkpoint-sized file in ``/tmp``. A rename within one folder is atomic, and
+    the data is flushed to disk before it, so ``last.ckpt`` is always a complete checkpoint.
+    Remote URLs keep Lightning's writer.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage (s3://, ...)
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_path(path) as tmp, open(tmp, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,11 +231,15 @@ def build_callbacks(
     epoch callback and, with a logger, the learning-rate monitor."""
     checkpoint_dir = run_dir / CHECKPOINT_DIR
     callbacks: list[Callback] = [
+        # last.ckpt as the one "top-k" file of an unmonitored checkpoint, saved at the end of
+        # every training epoch. (``save_last=True`` with ``save_top_k=0`` writes it only when
+        # training ends, so a killed job would lose every epoch.)
         ModelCheckpoint(
             dirpath=checkpoint_dir,
-            filename=None,
-            save_top_k=0,
-            save_last=True,
+            filename=Path(LAST_CHECKPOINT).stem,
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=1,
             save_on_train_epoch_end=True,
             enable_version_counter=False,
         ),
@@ -246,6 +297,7 @@ def build_trainer(
         use_distributed_sampler=False,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir,
     )
 
@@ -266,6 +318,11 @@ def _build_datamodule(cfg: ExperimentConfig, primary: bool) -> Any:
 
     datamodule = build_datamodule(cfg)
     if primary:
+        if not Path(cfg.data.dataset).is_dir():
+            raise ConfigError(
+                f"'data.dataset' is {cfg.data.dataset}: no such dataset folder (give the nnU-Net "
+                "raw folder with dataset.json, imagesTr and labelsTr)"
+            )
         if (datamodule.cache_root / CACHE_JSON).is_file():
             # Reads every file once: nothing trains on a dataset broken since it was cached.
             require_valid_dataset(
@@ -303,6 +360,8 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
     # The folder is written only once everything above succeeded.
     report_path = None
     if primary:
+        if resume_from is not None:
+            remove_partial_checkpoints(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         _save_run_config(cfg, run_dir)
         if report is not None:
@@ -315,7 +374,12 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
         with warnings.catch_warnings():
             # Keeping whole-case batches on the CPU is deliberate (SapModule docstring).
             warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+            # Only a resumed run finds checkpoints in its folder (a new one refuses a used one).
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+            if _final_epoch_unvalidated(cfg, trainer):
+                # The last epoch's model is the one used (method.md): always score it.
+                trainer.validate(module, datamodule=datamodule, verbose=False)
     finally:
         if isinstance(logger, WandbLogger):
             import wandb
@@ -339,6 +403,13 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
         else:
             result.backbone = module.export_backbone(run_dir / BACKBONE_FILE)
     return result
+
+
+def _final_epoch_unvalidated(cfg: ExperimentConfig, trainer: L.Trainer) -> bool:
+    """True when fit ended normally on an epoch that ``validation.every_n_epochs`` skipped."""
+    if trainer.interrupted or cfg.trainer.fast_dev_run or cfg.task == "ssl":
+        return False
+    return trainer.current_epoch % cfg.validation.every_n_epochs != 0
 
 
 def _existing(path: Path) -> Path | None:

@@ -411,7 +411,8 @@ def _resolve_transfer_spec(
         return None
     resolved = resolve_spec(spec)
     if source_backbone in list_backbones() and get_spec(source_backbone) is not resolved:
-        target = spec if isinstance(spec, str) else "a different backbone"
+        names = [name for name in list_backbones() if get_spec(name) is resolved]
+        target = names[0] if names else "a different backbone"
         raise CheckpointError(
             f"{checkpoint.origin}: holds a {source_backbone!r} backbone, the model is {target}"
         )

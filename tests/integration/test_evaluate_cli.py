@@ -219,3 +219,28 @@ def test_clear_errors(study, tmp_path, capsys):
     err = _error(capsys, ["compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")])
     assert "summary.json" in err and "nothing" in err
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_tuning_on_a_test_fold_is_refused(study, tmp_path, capsys):
+    root, _ = study
+    splits = tmp_path / "splits.json"
+    folds = [CASES[i::3] for i in range(3)]
+    splits.write_text(
+        json.dumps({"task": "lesion", "n_folds": 3, "tuning_fold": 0, "seed": 0, "folds": folds})
+    )
+    common = [
+        "evaluate",
+        "--predictions",
+        str(root / "pred_good"),
+        "--dataset",
+        str(root / "dataset"),
+        "--splits",
+        str(splits),
+        "--tune",
+    ]
+    err = _error(capsys, [*common, "--fold", "1", "--out", str(tmp_path / "bad")])
+    assert "tuning fold only" in err and "--fold 0" in err
+    assert not (tmp_path / "bad").exists()
+    assert main([*common, "--fold", "tuning", "--out", str(tmp_path / "good")]) == 0
+    choice = json.loads((tmp_path / "good" / "threshold.json").read_text())
+    assert sorted(choice["cases"]) == sorted(folds[0])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sap_lightning.cli import main
-from sap_lightning.config import load_config
+from sap_lightning.config import load_config, load_study_config
 from sap_lightning.data.datamodule import build_datamodule
 from sap_lightning.io import read_json
 from sap_lightning.modules import LesionSegmentation, build_module
@@ -66,8 +66,10 @@ def sap(command: str, config: str, *overrides: str) -> int:
 
 def test_every_experiment_file_composes() -> None:
     for path in sorted(EXPERIMENTS.glob("*/*.yaml")):
-        if path.parent.name != "base":
+        if path.parent.name not in ("base", "study", "sweeps"):  # presets; other schemas
             load_config(path)
+    for path in sorted((EXPERIMENTS / "study").glob("*.yaml")):
+        load_study_config(path)
     paper = load_config(EXPERIMENTS / "paper" / "finetune_sap.yaml", ["data.fold=4"])
     assert paper.model.backbone == "swin_unetr" and paper.data.patch_size == [96, 96, 96]
     assert (paper.optim.encoder_lr, paper.optim.decoder_lr) == (2e-6, 1e-5)

@@ -201,7 +201,7 @@ def test_empty_mask_conventions():
 
     nothing = lesion_detection(empty, empty, SPACING)
     assert math.isnan(nothing.sensitivity) and math.isnan(nothing.precision)
-    assert math.isnan(nothing.f2)
+    assert nothing.f2 == 1.0  # a lesion-free patient with no false positive is perfect
     only_fp = lesion_detection(blob, empty, SPACING)
     assert math.isnan(only_fp.sensitivity) and only_fp.precision == 0.0 and only_fp.f2 == 0.0
     only_missed = lesion_detection(empty, blob, SPACING)
@@ -370,3 +370,12 @@ def test_one_to_one_counts_agree_with_panoptica(tmp_path):
             ours.append([threshold, r.n_detected, r.n_false_positive, r.n_missed])
     assert ours == reference
     assert any(row[1] > 0 for row in ours) and any(row[2] > 0 for row in ours)
+
+
+def test_lesion_free_patients_enter_the_median_f2_symmetrically():
+    # a: one lesion found plus one FP; b: no lesion, nothing predicted; c: no lesion, 2 FPs.
+    # b (perfect) and c (all wrong) must both count, or the median favours predicting nothing
+    # only on the patients that happen to have false positives.
+    rates = [f2_score(1.0, 0.5), f2_score(math.nan, math.nan), f2_score(math.nan, 0.0)]
+    assert rates == [pytest.approx(5 * 0.5 / 3.0), 1.0, 0.0]
+    assert float(np.median(rates)) == pytest.approx(5 * 0.5 / 3.0)

@@ -93,13 +93,13 @@ def test_detection_equals_functional():
 
 def test_froc_auc_equals_the_functional_counts():
     metric = _filled(LesionDetection(threshold=0.5, froc_thresholds=THRESHOLDS))
-    counts = [froc_counts(p, g, SPACING, (*THRESHOLDS, 0.5)) for p, g in CASES.values()]
+    counts = [froc_counts(p, g, SPACING, THRESHOLDS) for p, g in CASES.values()]  # grid only
     sensitivity = np.array([c.n_detected / c.n_gt for c in counts])  # every case has lesions
     fp = np.array([c.n_pred - c.n_pred_matched for c in counts])
     expected = froc_auc(fp.mean(axis=0), sensitivity.mean(axis=0), 15.0)
     assert float(metric.compute()["froc_auc"]) == pytest.approx(expected, abs=1e-6)
     curve = metric.froc()
-    assert curve["thresholds"].tolist() == [0.2, 0.4, 0.5, 0.6, 0.8]
+    assert curve["thresholds"].tolist() == [0.2, 0.4, 0.6, 0.8]  # the operating 0.5 is not drawn
     assert curve["mean_fp"] == pytest.approx(fp.mean(axis=0))
 
 
@@ -195,3 +195,19 @@ def test_bad_case_shape_is_rejected():
         LesionDetection().update(torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4), SPACING, "a")
     with pytest.raises(ValueError, match="one case per update"):
         LesionDetection().update(torch.zeros(4, 4, 4), torch.zeros(4, 4, 4), SPACING, ["a", "b"])
+
+
+def test_froc_area_does_not_depend_on_the_operating_threshold():
+    rng = np.random.default_rng(7)
+    target = np.zeros((24, 24, 12), bool)
+    target[3:7, 3:7, 2:5] = target[14:18, 12:16, 6:9] = True
+    prob = np.clip(target * 0.6 + rng.random(target.shape) * 0.5, 0, 1).astype(np.float32)
+    grid = (0.2, 0.4, 0.6, 0.8)
+    areas = set()
+    for operating in (0.4, 0.33):  # on the grid, and off it
+        metric = LesionDetection(threshold=operating, froc_thresholds=grid)
+        metric.update(prob, target, (1.5, 1.5, 4.0), "c0")
+        assert list(metric.froc()["thresholds"]) == list(grid)
+        assert sorted(metric.froc_table()["threshold"].unique()) == list(grid)
+        areas.add(float(metric.compute()["froc_auc"]))
+    assert len(areas) == 1

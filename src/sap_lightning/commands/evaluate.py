@@ -44,7 +44,12 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="folder with <case>_prob.nii.gz and/or <case>.nii.gz",
     )
-    parser.add_argument("--dataset", required=True, type=Path, help="dataset with labelsTr/")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        type=Path,
+        help="dataset with labelsTr/ (validated first when it has a dataset.json)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     which = parser.add_argument_group("cases (one of)")
     which.add_argument("--cases", type=_case_list, help="comma-separated case ids")
@@ -86,6 +91,8 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from sap_lightning.data.dataset import require_valid_dataset
+    from sap_lightning.data.layout import DATASET_JSON
     from sap_lightning.evaluation.predictions import (
         THRESHOLD_JSON,
         EvaluationSettings,
@@ -105,6 +112,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         grid = tuple(float(t) for t in check_thresholds(args.thresholds))
     except ValueError as err:
         raise SapError(f"--thresholds: {err}") from err
+    if (args.dataset / DATASET_JSON).is_file():
+        # A dataset is checked whole before anything is read or written: a broken or
+        # mislabelled file must stop the evaluation, not skew it. (A bare labelsTr folder has
+        # no label set to check against; its files are checked as they are read.)
+        require_valid_dataset(args.dataset)
     cases = resolve_cases(args.dataset, args.cases, args.splits, args.fold)
     settings = EvaluationSettings(
         threshold=args.threshold,
@@ -119,6 +131,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     def progress(case_id: str) -> None:
         log.info("case %s", case_id)
 
+    if args.tune and args.splits is not None and str(args.fold) != "tuning":
+        from sap_lightning.data.splits import load_splits
+
+        tuning_fold = load_splits(args.splits).tuning_fold
+        if str(args.fold) != str(tuning_fold):
+            raise SapError(
+                f"--tune on fold {args.fold}: the threshold is chosen on the tuning fold only "
+                f"(--fold tuning or --fold {tuning_fold}), never on a test fold"
+            )
     if args.tune:
         choice = tune_on_predictions(args.predictions, args.dataset, cases, settings, progress)
         path = save_threshold(args.out / THRESHOLD_JSON, choice)

@@ -28,9 +28,17 @@ def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
         "--threshold",
         type=float,
         default=None,
-        help="probability threshold (default: the run's threshold.json)",
+        help="probability threshold (default: <run>/threshold.json, as written by "
+        "sap evaluate --tune on the tuning fold; else 0.5 with a warning)",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument(
+        "--roi-size",
+        type=int,
+        nargs=3,
+        default=None,
+        help="sliding-window size (default: the run's validation window)",
+    )
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -43,6 +51,7 @@ def run_predict(args: argparse.Namespace) -> int:
         args.out,
         skeleton_checkpoint=args.skeleton_checkpoint,
         threshold=args.threshold,
+        roi_size=args.roi_size,
         device=args.device,
         sw_batch_size=args.sw_batch_size,
         overlap=args.overlap,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -142,8 +143,11 @@ def _compose(kind: type, path: str | os.PathLike | None, overrides: Sequence[str
     if overrides:
         try:
             dotlist = OmegaConf.from_dotlist(list(overrides))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"command-line overrides: {err}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            first_line = str(err).splitlines()[0]
+            raise ConfigError(
+                f"command-line overrides: cannot parse a value ({first_line})"
+            ) from None
         cfg = _merge_checked(cfg, dotlist, "command-line override")
     try:
         return OmegaConf.to_object(cfg)

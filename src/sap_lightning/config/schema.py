@@ -127,8 +127,9 @@ class ValidationConfig:
     """Probability threshold for lesion metrics during validation (tuned later on the tuning fold)."""
     tolerance_mm: float = 2.0
     connectivity: int = 6
-    max_cases: int | None = None
-    """Cap on validation cases per epoch (None: all)."""
+    roi_size: list[int] | None = None
+    """Sliding-window size for whole-case inference (validation and ``sap predict``); None: the
+    training patch size. Larger windows are faster for convolutional backbones."""
 
 
 @dataclass

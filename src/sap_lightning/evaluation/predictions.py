@@ -25,6 +25,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from torchmetrics import MetricCollection
 
 from sap_lightning.data import layout
 from sap_lightning.errors import DatasetError, SapError
@@ -58,7 +59,8 @@ RULES = {
     "lesions": "3D connected components",
     "large_lesions": "sensitivity over GT lesions >= min_volume_ml found by a component of any "
     "size; FP and precision over predicted components >= min_volume_ml",
-    "f2": "5PR / (4P + R) per patient, median over patients",
+    "f2": "5PR / (4P + R) per patient, median over patients; an undefined side counts as 1 "
+    "(a patient without lesions scores 1 without false positives, 0 with any)",
     "segmentation": "Dice and area-weighted NSD of each detected GT lesion against the union of "
     "predicted components touching it; medians over detected lesions",
     "patient_mean_dice": "mean lesion Dice per patient with missed lesions scored 0",
@@ -279,12 +281,33 @@ def evaluate_predictions(
             progress(case_id)
         pred, label, spacing = load_case(predictions_dir, dataset_dir, case_id, mode)
         metrics.update(pred, label, spacing=spacing, case_id=case_id)
+    return summarize_metrics(
+        metrics,
+        settings,
+        threshold=threshold if mode == "probability" else None,
+        sources={"predictions": str(predictions_dir), "dataset": str(dataset_dir)},
+    )
 
+
+def summarize_metrics(
+    metrics: MetricCollection,
+    settings: EvaluationSettings,
+    threshold: float | None,
+    sources: dict[str, str],
+) -> Evaluation:
+    """The :class:`Evaluation` of an updated ``make_lesion_metrics`` collection.
+
+    ``threshold`` is the operating point of probability maps, or ``None`` for binary masks
+    (one operating point, no FROC curve). Used by ``sap evaluate`` and by lesion fine-tuning,
+    which writes the evaluation of its last validation into the run folder. Under DDP every
+    rank must call it (the tables are gathered from all ranks).
+    """
     detection, segmentation = metrics["detection"], metrics["segmentation"]
     values = {name: float(v) for name, v in metrics.compute().items()}
     cases = detection.case_table().merge(segmentation.case_table(), on="case_id", how="outer")
+    case_ids = [str(c) for c in cases["case_id"]]
     froc_curves: dict[str, dict[str, list[float]]] = {}
-    if mode == "probability":
+    if threshold is not None:
         for key, large in (("all", False), ("large", True)):
             curve = detection.froc(large)
             froc_curves[key] = {
@@ -297,10 +320,10 @@ def evaluate_predictions(
     summary = {
         "metrics": {name: _finite_or_none(v) for name, v in values.items()},
         "n_cases": len(case_ids),
-        "cases": list(case_ids),
+        "cases": case_ids,
         "operating_point": {
-            "source": "probability >= threshold" if mode == "probability" else "binary masks",
-            "threshold": threshold if mode == "probability" else None,
+            "source": "probability >= threshold" if threshold is not None else "binary masks",
+            "threshold": threshold,
         },
         "settings": {
             "connectivity": settings.connectivity,
@@ -318,13 +341,14 @@ def evaluate_predictions(
                 for key, curve in froc_curves.items()
             },
         },
-        "sources": {"predictions": str(predictions_dir), "dataset": str(dataset_dir)},
+        "sources": sources,
     }
+    froc = detection.froc_table()
     return Evaluation(
         summary=summary,
         cases=cases,
         lesions=segmentation.lesion_table(),
-        froc=detection.froc_table() if mode == "probability" else detection.froc_table().iloc[0:0],
+        froc=froc if threshold is not None else froc.iloc[0:0],
         froc_curves=froc_curves,
     )
 

@@ -69,9 +69,17 @@ class EvaluationRun:
         return len(self.froc) > 0
 
 
+RUN_EVALUATION = "evaluation"
+"""A fine-tuning run folder keeps the evaluation of its last validation in this sub-folder."""
+
+
 def load_evaluation(path: str | os.PathLike, name: str | None = None) -> EvaluationRun:
-    """Read an evaluation folder, with an error naming the folder and the missing file."""
+    """Read an evaluation folder (or a fine-tuning run folder, through its ``evaluation/``),
+    with an error naming the folder and the missing file."""
     path = Path(path)
+    if not (path / SUMMARY_JSON).is_file() and (path / RUN_EVALUATION / SUMMARY_JSON).is_file():
+        name = name or path.name
+        path = path / RUN_EVALUATION
     files = {n: path / n for n in (SUMMARY_JSON, CASES_CSV, LESIONS_CSV, FROC_CSV)}
     for file in files.values():
         if not file.is_file():
@@ -203,11 +211,15 @@ class Cell:
     n: int
 
     def format(self, digits: int = 3) -> str:
+        def number(value: float) -> str:
+            text = f"{value:.{digits}f}"
+            return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
+
         if math.isnan(self.estimate):
             return "n/a"
         if math.isnan(self.ci_low):
-            return f"{self.estimate:.{digits}f}"
-        return f"{self.estimate:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+            return number(self.estimate)
+        return f"{number(self.estimate)} [{number(self.ci_low)}, {number(self.ci_high)}]"
 
 
 @dataclass
@@ -386,9 +398,15 @@ def _json_number(value: float) -> float | None:
 def write_comparison(
     comparison: Comparison, out_dir: str | os.PathLike, n_resamples: int = N_RESAMPLES
 ) -> list[Path]:
-    """Write report.md, comparison.json, froc.png and boxplots.png."""
+    """Write report.md, comparison.json, froc.png and boxplots.png.
+
+    The report and comparison.json are removed first and written last, so after an interrupted
+    rewrite a folder never pairs an old report with new figures: a report present is complete.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (REPORT_MD, COMPARISON_JSON):
+        (out / stale).unlink(missing_ok=True)
     runs = comparison.runs
     froc_panels = []
     for key, title, max_fp in (

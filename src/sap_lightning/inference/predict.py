@@ -7,6 +7,11 @@ tuned threshold), ``<case>_skeleton.nii.gz`` (with a skeleton model: 10-class ma
 component relabelled to its majority class), ``<case>_lesions.csv`` (lesion table) and
 ``<case>_summary.json`` (lesion count and volume overall and per skeletal region). The
 probability and mask files are exactly what ``sap evaluate`` reads.
+
+A dataset given as input is validated first (``require_valid_dataset``), so a broken file stops
+the command before anything is written. A case's previous outputs are removed before its new
+ones are written, summary first, and its summary is written last: after an interruption a case
+never mixes files of two runs, and a case with a summary is complete.
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ from torch import nn
 
 from sap_lightning.backbones import create_backbone, get_spec
 from sap_lightning.data import layout
-from sap_lightning.data.dataset import CaseFiles, load_dataset, read_case_arrays
+from sap_lightning.data.dataset import (
+    CaseFiles,
+    load_dataset,
+    read_case_arrays,
+    require_valid_dataset,
+)
 from sap_lightning.data.preprocess import prepare_image, resample_volume
 from sap_lightning.errors import CheckpointError, DatasetError
 from sap_lightning.evaluation.threshold import load_threshold
@@ -91,16 +101,20 @@ def load_trained_model(path: str | os.PathLike, expected_task: str | None = None
     transfer_weights(net, checkpoint, mode="full")
     net.eval()
     multiple = get_spec(meta["backbone"]).input_multiple(meta["backbone_kwargs"])
-    patch = meta.get("patch_size") or [multiple * 4] * 3
+    patch = meta.get("roi_size") or meta.get("patch_size") or [multiple * 4] * 3
     return TrainedModel(net, dict(meta), round_up_to_multiple(patch, multiple), threshold, path)
 
 
-def iter_input_cases(input_path: str | os.PathLike, n_channels: int) -> Iterator[CaseFiles]:
-    """Cases of a dataset folder (``dataset.json``) or of a plain folder of
+def iter_input_cases(
+    input_path: str | os.PathLike, n_channels: int, validate: bool = True
+) -> Iterator[CaseFiles]:
+    """Cases of a dataset folder (``dataset.json``, validated unless ``validate=False`` for a
+    caller that has just validated it; labels are optional) or of a plain folder of
     ``<case>_0000.nii.gz`` ... files (nnU-Net's ``imagesTs`` style)."""
     root = Path(input_path)
     if (root / layout.DATASET_JSON).is_file():
-        yield from load_dataset(root).cases
+        info = require_valid_dataset(root, require_labels=False) if validate else load_dataset(root)
+        yield from info.cases
         return
     if not root.is_dir():
         raise DatasetError(f"{root}: input folder does not exist")
@@ -154,6 +168,8 @@ def predict_cases(
     skeleton_checkpoint: str | os.PathLike | None = None,
     case_ids: Sequence[str] | None = None,
     threshold: float | None = None,
+    roi_size: Sequence[int] | None = None,
+    validate_input: bool = True,
     device: str | None = None,
     sw_batch_size: int = 2,
     overlap: float = 0.25,
@@ -172,7 +188,8 @@ def predict_cases(
         threshold = lesion_model.threshold
     if threshold is None:
         log.warning(
-            "no tuned threshold in %s (run sap evaluate --tune on the tuning fold); using %.2f",
+            "no tuned threshold in %s: pass --threshold, or put the threshold.json that "
+            "sap evaluate --tune writes on the tuning fold into the run folder; using %.2f",
             checkpoint,
             DEFAULT_THRESHOLD,
         )
@@ -181,22 +198,29 @@ def predict_cases(
     for model in (lesion_model, skeleton_model):
         if model is not None:
             model.net.to(compute_device)
+            if roi_size is not None:
+                multiple = get_spec(model.meta["backbone"]).input_multiple(
+                    model.meta["backbone_kwargs"]
+                )
+                model.roi_size = round_up_to_multiple(roi_size, multiple)
     region_names = None
     if skeleton_model is not None:
         region_names = dict(enumerate(skeleton_model.meta.get("label_names") or []))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = dict(
-        device=compute_device, sw_batch_size=sw_batch_size, overlap=overlap, progress=progress
+    cases = list(
+        iter_input_cases(input_path, int(lesion_model.meta["in_channels"]), validate_input)
     )
-    summaries = []
-    cases = list(iter_input_cases(input_path, int(lesion_model.meta["in_channels"])))
     if case_ids is not None:
         by_id = {case.case_id: case for case in cases}
         unknown = sorted(set(case_ids) - set(by_id))
         if unknown:
             raise DatasetError(f"{input_path}: no input case named {unknown}")
         cases = [by_id[case_id] for case_id in case_ids]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(
+        device=compute_device, sw_batch_size=sw_batch_size, overlap=overlap, progress=progress
+    )
+    summaries = []
     for case in cases:
         image, _, affine = read_case_arrays(case)
         lesion_prob = _probabilities(lesion_model, image, affine, **settings)[1]
@@ -208,6 +232,8 @@ def predict_cases(
         if skeleton_model is not None:
             skeleton_probs = _probabilities(skeleton_model, image, affine, **settings)
             skeleton = relabel_skeleton_by_component(skeleton_probs.argmax(0).astype(np.uint8))
+        _remove_case_outputs(out, case.case_id)
+        if skeleton is not None:
             layout.save_nifti(
                 out / f"{case.case_id}_skeleton{layout.FILE_ENDING}", skeleton, affine
             )
@@ -232,6 +258,23 @@ def predict_cases(
             "%s: %d lesions, %.2f mL", case.case_id, summary["lesions"], summary["total_volume_ml"]
         )
     return summaries
+
+
+def case_output_paths(out_dir: str | os.PathLike, case_id: str) -> list[Path]:
+    """Every file ``sap predict`` may write for a case, the summary (written last) first."""
+    out = Path(out_dir)
+    return [
+        out / f"{case_id}_summary.json",
+        out / f"{case_id}_lesions.csv",
+        out / f"{case_id}{layout.FILE_ENDING}",
+        out / f"{case_id}_prob{layout.FILE_ENDING}",
+        out / f"{case_id}_skeleton{layout.FILE_ENDING}",
+    ]
+
+
+def _remove_case_outputs(out_dir: Path, case_id: str) -> None:
+    for path in case_output_paths(out_dir, case_id):
+        path.unlink(missing_ok=True)
 
 
 def read_prediction(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

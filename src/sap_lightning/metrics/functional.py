@@ -20,7 +20,8 @@ Conventions for empty masks (the libraries disagree; these are the project's, an
   split/merge the two sides count different true positives; each side uses its own). When only
   one side is undefined it counts as perfect: no predictions -> ``F2 = 5R / (4 + R)`` (0 when
   lesions exist and none is found), no lesions -> ``F2 = 5P / (4P + 1)`` (0 when every component
-  is a false positive). Both sides empty -> NaN.
+  is a false positive). Both sides empty (no lesion, nothing predicted) -> 1, so lesion-free
+  patients enter the median F2 with 1 or 0 rather than only when they have false positives.
 - Missed lesions get Dice 0 and NSD 0 in ``lesion_scores`` (their ``detected`` flag is False);
   "Dice of detected lesions" filters on the flag, "per-patient mean Dice" keeps the zeros.
 """
@@ -335,17 +336,18 @@ def surface_dice(
 def f2_score(sensitivity: np.ndarray | float, precision: np.ndarray | float) -> np.ndarray | float:
     """F2 = 5PR / (4P + R), with the module's convention for undefined (NaN) sides.
 
-    One side NaN counts as perfect (1.0); both NaN -> NaN; P = R = 0 -> 0. Works element-wise.
+    An undefined side counts as perfect (1.0): a patient without lesions scores 1 when nothing
+    is predicted and 0 with any false positive, like the Dice convention (both empty -> 1).
+    Every patient therefore enters the median F2 and threshold tuning, instead of lesion-free
+    patients counting only when they have false positives. P = R = 0 -> 0. Element-wise.
     """
     r = np.asarray(sensitivity, dtype=np.float64)
     p = np.asarray(precision, dtype=np.float64)
-    both_nan = np.isnan(r) & np.isnan(p)
     r = np.where(np.isnan(r), 1.0, r)
     p = np.where(np.isnan(p), 1.0, p)
     denominator = 4.0 * p + r
     with np.errstate(invalid="ignore", divide="ignore"):
         f2 = np.where(denominator > 0, 5.0 * p * r / np.where(denominator > 0, denominator, 1), 0.0)
-    f2 = np.where(both_nan, np.nan, f2)
     return float(f2) if f2.ndim == 0 else f2
 
 

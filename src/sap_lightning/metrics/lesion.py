@@ -200,6 +200,9 @@ class LesionDetection(_CaseRowsMetric):
         self.threshold = float(threshold)
         self.thresholds = F.check_thresholds([*froc_thresholds, threshold])
         self.operating_index = int(np.flatnonzero(self.thresholds == self.threshold)[0])
+        # The operating threshold is counted with the others in one pass, but only the FROC
+        # grid draws the curve: its area must not depend on the operating point.
+        self.froc_mask = np.isin(self.thresholds, F.check_thresholds(froc_thresholds))
         self.connectivity = F._check_connectivity(connectivity)
         self.min_volume_ml = float(min_volume_ml)
         self.suffix = f"_{self.min_volume_ml:g}ml".replace(".", "p")
@@ -255,8 +258,13 @@ class LesionDetection(_CaseRowsMetric):
     def froc(self, large: bool = False) -> dict[str, np.ndarray]:
         """FROC points per threshold: mean sensitivity (patients with a lesion) and mean FP."""
         r = self.rates(large)
-        mean_fp, mean_sensitivity = froc_curve(r["sensitivity"], r["fp"])
-        return {"thresholds": self.thresholds, "mean_fp": mean_fp, "sensitivity": mean_sensitivity}
+        grid = self.froc_mask
+        mean_fp, mean_sensitivity = froc_curve(r["sensitivity"][:, grid], r["fp"][:, grid])
+        return {
+            "thresholds": self.thresholds[grid],
+            "mean_fp": mean_fp,
+            "sensitivity": mean_sensitivity,
+        }
 
     def compute(self) -> dict[str, torch.Tensor]:
         out: dict[str, float] = {"n_cases": float(len(self._rows(self.case_rows, self._width)))}
@@ -300,13 +308,14 @@ class LesionDetection(_CaseRowsMetric):
         """Long table: one row per (case, threshold) with every count (for FROC bootstraps)."""
         hashes, c = self._counts()
         names = [self._case_name(*h) for h in hashes]
-        n_cases, n_thr = len(names), len(self.thresholds)
+        grid = self.froc_mask
+        n_cases, n_thr = len(names), int(grid.sum())
         table: dict[str, Any] = {
             "case_id": np.repeat(np.asarray(names, dtype=object), n_thr),
-            "threshold": np.tile(self.thresholds, n_cases),
+            "threshold": np.tile(self.thresholds[grid], n_cases),
         }
         for name in ("n_gt", "n_gt_large", *self._COUNTS):
-            table[name] = c[name].reshape(-1).astype(int)
+            table[name] = c[name][:, grid].reshape(-1).astype(int)
         return pd.DataFrame(table)
 
 

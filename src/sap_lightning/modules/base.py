@@ -224,6 +224,13 @@ class SapModule(L.LightningModule):
                 f"the bottleneck, so every size must be at least {2 * stride}"
             )
 
+    @property
+    def inference_roi_size(self) -> list[int]:
+        """Whole-case sliding-window size: ``validation.roi_size`` or the patch size, rounded
+        up to the backbone's input multiple (stored in the metadata for ``sap predict``)."""
+        size = self.cfg.validation.roi_size or self.cfg.data.patch_size
+        return round_up_to_multiple(size, self.input_multiple)
+
     def backbone_meta(self) -> dict[str, Any]:
         """The ``sap_meta`` block: everything fine-tuning and inference check before use."""
         info = self.data_info
@@ -237,8 +244,18 @@ class SapModule(L.LightningModule):
             label_names=info["label_names"],
             spacing=info["spacing"],
             normalisation=NORMALISATION,
-            extra={"patch_size": list(self.cfg.data.patch_size), "run_name": self.cfg.name},
+            extra={
+                "patch_size": list(self.cfg.data.patch_size),
+                "roi_size": self.inference_roi_size,
+                "target_spacing": self.cfg.data.target_spacing,
+                "run_name": self.cfg.name,
+            },
         )
+
+    def on_fit_start(self) -> None:
+        # The weights are built identically everywhere (DDP also broadcasts rank 0's); from here
+        # on every rank draws its own dropout masks and SSL views (global seed + rank).
+        torch.manual_seed(self.cfg.seed + self.global_rank)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = self.backbone_meta()
@@ -322,7 +339,7 @@ class SegmentationModule(SapModule, ABC):
         super().__init__(config, data_info)
         self.deep_supervision = self.spec.deep_supervision(self.backbone_kwargs)
         self.loss_fn = segmentation_loss(self.cfg.loss, deep_supervision=self.deep_supervision)
-        self.roi_size = round_up_to_multiple(self.cfg.data.patch_size, self.input_multiple)
+        self.roi_size = self.inference_roi_size
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)

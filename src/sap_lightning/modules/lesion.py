@@ -21,6 +21,12 @@ from typing import Any
 import torch
 
 from sap_lightning.errors import CheckpointError, ConfigError
+from sap_lightning.evaluation.predictions import (
+    EvaluationSettings,
+    summarize_metrics,
+    write_evaluation,
+)
+from sap_lightning.evaluation.report import RUN_EVALUATION
 from sap_lightning.metrics import make_lesion_metrics
 from sap_lightning.modules.base import NORMALISATION, SegmentationModule
 from sap_lightning.transfer import transfer_weights
@@ -34,6 +40,8 @@ INIT_TRANSFER: dict[str, tuple[str, str]] = {
 """init mode -> (transfer mode, task the source must have been trained on)."""
 
 EXPORTED_BACKBONE = "backbone.pt"
+VALIDATION_EVALUATION = RUN_EVALUATION
+"""Run sub-folder holding the evaluation of the last validation (tuning fold)."""
 SPACING_TOLERANCE = 0.05
 """Relative spacing difference above which fine-tuning warns that the source saw other voxels."""
 
@@ -168,5 +176,21 @@ class LesionSegmentation(SegmentationModule):
 
     def compute_case_metrics(self) -> dict[str, float]:
         values = {name: float(value) for name, value in self.val_metrics.compute().items()}
+        if self.cfg.run_dir and not self.trainer.sanity_checking:
+            self._write_validation_evaluation(Path(self.cfg.run_dir) / VALIDATION_EVALUATION)
         self.val_metrics.reset()
         return values
+
+    def _write_validation_evaluation(self, out_dir: Path) -> None:
+        """Write the latest validation as an evaluation folder (``sap evaluate``'s layout), so
+        ``sap compare`` reads fine-tuning runs directly; the last epoch's overwrites earlier
+        ones, matching the paper's use of the last epoch's model."""
+        val = self.cfg.validation
+        settings = EvaluationSettings(
+            threshold=val.threshold, connectivity=val.connectivity, tolerance_mm=val.tolerance_mm
+        )
+        sources = {"run": str(self.cfg.run_dir), "cases": "validation (threshold-tuning fold)"}
+        # Every rank takes part: the per-case tables are gathered from all ranks.
+        evaluation = summarize_metrics(self.val_metrics, settings, val.threshold, sources)
+        if self.trainer.is_global_zero:
+            write_evaluation(evaluation, out_dir)

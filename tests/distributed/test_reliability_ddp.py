@@ -1,0 +1,132 @@
+"""Uneven validation under 2-process DDP (gloo on CPU): 3 validation cases on 2 ranks.
+
+The distributed sampler pads the second rank with a repeat of the first case. A run must neither
+hang (a rank waiting in a collective the other never reaches) nor count the repeated case twice.
+For lesion fine-tuning this is ``tests/distributed/test_finetune_ddp.py`` (``val/n_cases == 3``
+and every lesion metric recomputed in one process); here the same holds for the skeleton module's
+per-case Dice averages, recomputed from the saved network with MONAI's sliding-window inference
+and a numpy Dice.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from sap_lightning.backbones import create_backbone
+from sap_lightning.config import load_config
+from sap_lightning.data.datamodule import build_datamodule
+from tests.datasets import write_tiny_dataset
+
+CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "cpu" / "pretrain.yaml"
+OVERRIDES = [
+    "trainer.enable_progress_bar=false",
+    "model.kwargs.features=[2,4,4,4,4,2]",
+    "data.samples_per_volume=1",
+    "data.queue_length=4",
+    "data.val_fraction=0.5",
+    "validation.every_n_epochs=1",
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+]
+DDP = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
+BOXES_PER_CASE = [9, 2, 5, 9, 3, 7]
+"""Different numbers of labelled bones per case, so cases score differently."""
+
+
+def dice_per_class(prediction: np.ndarray, label: np.ndarray, classes: range) -> list[float]:
+    """Dice of each class; 1.0 when the class is absent from both maps."""
+    scores = []
+    for k in classes:
+        p, g = prediction == k, label == k
+        total = p.sum() + g.sum()
+        scores.append(1.0 if total == 0 else 2.0 * (p & g).sum() / total)
+    return scores
+
+
+def logged_validation(run_dir: Path) -> dict[str, float]:
+    (metrics,) = (run_dir / "csv").glob("version_*/metrics.csv")
+    with open(metrics) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/dice_mean")]
+    assert len(rows) == 1
+    return {k: float(v) for k, v in rows[0].items() if k.startswith("val/") and v != ""}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_skeleton_validation_with_uneven_cases_counts_each_case_once(tmp_path: Path) -> None:
+    dataset = write_tiny_dataset(
+        tmp_path / "skeleton",
+        n_cases=len(BOXES_PER_CASE),
+        task="skeleton",
+        shape=(32, 32, 48),
+        lesions_per_case=BOXES_PER_CASE,
+        seed=3,
+    )
+    run_dir = tmp_path / "run"
+    overrides = [*OVERRIDES, f"data.dataset={dataset}", f"run_dir={run_dir}"]
+    command = [sys.executable, "-m", "sap_lightning", "pretrain", "--config", str(CONFIG)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(  # a hang fails here, on the timeout
+        [*command, *overrides, *DDP],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    logged = logged_validation(run_dir)
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    meta = checkpoint["sap_meta"]
+    net = create_backbone(
+        meta["backbone"], meta["in_channels"], meta["out_channels"], **meta["backbone_kwargs"]
+    )
+    net.load_state_dict({k[4:]: v for k, v in checkpoint["state_dict"].items() if k[:4] == "net."})
+    net.eval()
+    cfg = load_config(CONFIG, [*overrides, "task=skeleton"])
+    datamodule = build_datamodule(cfg)
+    assert len(datamodule.val_case_ids) == 3
+    regions = list(datamodule.label_names[1:])
+    per_case = []
+    with torch.no_grad():
+        for case in datamodule.val_dataloader():
+            logits = sliding_window_inference(
+                case["image"],
+                roi_size=cfg.data.patch_size,
+                sw_batch_size=cfg.validation.sw_batch_size,
+                predictor=net,
+                overlap=cfg.validation.overlap,
+                mode="gaussian",
+            )
+            prediction = logits.argmax(dim=1)[0].numpy()
+            label = case["label"][0, 0].numpy()
+            per_class = dice_per_class(prediction, label, range(1, len(regions) + 1))
+            skeleton = dice_per_class(prediction > 0, label > 0, range(1, 2))
+            per_case.append(per_class + skeleton)
+    scores = np.array(per_case)  # (cases, regions + 1)
+
+    def summary(rows: np.ndarray) -> dict[str, float]:
+        means = rows.mean(axis=0)
+        values = {f"val/dice_{name}": float(v) for name, v in zip(regions, means)}
+        values["val/dice_mean"] = float(means[:-1].mean())
+        values["val/dice_skeleton"] = float(means[-1])
+        return values
+
+    expected = summary(scores)
+    assert {k for k in logged if k.startswith("val/dice")} == set(expected)
+    for name, value in expected.items():
+        assert logged[name] == pytest.approx(value, abs=1e-5), name
+    # The check can fail: counting the padded repeat of the first case changes the averages.
+    padded = summary(np.concatenate([scores, scores[:1]]))
+    assert max(abs(padded[k] - expected[k]) for k in expected) > 1e-3

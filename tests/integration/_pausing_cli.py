@@ -1,0 +1,98 @@
+"""Run the real ``sap`` command line, pausing at a chosen point so a test can ``kill -9`` it there.
+
+Usage::
+
+    python tests/integration/_pausing_cli.py MARKER WHERE -- <sap arguments>
+
+``WHERE`` is
+
+- ``batch:E:B``: after training batch ``B`` of epoch ``E`` (so, for ``E >= 1``, mid-epoch with
+  the previous epoch's ``last.ckpt`` on disk);
+- ``checkpoint:N``: in the middle of writing the ``N``-th ``last.ckpt``: half of its bytes are
+  written and flushed to the file being written, the rest never comes.
+
+On reaching the point it writes ``MARKER`` (``"<epoch> <global step>"``) and sleeps; the test kills
+it. A run that is not killed exits with status 3, so a missing kill cannot pass as success.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from sap_lightning import train
+from sap_lightning.cli import main
+
+PAUSE_SECONDS = 300
+
+
+def _pause(marker: Path, epoch: int, step: int) -> None:
+    marker.write_text(f"{epoch} {step}\n")
+    time.sleep(PAUSE_SECONDS)
+    print("pausing run was not killed", file=sys.stderr)
+    sys.exit(3)
+
+
+class PauseAfterBatch(L.Callback):
+    def __init__(self, marker: Path, epoch: int, batch: int) -> None:
+        self.marker, self.epoch, self.batch = marker, epoch, batch
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, index: int
+    ) -> None:
+        if trainer.current_epoch == self.epoch and index == self.batch:
+            _pause(self.marker, trainer.current_epoch, trainer.global_step)
+
+
+def pause_inside_checkpoint_write(marker: Path, occurrence: int) -> None:
+    """Make the ``occurrence``-th ``torch.save`` of ``last.ckpt`` stop half-way through."""
+    real_save = torch.save
+    seen = 0
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal seen
+        target = str(getattr(f, "name", f))
+        if "last.ckpt" in Path(target).name:
+            seen += 1
+            if seen == occurrence:
+                buffer = io.BytesIO()
+                real_save(obj, buffer, *args, **kwargs)
+                data = buffer.getvalue()
+                out = open(target, "wb") if isinstance(f, (str, os.PathLike)) else f  # noqa: SIM115
+                out.write(data[: len(data) // 2])
+                out.flush()
+                os.fsync(out.fileno())
+                _pause(marker, int(obj.get("epoch", -1)), int(obj.get("global_step", -1)))
+        real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+def run(marker: Path, where: str, argv: list[str]) -> int:
+    kind, _, spec = where.partition(":")
+    if kind == "batch":
+        epoch, batch = (int(v) for v in spec.split(":"))
+        build_callbacks = train.build_callbacks
+
+        def with_pause(*args: Any, **kwargs: Any) -> list[L.Callback]:
+            return [*build_callbacks(*args, **kwargs), PauseAfterBatch(marker, epoch, batch)]
+
+        train.build_callbacks = with_pause
+    elif kind == "checkpoint":
+        pause_inside_checkpoint_write(marker, int(spec))
+    else:
+        raise SystemExit(f"unknown pause point {where!r}")
+    return main(argv)
+
+
+if __name__ == "__main__":
+    marker_arg, where_arg, separator, *sap_args = sys.argv[1:]
+    assert separator == "--", "usage: _pausing_cli.py MARKER WHERE -- <sap arguments>"
+    sys.exit(run(Path(marker_arg), where_arg, sap_args))

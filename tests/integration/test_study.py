@@ -1,0 +1,93 @@
+"""``sap study`` end to end on a tiny cohort: protocol, outputs, report and restart."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+
+from sap_lightning.config import load_config
+from sap_lightning.data import layout
+from sap_lightning.data.splits import load_splits
+from sap_lightning.study import DONE_FILE, run_study
+
+
+def _splits(config):
+    return load_splits(layout.default_splits_path(Path(config.data_dir) / "phantoms" / "lesion"))
+
+
+def test_report_has_every_arm_with_statistics(tiny_study) -> None:
+    _, result = tiny_study
+    report = result.report.read_text()
+    assert "Verdict" in report
+    for arm in ("scratch", "ssl", "sap"):
+        assert f"| {arm}" in report or f" {arm} |" in report
+    assert "F2 (detection score)" in report and "p" in report
+    for name in ("froc.png", "boxplots.png", "comparison.json"):
+        assert (result.report.parent / name).is_file()
+
+
+def test_threshold_is_tuned_on_the_tuning_fold_only(tiny_study) -> None:
+    config, _ = tiny_study
+    splits = _splits(config)
+    for arm in ("scratch", "ssl", "sap"):
+        choice = json.loads((Path(config.runs_dir) / arm / "tuning" / "threshold.json").read_text())
+        assert sorted(choice["cases"]) == sorted(splits.tuning_cases())
+        for fold in splits.test_folds:
+            run = Path(config.runs_dir) / arm / f"fold{fold}"
+            # each fold model trains on neither its test fold nor the tuning fold
+            cfg = load_config(run / "config.yaml")
+            assert cfg.data.fold == fold and cfg.data.tuning_fold == splits.tuning_fold
+            assert (
+                json.loads((run / "threshold.json").read_text())["threshold"] == choice["threshold"]
+            )
+            for case in splits.test_cases(fold):
+                summary = json.loads(
+                    (
+                        Path(config.runs_dir) / arm / "predictions" / f"{case}_summary.json"
+                    ).read_text()
+                )
+                assert summary["threshold"] == choice["threshold"]
+
+
+def test_every_test_patient_is_predicted_on_its_own_grid(tiny_study) -> None:
+    config, _ = tiny_study
+    splits = _splits(config)
+    lesion = Path(config.data_dir) / "phantoms" / "lesion"
+    test_cases = {c for f in splits.test_folds for c in splits.test_cases(f)}
+    predictions = Path(config.runs_dir) / "sap" / "predictions"
+    predicted = {p.name[: -len("_prob.nii.gz")] for p in predictions.glob("*_prob.nii.gz")}
+    assert predicted == test_cases
+    case = sorted(test_cases)[0]
+    label = nib.load(layout.label_path(lesion, case))
+    prob = nib.load(predictions / f"{case}_prob.nii.gz")
+    assert prob.shape == label.shape
+    assert (prob.affine == label.affine).all()
+
+
+def test_pretraining_feeds_the_arms(tiny_study) -> None:
+    config, _ = tiny_study
+    runs = Path(config.runs_dir)
+    for arm, source in (("sap", "pretrain"), ("ssl", "ssl")):
+        report = json.loads((runs / arm / "fold1" / "transfer_report.json").read_text())
+        assert report["init"] == arm
+        assert Path(report["pretrained_file"]).parent == runs / source
+    scratch = json.loads((runs / "scratch" / "fold1" / "transfer_report.json").read_text())
+    assert scratch["init"] == "scratch"
+
+
+def test_a_rerun_reuses_completed_steps(tiny_study) -> None:
+    config, first = tiny_study
+    runs = Path(config.runs_dir)
+    checkpoints = sorted(runs.glob("*/fold*/checkpoints/last.ckpt")) + sorted(
+        runs.glob("*/checkpoints/last.ckpt")
+    )
+    stamps = {p: os.stat(p).st_mtime_ns for p in checkpoints}
+    assert all((p.parents[1] / DONE_FILE).is_file() for p in checkpoints)
+    second = run_study(config)
+    assert {p: os.stat(p).st_mtime_ns for p in checkpoints} == stamps
+    # Same runs, same predictions: the same table (the header's wall times differ).
+    table = lambda text: text[text.index("**Verdict") :]  # noqa: E731
+    assert table(second.report.read_text()) == table(first.report.read_text())
