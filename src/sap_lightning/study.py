@@ -46,7 +46,8 @@ from sap_lightning.evaluation.report import (
 from sap_lightning.evaluation.threshold import ThresholdChoice, save_threshold
 from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
 from sap_lightning.io import read_json, write_json, write_text
-from sap_lightning.train import last_checkpoint_path, run_training
+from sap_lightning.run_layout import last_checkpoint_path
+from sap_lightning.train import run_training
 
 log = logging.getLogger(__name__)
 

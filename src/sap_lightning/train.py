@@ -46,18 +46,20 @@ from sap_lightning.errors import ConfigError
 from sap_lightning.io import atomic_path, write_json, write_text
 from sap_lightning.modules import SapModule, build_module, data_info_from
 from sap_lightning.modules.lesion import LesionSegmentation
+from sap_lightning.run_layout import (
+    BACKBONE_FILE,
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    TRANSFER_REPORT,
+    WANDB_ID_FILE,
+    last_checkpoint_path,
+)
 from sap_lightning.transfer import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
-BEST_CHECKPOINT = "best.ckpt"
-BACKBONE_FILE = "backbone.pt"
-TRANSFER_REPORT = "transfer_report.json"
-WANDB_ID_FILE = "wandb_run_id.txt"
-"""The W&B run id of the run folder, so a resumed run continues the same W&B run."""
 
 UNSUPPORTED_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
 """Launchers that copy the in-memory objects of the launching process into its workers."""
@@ -87,10 +89,6 @@ class RunResult:
 def resolve_run_dir(cfg: ExperimentConfig) -> Path:
     """``cfg.run_dir``, or ``<output_dir>/<name>``."""
     return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.output_dir) / cfg.name
-
-
-def last_checkpoint_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
 def is_launching_process() -> bool:

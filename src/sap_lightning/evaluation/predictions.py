@@ -39,6 +39,7 @@ from sap_lightning.metrics.lesion import (
     LesionDetection,
     make_lesion_metrics,
 )
+from sap_lightning.run_layout import THRESHOLD_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ LESIONS_CSV = "lesions.csv"
 FROC_CSV = "froc.csv"
 SUMMARY_JSON = "summary.json"
 FROC_PNG = "froc.png"
-THRESHOLD_JSON = "threshold.json"
+THRESHOLD_JSON = THRESHOLD_FILE
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest allowed difference between prediction and label affines (mm)."""

@@ -42,6 +42,7 @@ from sap_lightning.evaluation.statistics import (
 from sap_lightning.io import read_json, write_json, write_text
 from sap_lightning.metrics.functional import detection_rates
 from sap_lightning.metrics.lesion import FROC_MAX_FP_ALL, FROC_MAX_FP_LARGE
+from sap_lightning.run_layout import EVALUATION_DIR
 
 REPORT_MD = "report.md"
 COMPARISON_JSON = "comparison.json"
@@ -69,17 +70,13 @@ class EvaluationRun:
         return len(self.froc) > 0
 
 
-RUN_EVALUATION = "evaluation"
-"""A fine-tuning run folder keeps the evaluation of its last validation in this sub-folder."""
-
-
 def load_evaluation(path: str | os.PathLike, name: str | None = None) -> EvaluationRun:
     """Read an evaluation folder (or a fine-tuning run folder, through its ``evaluation/``),
     with an error naming the folder and the missing file."""
     path = Path(path)
-    if not (path / SUMMARY_JSON).is_file() and (path / RUN_EVALUATION / SUMMARY_JSON).is_file():
+    if not (path / SUMMARY_JSON).is_file() and (path / EVALUATION_DIR / SUMMARY_JSON).is_file():
         name = name or path.name
-        path = path / RUN_EVALUATION
+        path = path / EVALUATION_DIR
     files = {n: path / n for n in (SUMMARY_JSON, CASES_CSV, LESIONS_CSV, FROC_CSV)}
     for file in files.values():
         if not file.is_file():

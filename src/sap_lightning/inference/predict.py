@@ -42,12 +42,11 @@ from sap_lightning.evaluation.threshold import load_threshold
 from sap_lightning.inference.burden import exam_summary, lesion_table, relabel_skeleton_by_component
 from sap_lightning.inference.sliding_window import predict_volume, round_up_to_multiple
 from sap_lightning.io import atomic_path, write_json
+from sap_lightning.run_layout import THRESHOLD_FILE, last_checkpoint_path
 from sap_lightning.transfer import read_checkpoint, transfer_weights
 
 log = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-THRESHOLD_FILE = "threshold.json"
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -78,9 +77,9 @@ def load_trained_model(path: str | os.PathLike, expected_task: str | None = None
     if path.is_dir():
         if (path / THRESHOLD_FILE).is_file():
             threshold = load_threshold(path / THRESHOLD_FILE)
-        checkpoint_path = path / LAST_CHECKPOINT
+        checkpoint_path = last_checkpoint_path(path)
         if not checkpoint_path.is_file():
-            raise CheckpointError(f"{path}: run folder without {LAST_CHECKPOINT}")
+            raise CheckpointError(f"{path}: run folder without {checkpoint_path.relative_to(path)}")
     else:
         checkpoint_path = path
     checkpoint = read_checkpoint(checkpoint_path)

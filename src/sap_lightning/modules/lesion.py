@@ -26,9 +26,9 @@ from sap_lightning.evaluation.predictions import (
     summarize_metrics,
     write_evaluation,
 )
-from sap_lightning.evaluation.report import RUN_EVALUATION
 from sap_lightning.metrics import make_lesion_metrics
 from sap_lightning.modules.base import NORMALISATION, SegmentationModule
+from sap_lightning.run_layout import BACKBONE_FILE, EVALUATION_DIR, last_checkpoint_path
 from sap_lightning.transfer import transfer_weights
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,7 @@ INIT_TRANSFER: dict[str, tuple[str, str]] = {
 }
 """init mode -> (transfer mode, task the source must have been trained on)."""
 
-EXPORTED_BACKBONE = "backbone.pt"
-VALIDATION_EVALUATION = RUN_EVALUATION
-"""Run sub-folder holding the evaluation of the last validation (tuning fold)."""
+
 SPACING_TOLERANCE = 0.05
 """Relative spacing difference above which fine-tuning warns that the source saw other voxels."""
 
@@ -53,13 +51,13 @@ def resolve_pretrained(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        exported = path / EXPORTED_BACKBONE
+        exported = path / BACKBONE_FILE
         if exported.is_file():
             return exported
-        last = path / "checkpoints" / "last.ckpt"
+        last = last_checkpoint_path(path)
         hint = f"; pass its checkpoint instead: {last}" if last.is_file() else ""
         raise CheckpointError(
-            f"{path}: run folder without an exported {EXPORTED_BACKBONE} (the pretraining "
+            f"{path}: run folder without an exported {BACKBONE_FILE} (the pretraining "
             f"did not finish?){hint}"
         )
     if not path.is_file():
@@ -177,7 +175,7 @@ class LesionSegmentation(SegmentationModule):
     def compute_case_metrics(self) -> dict[str, float]:
         values = {name: float(value) for name, value in self.val_metrics.compute().items()}
         if self.cfg.run_dir and not self.trainer.sanity_checking:
-            self._write_validation_evaluation(Path(self.cfg.run_dir) / VALIDATION_EVALUATION)
+            self._write_validation_evaluation(Path(self.cfg.run_dir) / EVALUATION_DIR)
         self.val_metrics.reset()
         return values
 

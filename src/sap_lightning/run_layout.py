@@ -1,0 +1,31 @@
+"""The files of a run folder: one place for their names, used by training, inference,
+evaluation and the study driver.
+
+    config.yaml              the resolved configuration
+    checkpoints/last.ckpt    the model after the last finished epoch (the one the paper uses)
+    checkpoints/best.ckpt    the best epoch by the module's monitored validation value
+    backbone.pt              pretraining runs: the exported network with its metadata
+    transfer_report.json     fine-tuning runs: what was initialised from where
+    evaluation/              fine-tuning runs: the last validation, in ``sap evaluate``'s layout
+    threshold.json           the tuned threshold ``sap predict`` applies
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best.ckpt"
+BACKBONE_FILE = "backbone.pt"
+TRANSFER_REPORT = "transfer_report.json"
+EVALUATION_DIR = "evaluation"
+THRESHOLD_FILE = "threshold.json"
+WANDB_ID_FILE = "wandb_run_id.txt"
+"""The W&B run id of the run folder, so a resumed run continues the same W&B run."""
+
+
+def last_checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
