@@ -43,9 +43,9 @@ from sap_lightning.evaluation.report import (
     load_evaluation,
     write_comparison,
 )
-from sap_lightning.evaluation.threshold import ThresholdChoice, save_threshold
+from sap_lightning.evaluation.threshold import load_threshold, save_threshold
 from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
-from sap_lightning.io import read_json, write_json, write_text
+from sap_lightning.io import write_json, write_text
 from sap_lightning.run_layout import last_checkpoint_path
 from sap_lightning.train import run_training
 
@@ -206,7 +206,7 @@ def _arm(
             _mark_done(tuning_dir, threshold=choice.threshold)
 
         clock.step(f"tune threshold {arm}", tune)
-    threshold = read_json(tuning_dir / DONE_FILE)["threshold"]
+    threshold = load_threshold(tuning_dir / THRESHOLD_FILE)
     predictions = arm_dir / "predictions"
     if not _done(predictions):
 
@@ -214,7 +214,7 @@ def _arm(
             _fresh(predictions)
             for fold, run in fold_runs.items():
                 # The run folder keeps the threshold it is used with (sap predict reads it).
-                save_threshold(run / THRESHOLD_FILE, _choice_from(tuning_dir))
+                write_text(run / THRESHOLD_FILE, (tuning_dir / THRESHOLD_FILE).read_text())
                 predict_cases(
                     run,
                     lesion,
@@ -242,10 +242,6 @@ def _arm(
 
     clock.step(f"evaluate {arm}", evaluate)
     return evaluation
-
-
-def _choice_from(tuning_dir: Path) -> ThresholdChoice:
-    return ThresholdChoice(**read_json(tuning_dir / THRESHOLD_FILE))
 
 
 def run_study(study: StudyConfig) -> StudyResult:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -307,8 +308,9 @@ def build_trainer(
 def _build_datamodule(cfg: ExperimentConfig, primary: bool) -> Any:
     """The task's data module, its cache and splits ready, on a dataset that passed its check.
 
-    Only the launching process checks and prepares: DDP's extra processes are started by it
-    afterwards and find the cache in place.
+    Only the launching process checks and prepares. Lightning's own launcher starts DDP's extra
+    processes afterwards, so they find the cache in place; under torchrun or SLURM every process
+    starts at once, and the others wait until the launching one has written the cache and splits.
     """
     from sap_lightning.data.datamodule import build_datamodule
     from sap_lightning.data.dataset import require_valid_dataset
@@ -330,7 +332,33 @@ def _build_datamodule(cfg: ExperimentConfig, primary: bool) -> Any:
             )
         # Builds the cache and splits.json when missing (validating the dataset first).
         datamodule.prepare_data()
+    else:
+        _wait_for(
+            [datamodule.cache_root / CACHE_JSON, datamodule.splits_path],
+            "the launching process to build the preprocessing cache and splits",
+        )
     return datamodule
+
+
+PREPARE_TIMEOUT_S = 4 * 3600.0
+"""How long non-launching processes wait for the cache (a large cohort takes a while)."""
+
+
+def _wait_for(paths: Sequence[Path], what: str, timeout_s: float = PREPARE_TIMEOUT_S) -> None:
+    """Block until every path exists (they are written atomically), or fail clearly."""
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while not all(path.exists() for path in paths):
+        if time.monotonic() > deadline:
+            missing = ", ".join(str(p) for p in paths if not p.exists())
+            raise ConfigError(
+                f"waited {timeout_s:.0f} s for {what}; still missing: {missing} (run sap "
+                "preprocess and sap split once before a multi-node job)"
+            )
+        if not announced:
+            log.info("waiting for %s", what)
+            announced = True
+        time.sleep(2.0)
 
 
 def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()) -> RunResult:
