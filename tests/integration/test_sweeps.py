@@ -11,7 +11,13 @@ import yaml
 
 from sap_lightning.cli import main
 from sap_lightning.config import load_config
-from sap_lightning.config.sweep import command_for, expand, experiment_file, load_sweep
+from sap_lightning.config.sweep import (
+    command_for,
+    expand,
+    experiment_file,
+    load_sweep,
+    sweep_overrides,
+)
 from sap_lightning.errors import ConfigError
 from tests.datasets import write_tiny_dataset
 
@@ -28,7 +34,7 @@ def test_every_sweep_point_is_a_valid_config(path: Path, monkeypatch) -> None:
     points = list(expand(sweep))
     assert len(points) > 1
     for point in points:
-        overrides = [f"{key}={value}" for key, value in point.items()]
+        overrides = sweep_overrides(point)
         cfg = load_config(REPO / experiment, overrides)
         for key, value in point.items():
             node = cfg
@@ -37,9 +43,7 @@ def test_every_sweep_point_is_a_valid_config(path: Path, monkeypatch) -> None:
             assert node == value, f"{path.name}: {key} did not reach the config"
         # Every arm finds the run it starts from, and runs get distinct folders.
         assert (cfg.model.init == "scratch") == (cfg.model.pretrained is None)
-    names = {
-        load_config(REPO / experiment, [f"{k}={v}" for k, v in p.items()]).name for p in points
-    }
+    names = {load_config(REPO / experiment, sweep_overrides(p)).name for p in points}
     assert len(names) == len(points), "two sweep points would write into one run folder"
 
 

@@ -4,6 +4,7 @@ augmentation settings, epoch restarts, rank shares and reproducibility, on tiny 
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -150,6 +151,23 @@ def test_distributed_trainer_must_not_wrap_the_samplers(cohort):
     dm.trainer._accelerator_connector.use_distributed_sampler = False
     dm.setup("fit")
     assert dm.world_size == 2 and len(dm.plan) % 4 == 0
+
+
+@pytest.mark.parametrize(
+    ("limit", "warns"), [(1, True), (0.5, True), (1.0, False), (10_000, False)]
+)
+def test_cutting_an_instance_balanced_epoch_short_is_warned(cohort, limit, warns):
+    dm = build_datamodule(_config(cohort["lesion"], "lesion"))
+    dm.trainer = SimpleNamespace(
+        world_size=1,
+        global_rank=0,
+        limit_train_batches=limit,
+        _accelerator_connector=SimpleNamespace(use_distributed_sampler=False),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    assert any("not every lesion once" in str(w.message) for w in caught) == warns
 
 
 @pytest.mark.parametrize(

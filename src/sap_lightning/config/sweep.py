@@ -119,7 +119,7 @@ def _format(value: Any) -> str:
 
 def command_for(sweep: Sweep, point: dict[str, Any]) -> list[str]:
     """The command W&B's agent would run for ``point`` (macros replaced as the agent does)."""
-    args = [f"{key}={_format(value)}" for key, value in point.items()]
+    args = sweep_overrides(point)
     out: list[str] = []
     for part in sweep.command:
         if part == "${env}":
@@ -139,7 +139,7 @@ def command_for(sweep: Sweep, point: dict[str, Any]) -> list[str]:
     return out
 
 
-def sweep_overrides(sweep: Sweep, point: dict[str, Any]) -> list[str]:
+def sweep_overrides(point: dict[str, Any]) -> list[str]:
     """The ``key=value`` overrides a point contributes (what ``${args_no_hyphens}`` expands to)."""
     return [f"{key}={_format(value)}" for key, value in point.items()]
 

@@ -323,11 +323,27 @@ class SapDataModule(L.LightningDataModule):
             self.queue.max_length,
             data.num_workers,
         )
+        self._warn_if_epochs_are_cut()
         rank_zero_info(
             f"{self.task} training: {len(self.plan)} patches of {self.patch_size} per epoch "
             f"({self.sampler_name} over {len(cases)} cases), {self.steps_per_epoch} steps per "
             f"rank on {self.world_size} rank(s); {self.queue_memory}"
         )
+
+    def _warn_if_epochs_are_cut(self) -> None:
+        """Instance-balanced epochs show every lesion once only if they run to the end."""
+        trainer = getattr(self, "trainer", None)
+        limit = getattr(trainer, "limit_train_batches", None)
+        if self.sampler_name != "instance_balanced" or limit is None:
+            return
+        steps = self.steps_per_epoch
+        allowed = limit if isinstance(limit, int) else int(limit * steps)
+        if allowed < steps:
+            rank_zero_warn(
+                f"trainer.limit_train_batches={limit} runs {allowed} of the {steps} steps of an "
+                "instance-balanced epoch: each epoch then sees a random subset of the lesions, "
+                "not every lesion once"
+            )
 
     @property
     def steps_per_epoch(self) -> int:

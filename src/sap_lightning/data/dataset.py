@@ -296,10 +296,6 @@ def _channel_path(root: Path, case_id: str, channel: int, file_ending: str) -> P
     return root / layout.IMAGES_DIR / f"{case_id}_{channel:04d}{file_ending}"
 
 
-def _label_file(root: Path, case_id: str, file_ending: str) -> Path:
-    return root / layout.LABELS_DIR / f"{case_id}{file_ending}"
-
-
 def _build_info(root: Path, spec: _Spec, listing: _Listing) -> DatasetInfo:
     channel_names = spec.channel_names or ()
     cases = []

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
@@ -274,9 +273,3 @@ def case_output_paths(out_dir: str | os.PathLike, case_id: str) -> list[Path]:
 def _remove_case_outputs(out_dir: Path, case_id: str) -> None:
     for path in case_output_paths(out_dir, case_id):
         path.unlink(missing_ok=True)
-
-
-def read_prediction(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """A written prediction map and its affine (for notebooks and tests)."""
-    image = nib.load(path)
-    return np.asanyarray(image.dataobj), np.asarray(image.affine)
