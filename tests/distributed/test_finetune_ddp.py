@@ -8,7 +8,6 @@ pads one rank with a repeated case, so a missing gather or de-duplication would 
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import subprocess
@@ -24,16 +23,11 @@ from sap_lightning.config import load_config
 from sap_lightning.data.datamodule import build_datamodule
 from sap_lightning.metrics import make_lesion_metrics
 from tests.datasets import write_tiny_dataset
+from tests.training import EXPERIMENTS, TINY_TRAINING, last_logged_validation
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 CONFIG = EXPERIMENTS / "cpu" / "finetune_scratch.yaml"
 OVERRIDES = [
-    "trainer.enable_progress_bar=false",
-    "model.kwargs.features=[2,4,4,4,4,2]",
-    "data.samples_per_volume=1",
-    "data.queue_length=4",
-    "data.n_folds=3",
-    "validation.every_n_epochs=1",
+    *TINY_TRAINING,
     "logger=csv",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
@@ -41,11 +35,7 @@ OVERRIDES = [
 
 
 def _last_validation_row(run_dir: Path) -> dict[str, float]:
-    (metrics,) = (run_dir / "csv").glob("version_*/metrics.csv")
-    with open(metrics) as f:
-        rows = [row for row in csv.DictReader(f) if row.get("val/n_cases")]
-    assert len(rows) == 1
-    return {k: float(v) for k, v in rows[0].items() if k.startswith("val/") and v != ""}
+    return last_logged_validation(run_dir, "val/n_cases")
 
 
 @pytest.mark.distributed

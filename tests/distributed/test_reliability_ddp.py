@@ -10,7 +10,6 @@ and a numpy Dice.
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from sap_lightning.backbones import create_backbone
 from sap_lightning.config import load_config
 from sap_lightning.data.datamodule import build_datamodule
 from tests.datasets import write_tiny_dataset
+from tests.training import last_logged_validation
 
 CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "cpu" / "pretrain.yaml"
 OVERRIDES = [
@@ -54,11 +54,7 @@ def dice_per_class(prediction: np.ndarray, label: np.ndarray, classes: range) ->
 
 
 def logged_validation(run_dir: Path) -> dict[str, float]:
-    (metrics,) = (run_dir / "csv").glob("version_*/metrics.csv")
-    with open(metrics) as f:
-        rows = [row for row in csv.DictReader(f) if row.get("val/dice_mean")]
-    assert len(rows) == 1
-    return {k: float(v) for k, v in rows[0].items() if k.startswith("val/") and v != ""}
+    return last_logged_validation(run_dir, "val/dice_mean")
 
 
 @pytest.mark.distributed

@@ -20,17 +20,9 @@ from sap_lightning.data.datamodule import build_datamodule
 from sap_lightning.io import read_json
 from sap_lightning.train import run_training
 from tests.datasets import write_tiny_dataset
+from tests.training import EXPERIMENTS, TINY_TRAINING
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-SMALL = [
-    "logger=none",
-    "trainer.enable_progress_bar=false",
-    "model.kwargs.features=[2,4,4,4,4,2]",
-    "data.samples_per_volume=1",
-    "data.queue_length=4",
-    "data.n_folds=3",
-    "validation.every_n_epochs=1",
-]
+SMALL = ["logger=none", *TINY_TRAINING]
 ONE_STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
 SPEC = get_spec("unet_tiny")
 

@@ -48,19 +48,11 @@ from sap_lightning.data.datamodule import build_datamodule
 from sap_lightning.modules import build_module
 from sap_lightning.transfer import export_backbone, make_backbone_meta
 from tests.datasets import save, truncate, write_tiny_dataset
+from tests.training import EXPERIMENTS, TINY_NETWORK, TINY_TRAINING
 
-REPO = Path(__file__).resolve().parents[2]
-EXPERIMENTS = REPO / "experiments"
 PAUSING_CLI = Path(__file__).with_name("_pausing_cli.py")
-TINY = "model.kwargs.features=[2,4,4,4,4,2]"
-SMALL = [
-    "trainer.enable_progress_bar=false",
-    TINY,
-    "data.samples_per_volume=1",
-    "data.queue_length=4",
-    "data.n_folds=3",
-    "validation.every_n_epochs=1",
-]
+TINY = TINY_NETWORK
+SMALL = TINY_TRAINING
 CONFIG = {
     "pretrain": "cpu/pretrain.yaml",
     "ssl": "cpu/ssl.yaml",

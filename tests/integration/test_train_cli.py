@@ -18,16 +18,9 @@ from sap_lightning.data.datamodule import build_datamodule
 from sap_lightning.io import read_json
 from sap_lightning.modules import LesionSegmentation, build_module
 from tests.datasets import truncate, write_tiny_dataset
+from tests.training import EXPERIMENTS, TINY_TRAINING
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-SMALL = [
-    "trainer.enable_progress_bar=false",
-    "model.kwargs.features=[2,4,4,4,4,2]",
-    "data.samples_per_volume=1",
-    "data.queue_length=4",
-    "data.n_folds=3",
-    "validation.every_n_epochs=1",
-]
+SMALL = TINY_TRAINING
 DATA_INFO = {
     "in_channels": 2,
     "channel_names": ["T1", "b1000"],

@@ -1,0 +1,28 @@
+"""Shared settings of the tests that train: the CPU experiments shrunk to seconds, and a reader
+for the validation values a run logged."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TINY_NETWORK = "model.kwargs.features=[2,4,4,4,4,2]"
+TINY_TRAINING = [
+    "trainer.enable_progress_bar=false",
+    TINY_NETWORK,
+    "data.samples_per_volume=1",
+    "data.queue_length=4",
+    "data.n_folds=3",
+    "validation.every_n_epochs=1",
+]
+"""Overrides that shrink any CPU experiment to a few seconds (the tiny U-Net at minimal width)."""
+
+
+def last_logged_validation(run_dir: Path, key: str) -> dict[str, float]:
+    """The ``val/*`` values of the single CSV-logged row holding ``key``."""
+    (metrics,) = (Path(run_dir) / "csv").glob("version_*/metrics.csv")
+    with open(metrics) as f:
+        rows = [row for row in csv.DictReader(f) if row.get(key)]
+    assert len(rows) == 1
+    return {k: float(v) for k, v in rows[0].items() if k.startswith("val/") and v != ""}
