@@ -339,8 +339,12 @@ def _study_header(
     lines = [
         f"# Study `{study.name}`",
         "",
-        f"- Cohort: {study.healthy} healthy scans, {study.patients} patients "
-        f"({'synthetic, seed ' + str(study.seed) if not study.dataset_root else study.dataset_root}).",
+        (
+            f"- Cohort: {study.healthy} healthy scans, {study.patients} patients (synthetic, "
+            f"seed {study.seed})."
+            if not study.dataset_root
+            else f"- Cohort: `{study.dataset_root}` ({len(splits.case_ids)} patients)."
+        ),
         f"- Folds: {study.n_folds} (fold {study.tuning_fold} tunes the threshold; "
         f"{len(splits.test_folds)} test folds, {test_cases} test patients).",
         f"- Experiments: pretraining `{study.pretrain_config}`, SSL `{study.ssl_config}`, arms "
@@ -348,6 +352,7 @@ def _study_header(
         + (f"; overrides `{' '.join(study.overrides)}`" if study.overrides else "")
         + ".",
         f"- Wall time of this invocation: {clock.describe()}.",
+        "",
         verdict(comparison),
     ]
     return "\n".join(lines) + "\n"
