@@ -6,6 +6,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from sap_lightning.config import load_config
+from sap_lightning.data.datamodule import build_datamodule
+from tests.datasets import write_tiny_dataset
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TINY_NETWORK = "model.kwargs.features=[2,4,4,4,4,2]"
 TINY_TRAINING = [
@@ -26,3 +30,16 @@ def last_logged_validation(run_dir: Path, key: str) -> dict[str, float]:
         rows = [row for row in csv.DictReader(f) if row.get(key)]
     assert len(rows) == 1
     return {k: float(v) for k, v in rows[0].items() if k.startswith("val/") and v != ""}
+
+
+def prepare_tiny_datasets(root: Path) -> dict[str, Path]:
+    """Tiny skeleton and lesion datasets with their caches and splits built, as runs build them."""
+    skeleton = write_tiny_dataset(
+        root / "skeleton", n_cases=4, task="skeleton", shape=(32, 32, 48), lesions_per_case=9
+    )
+    lesion = write_tiny_dataset(root / "lesion", n_cases=6, shape=(32, 32, 96), seed=1)
+    for task, dataset in (("skeleton", skeleton), ("lesion", lesion)):
+        build_datamodule(
+            load_config(None, [f"task={task}", f"data.dataset={dataset}", "data.n_folds=3"])
+        ).prepare_data()
+    return {"root": root, "skeleton": skeleton, "lesion": lesion}

@@ -18,10 +18,11 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from sap_lightning.backbones import create_backbone
 from sap_lightning.config import load_config
 from sap_lightning.data.datamodule import build_datamodule
+from sap_lightning.inference.predict import load_trained_model
 from sap_lightning.metrics import make_lesion_metrics
+from sap_lightning.run_layout import last_checkpoint_path
 from tests.datasets import write_tiny_dataset
 from tests.training import EXPERIMENTS, TINY_TRAINING, last_logged_validation
 
@@ -60,13 +61,7 @@ def test_two_process_finetune_logs_global_validation_metrics(tmp_path: Path) -> 
     logged = _last_validation_row(run_dir)
 
     # One-process reference: the saved network over every validation case.
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    meta = checkpoint["sap_meta"]
-    net = create_backbone(
-        meta["backbone"], meta["in_channels"], meta["out_channels"], **meta["backbone_kwargs"]
-    )
-    net.load_state_dict({k[4:]: v for k, v in checkpoint["state_dict"].items() if k[:4] == "net."})
-    net.eval()
+    net = load_trained_model(last_checkpoint_path(run_dir)).net
     cfg = load_config(CONFIG, [*overrides, "task=lesion"])
     reference = make_lesion_metrics(
         threshold=cfg.validation.threshold,

@@ -20,9 +20,10 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from sap_lightning.backbones import create_backbone
 from sap_lightning.config import load_config
 from sap_lightning.data.datamodule import build_datamodule
+from sap_lightning.inference.predict import load_trained_model
+from sap_lightning.run_layout import last_checkpoint_path
 from tests.datasets import write_tiny_dataset
 from tests.training import last_logged_validation
 
@@ -83,13 +84,7 @@ def test_skeleton_validation_with_uneven_cases_counts_each_case_once(tmp_path: P
     assert done.returncode == 0, done.stderr[-4000:]
     logged = logged_validation(run_dir)
 
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    meta = checkpoint["sap_meta"]
-    net = create_backbone(
-        meta["backbone"], meta["in_channels"], meta["out_channels"], **meta["backbone_kwargs"]
-    )
-    net.load_state_dict({k[4:]: v for k, v in checkpoint["state_dict"].items() if k[:4] == "net."})
-    net.eval()
+    net = load_trained_model(last_checkpoint_path(run_dir)).net
     cfg = load_config(CONFIG, [*overrides, "task=skeleton"])
     datamodule = build_datamodule(cfg)
     assert len(datamodule.val_case_ids) == 3

@@ -44,11 +44,10 @@ import torch
 from sap_lightning.backbones import create_backbone
 from sap_lightning.cli import main
 from sap_lightning.config import load_config
-from sap_lightning.data.datamodule import build_datamodule
 from sap_lightning.modules import build_module
 from sap_lightning.transfer import export_backbone, make_backbone_meta
-from tests.datasets import save, truncate, write_tiny_dataset
-from tests.training import EXPERIMENTS, TINY_NETWORK, TINY_TRAINING
+from tests.datasets import save, truncate
+from tests.training import EXPERIMENTS, TINY_NETWORK, TINY_TRAINING, prepare_tiny_datasets
 
 PAUSING_CLI = Path(__file__).with_name("_pausing_cli.py")
 TINY = TINY_NETWORK
@@ -127,18 +126,8 @@ def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny skeleton and lesion datasets with their caches and splits, and exported backbones."""
     root = tmp_path_factory.mktemp("data")
-    skeleton = write_tiny_dataset(
-        root / "skeleton", n_cases=4, task="skeleton", shape=(32, 32, 48), lesions_per_case=9
-    )
-    lesion = write_tiny_dataset(root / "lesion", n_cases=6, shape=(32, 32, 96), seed=1)
-    for task, dataset in (("skeleton", skeleton), ("lesion", lesion)):
-        build_datamodule(
-            load_config(None, [f"task={task}", f"data.dataset={dataset}", "data.n_folds=3"])
-        ).prepare_data()
     return {
-        "root": root,
-        "skeleton": skeleton,
-        "lesion": lesion,
+        **prepare_tiny_datasets(root),
         # A stand-in for a finished pretraining run folder: sap finetune reads its backbone.pt.
         "skeleton_run": _export(root / "skeleton_run" / "backbone.pt", "skeleton").parent,
         "dynunet_skeleton": _export(

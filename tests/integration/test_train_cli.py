@@ -14,11 +14,10 @@ import torch
 
 from sap_lightning.cli import main
 from sap_lightning.config import load_config, load_study_config
-from sap_lightning.data.datamodule import build_datamodule
 from sap_lightning.io import read_json
 from sap_lightning.modules import LesionSegmentation, build_module
-from tests.datasets import truncate, write_tiny_dataset
-from tests.training import EXPERIMENTS, TINY_TRAINING
+from tests.datasets import truncate
+from tests.training import EXPERIMENTS, TINY_TRAINING, prepare_tiny_datasets
 
 SMALL = TINY_TRAINING
 DATA_INFO = {
@@ -31,15 +30,7 @@ DATA_INFO = {
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
-    skeleton = write_tiny_dataset(
-        root / "skeleton", n_cases=4, task="skeleton", shape=(32, 32, 48), lesions_per_case=9
-    )
-    lesion = write_tiny_dataset(root / "lesion", n_cases=6, shape=(32, 32, 96), seed=1)
-    for task, dataset in (("skeleton", skeleton), ("lesion", lesion)):
-        # Preprocessing cache and splits, once for the module, as the runs would build them.
-        build_datamodule(
-            load_config(None, [f"task={task}", f"data.dataset={dataset}", "data.n_folds=3"])
-        ).prepare_data()
+    datasets = prepare_tiny_datasets(root)
     # Untrained exported backbones stand in for pretraining runs (the chain test trains them).
     exported = {}
     for task, name in (("skeleton", "skeleton.pt"), ("ssl", "ssl.pt")):
@@ -50,7 +41,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "label_names": [f"c{i}" for i in range(10)] if task == "skeleton" else [],
         }
         exported[f"{task}_backbone"] = build_module(cfg, info).export_backbone(root / name)
-    return {"skeleton": skeleton, "lesion": lesion, "root": root, **exported}
+    return {**datasets, **exported}
 
 
 def sap(command: str, config: str, *overrides: str) -> int:
