@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import torchio as tio
 
+from sap_lightning.batches.datamodule import build_datamodule
+from sap_lightning.cache import preprocess_dataset
 from sap_lightning.config import load_config
-from sap_lightning.data import layout
-from sap_lightning.data.datamodule import build_datamodule
-from sap_lightning.data.phantom import SIZES, make_phantom_cohort
-from sap_lightning.data.preprocess import preprocess_dataset
+from sap_lightning.dataset import layout
+from sap_lightning.synthetic import SIZES, make_phantom_cohort
 
 PATCH = 96
 N_FOLDS = 3

@@ -45,8 +45,8 @@ def _worker(side: str, shape: list[int], backbone: str, repeats: int) -> dict:
     for _ in range(repeats):
         start = time.perf_counter()
         if side == "ours":
-            from sap_lightning.data.preprocess import prepare_image
-            from sap_lightning.inference.sliding_window import predict_volume
+            from sap_lightning.cache import prepare_image
+            from sap_lightning.core.windows import predict_volume
 
             normed, _, _ = prepare_image(raw, np.eye(4))
             probs = predict_volume(

@@ -31,7 +31,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory):
     """The whole study (``sap study``) on a tiny cohort with one-step trainings, run once per
     session: used by the study test and by the comparison notebook."""
     from sap_lightning.config import StudyConfig
-    from sap_lightning.study import run_study
+    from sap_lightning.pipeline.study import run_study
 
     root = tmp_path_factory.mktemp("study")
     experiments = Path(__file__).resolve().parents[1] / "experiments" / "cpu"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from sap_lightning.batches.datamodule import build_datamodule
 from sap_lightning.config import load_config
-from sap_lightning.data.datamodule import build_datamodule
 from tests.datasets import write_tiny_dataset
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from sap_lightning import __version__
-from sap_lightning.errors import SapError
+from sap_lightning.core.errors import SapError
 
 # command name -> (module under sap_lightning.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -13,9 +13,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from sap_lightning.batches.datamodule import build_datamodule
 from sap_lightning.config import load_config
-from sap_lightning.data.datamodule import build_datamodule
-from sap_lightning.io import write_json
+from sap_lightning.core.io import write_json
 
 MAX_EPOCHS = 3
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
+from sap_lightning.batches.datamodule import build_datamodule
 from sap_lightning.config import load_config
-from sap_lightning.data.datamodule import build_datamodule
+from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.inference.predict import load_trained_model
 from sap_lightning.metrics import make_lesion_metrics
-from sap_lightning.run_layout import last_checkpoint_path
 from tests.datasets import write_tiny_dataset
 from tests.training import EXPERIMENTS, TINY_TRAINING, last_logged_validation
 

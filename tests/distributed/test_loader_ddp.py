@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from sap_lightning.batches.datamodule import build_datamodule
 from sap_lightning.config import load_config
-from sap_lightning.data.datamodule import build_datamodule
 from tests.datasets import write_tiny_dataset
 
 WORKER = Path(__file__).with_name("_loader_worker.py")

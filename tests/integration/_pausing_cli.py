@@ -27,8 +27,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from sap_lightning import train
 from sap_lightning.cli import main
+from sap_lightning.pipeline import train
 
 PAUSE_SECONDS = 300
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from sap_lightning.backbones import get_spec
+from sap_lightning.batches.datamodule import build_datamodule
 from sap_lightning.cli import main
 from sap_lightning.config import load_config
-from sap_lightning.data.datamodule import build_datamodule
-from sap_lightning.io import read_json
-from sap_lightning.train import run_training
+from sap_lightning.core.io import read_json
+from sap_lightning.pipeline.train import run_training
 from tests.datasets import write_tiny_dataset
 from tests.training import EXPERIMENTS, TINY_TRAINING
 

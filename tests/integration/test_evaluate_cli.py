@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from sap_lightning.cli import main
-from sap_lightning.data.layout import affine_from_spacing, label_path, save_nifti
+from sap_lightning.dataset.layout import affine_from_spacing, label_path, save_nifti
 from sap_lightning.evaluation.threshold import load_threshold
 from sap_lightning.metrics import binarize, lesion_detection, lesion_scores
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from sap_lightning.cli import main
-from sap_lightning.data import layout
-from sap_lightning.io import read_json
+from sap_lightning.core.io import read_json
+from sap_lightning.dataset import layout
 
 TINY = ["--shape", "64", "64", "128", "--spacing", "4.5", "4.5", "9"]
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from sap_lightning.backbones import create_backbone
+from sap_lightning.backbones.transfer import META_KEY, make_backbone_meta
 from sap_lightning.cli import main
-from sap_lightning.data.layout import LESION_LABELS, SKELETON_LABELS
+from sap_lightning.dataset.layout import LESION_LABELS, SKELETON_LABELS
 from sap_lightning.inference.burden import OTHER_BONE
-from sap_lightning.transfer import META_KEY, make_backbone_meta
 from tests.datasets import write_tiny_dataset
 
 SHAPE = (24, 20, 16)

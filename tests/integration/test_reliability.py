@@ -42,10 +42,10 @@ import pytest
 import torch
 
 from sap_lightning.backbones import create_backbone
+from sap_lightning.backbones.transfer import export_backbone, make_backbone_meta
 from sap_lightning.cli import main
 from sap_lightning.config import load_config
 from sap_lightning.modules import build_module
-from sap_lightning.transfer import export_backbone, make_backbone_meta
 from tests.datasets import save, truncate
 from tests.training import EXPERIMENTS, TINY_NETWORK, TINY_TRAINING, prepare_tiny_datasets
 

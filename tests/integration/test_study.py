@@ -8,10 +8,10 @@ from pathlib import Path
 
 import nibabel as nib
 
+from sap_lightning.cache.splits import load_splits
 from sap_lightning.config import load_config
-from sap_lightning.data import layout
-from sap_lightning.data.splits import load_splits
-from sap_lightning.study import DONE_FILE, run_study
+from sap_lightning.dataset import layout
+from sap_lightning.pipeline.study import DONE_FILE, run_study
 
 
 def _splits(config):

@@ -18,7 +18,7 @@ from sap_lightning.config.sweep import (
     load_sweep,
     sweep_overrides,
 )
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
 from tests.datasets import write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[2]

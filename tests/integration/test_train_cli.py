@@ -14,7 +14,7 @@ import torch
 
 from sap_lightning.cli import main
 from sap_lightning.config import load_config, load_study_config
-from sap_lightning.io import read_json
+from sap_lightning.core.io import read_json
 from sap_lightning.modules import LesionSegmentation, build_module
 from tests.datasets import truncate
 from tests.training import EXPERIMENTS, TINY_TRAINING, prepare_tiny_datasets

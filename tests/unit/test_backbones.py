@@ -14,7 +14,7 @@ from sap_lightning.backbones import (
     list_backbones,
     register_backbone,
 )
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
 
 # Small configurations that keep the contract test fast on one CPU core; a backbone missing
 # here is tested with its defaults.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sap_lightning.data.layout import SKELETON_LABELS
+from sap_lightning.dataset.layout import SKELETON_LABELS
 from sap_lightning.inference.burden import (
     NOT_ASSESSED,
     OTHER_BONE,

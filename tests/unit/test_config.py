@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sap_lightning.config import from_dict, load_config, save_config, to_dict
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
 
 
 def _write(path: Path, text: str) -> Path:

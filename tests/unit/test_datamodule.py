@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from sap_lightning.batches.datamodule import SapDataModule, build_datamodule
+from sap_lightning.batches.planners import POSITIVE, origin_bounds
+from sap_lightning.cache.splits import load_splits
 from sap_lightning.config import load_config
-from sap_lightning.data import layout
-from sap_lightning.data.datamodule import SapDataModule, build_datamodule
-from sap_lightning.data.samplers import POSITIVE, origin_bounds
-from sap_lightning.data.splits import load_splits
-from sap_lightning.errors import ConfigError, DatasetError
+from sap_lightning.core.errors import ConfigError, DatasetError
+from sap_lightning.dataset import layout
 from tests.datasets import write_tiny_dataset
 
 PATCH = [8, 8, 8]

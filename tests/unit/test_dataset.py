@@ -11,17 +11,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sap_lightning.data import dataset as dataset_module
-from sap_lightning.data.dataset import (
+from sap_lightning.core.errors import DatasetError
+from sap_lightning.dataset import validate as dataset_module
+from sap_lightning.dataset.import_folder import import_folder
+from sap_lightning.dataset.validate import (
     AFFINE_TOLERANCE_MM,
     Problem,
     check_dataset,
-    import_folder,
     load_dataset,
     read_case_arrays,
     require_valid_dataset,
 )
-from sap_lightning.errors import DatasetError
 from tests.datasets import affine_for, save, truncate, write_authors_folder, write_tiny_dataset
 
 SHAPE = (20, 16, 12)

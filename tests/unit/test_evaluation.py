@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sap_lightning.errors import SapError
+from sap_lightning.core.errors import SapError
 from sap_lightning.evaluation import (
     bonferroni,
     bootstrap_ci,

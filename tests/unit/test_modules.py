@@ -11,8 +11,9 @@ import torch
 from monai.metrics import compute_dice
 
 from sap_lightning.backbones import get_spec
+from sap_lightning.backbones.transfer import load_checkpoint_file
 from sap_lightning.config import load_config, to_dict
-from sap_lightning.errors import CheckpointError, ConfigError, SapError
+from sap_lightning.core.errors import CheckpointError, ConfigError, SapError
 from sap_lightning.metrics.functional import dice as binary_dice
 from sap_lightning.modules import (
     ContrastivePretraining,
@@ -23,7 +24,6 @@ from sap_lightning.modules import (
 )
 from sap_lightning.modules.base import NORMALISATION, CaseScores, confusion_dice
 from sap_lightning.modules.lesion import metadata_warnings, resolve_pretrained
-from sap_lightning.transfer import load_checkpoint_file
 
 SKELETON_NAMES = ["background", *(f"region{i}" for i in range(1, 10))]
 INFO = {

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sap_lightning.data import layout
-from sap_lightning.data import phantom as ph
-from sap_lightning.errors import ConfigError, DatasetError
-from sap_lightning.io import read_json
+from sap_lightning import synthetic as ph
+from sap_lightning.core.errors import ConfigError, DatasetError
+from sap_lightning.core.io import read_json
+from sap_lightning.dataset import layout
 
 SMALL_SHAPE, SMALL_SPACING = ph.SIZES["small"]
 TINY_SHAPE, TINY_SPACING = ph.SIZES["tiny"]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sap_lightning.data import preprocess
-from sap_lightning.data.preprocess import (
+from sap_lightning import cache as preprocess
+from sap_lightning.cache import (
     PreprocessParams,
     compute_body_mask,
     lesion_components,
@@ -21,7 +21,7 @@ from sap_lightning.data.preprocess import (
     preprocess_dataset,
     resampled_grid,
 )
-from sap_lightning.errors import DatasetError
+from sap_lightning.core.errors import DatasetError
 from tests.datasets import truncate, write_tiny_dataset
 
 SHAPE = (20, 16, 12)

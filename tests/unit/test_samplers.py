@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sap_lightning.data.preprocess import open_cache, preprocess_dataset
-from sap_lightning.data.samplers import (
+from sap_lightning.batches.patches import PatchDataset, read_window
+from sap_lightning.batches.planners import (
     BODY,
     NEGATIVE,
     POSITIVE,
@@ -29,8 +29,9 @@ from sap_lightning.data.samplers import (
     origin_bounds,
     positive_region,
 )
-from sap_lightning.data.subjects import CaseStore, PatchDataset, read_window
-from sap_lightning.errors import DatasetError
+from sap_lightning.batches.store import CaseStore
+from sap_lightning.cache import open_cache, preprocess_dataset
+from sap_lightning.core.errors import DatasetError
 from tests.datasets import affine_for, body_of, save, write_tiny_dataset
 
 PATCH = (8, 8, 8)

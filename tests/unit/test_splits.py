@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sap_lightning.data.dataset import load_dataset
-from sap_lightning.data.splits import (
+from sap_lightning.cache.splits import (
     load_splits,
     make_holdout_split,
     make_lesion_folds,
     split_dataset,
     splits_from_dict,
 )
-from sap_lightning.errors import DatasetError
+from sap_lightning.core.errors import DatasetError
+from sap_lightning.dataset.validate import load_dataset
 from tests.datasets import write_tiny_dataset
 
 

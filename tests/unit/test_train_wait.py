@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sap_lightning.errors import ConfigError
-from sap_lightning.train import _wait_for
+from sap_lightning.core.errors import ConfigError
+from sap_lightning.pipeline.train import _wait_for
 
 
 def test_waits_until_every_file_exists(tmp_path: Path) -> None:

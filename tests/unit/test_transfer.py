@@ -12,9 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sap_lightning.backbones import create_backbone, get_spec, list_backbones
-from sap_lightning.errors import CheckpointError, ConfigError
-from sap_lightning.io import read_json
-from sap_lightning.transfer import (
+from sap_lightning.backbones.transfer import (
     FORMAT,
     adapt_input_channels,
     export_backbone,
@@ -24,6 +22,8 @@ from sap_lightning.transfer import (
     summarize_checkpoint,
     transfer_weights,
 )
+from sap_lightning.core.errors import CheckpointError, ConfigError
+from sap_lightning.core.io import read_json
 
 SMALL_KWARGS = {
     "swin_unetr": {"feature_size": 12},

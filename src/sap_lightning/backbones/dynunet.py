@@ -20,7 +20,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from sap_lightning.backbones.registry import BackboneSpec, register_backbone
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
 
 
 def nnunet_filters(num_stages: int, spatial_dims: int) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
 
 BackboneFactory = Callable[..., nn.Module]
 BottleneckFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]

@@ -14,7 +14,7 @@ from monai.networks.nets import SegResNet
 from torch import nn
 
 from sap_lightning.backbones.registry import BackboneSpec, register_backbone
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
 
 
 def _total_stride(kw: Mapping[str, Any]) -> int:

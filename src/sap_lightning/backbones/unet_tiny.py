@@ -13,7 +13,7 @@ from monai.networks.nets import BasicUNet
 from torch import nn
 
 from sap_lightning.backbones.registry import BackboneSpec, register_backbone
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
 
 _ENCODER_STAGES = ("conv_0", "down_1", "down_2", "down_3", "down_4")
 # BasicUNet max-pools four times.

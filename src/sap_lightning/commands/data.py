@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sap_lightning.errors import DatasetError
+from sap_lightning.core.errors import DatasetError
 
 
 def _positive_int(text: str) -> int:
@@ -56,7 +56,7 @@ def _read_subjects(path: Path | None) -> dict[str, str] | None:
 
 
 def run_import_folder(args: argparse.Namespace) -> int:
-    from sap_lightning.data.dataset import import_folder
+    from sap_lightning.dataset.import_folder import import_folder
 
     info = import_folder(
         args.src,
@@ -89,7 +89,7 @@ def add_arguments_check_data(parser: argparse.ArgumentParser) -> None:
 
 def run_check_data(args: argparse.Namespace) -> int:
     """Print every problem, one per line; exit status 1 when there is any."""
-    from sap_lightning.data.dataset import check_dataset, load_dataset
+    from sap_lightning.dataset.validate import check_dataset, load_dataset
 
     problems = check_dataset(args.dataset, require_labels=not args.no_labels, workers=args.workers)
     if problems:
@@ -145,14 +145,14 @@ def add_arguments_preprocess(parser: argparse.ArgumentParser) -> None:
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
-    from sap_lightning.data.preprocess import PreprocessParams, preprocess_dataset
+    from sap_lightning.cache import PreprocessParams, preprocess_dataset
 
     params = PreprocessParams(
         target_spacing=tuple(args.target_spacing) if args.target_spacing else None,
         connectivity=args.connectivity,
         seed=args.seed,
     )
-    from sap_lightning.data.layout import default_cache_path
+    from sap_lightning.dataset.layout import default_cache_path
 
     out = args.out if args.out is not None else default_cache_path(args.dataset)
     report = preprocess_dataset(args.dataset, out, params, workers=args.workers, force=args.force)
@@ -196,7 +196,7 @@ def add_arguments_split(parser: argparse.ArgumentParser) -> None:
 
 
 def run_split(args: argparse.Namespace) -> int:
-    from sap_lightning.data.splits import split_dataset
+    from sap_lightning.cache.splits import split_dataset
 
     path, splits, written = split_dataset(
         args.dataset,

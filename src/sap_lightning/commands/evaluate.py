@@ -8,7 +8,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from sap_lightning.errors import SapError
+from sap_lightning.core.errors import SapError
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from sap_lightning.data.dataset import require_valid_dataset
-    from sap_lightning.data.layout import DATASET_JSON
+    from sap_lightning.dataset.layout import DATASET_JSON
+    from sap_lightning.dataset.validate import require_valid_dataset
     from sap_lightning.evaluation.predictions import (
         THRESHOLD_JSON,
         EvaluationSettings,
@@ -132,7 +132,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         log.info("case %s", case_id)
 
     if args.tune and args.splits is not None and str(args.fold) != "tuning":
-        from sap_lightning.data.splits import load_splits
+        from sap_lightning.cache.splits import load_splits
 
         tuning_fold = load_splits(args.splits).tuning_fold
         if str(args.fold) != str(tuning_fold):

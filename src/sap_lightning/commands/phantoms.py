@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from sap_lightning.data import layout, phantom
-from sap_lightning.io import read_json
+from sap_lightning import synthetic as phantom
+from sap_lightning.core.io import read_json
+from sap_lightning.dataset import layout
 
 
 def add_arguments_make_phantoms(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ def add_arguments_study(parser: argparse.ArgumentParser) -> None:
 
 
 def run_study(args: argparse.Namespace) -> int:
-    from sap_lightning.study import run_study as run
+    from sap_lightning.pipeline.study import run_study as run
 
     result = run(load_study_config(args.config, args.overrides))
     minutes = sum(result.seconds.values()) / 60

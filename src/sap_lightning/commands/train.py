@@ -25,7 +25,9 @@ def _add_common(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def _run(task: str, args: argparse.Namespace) -> int:
-    from sap_lightning.train import run_training  # Lightning is imported only when training
+    from sap_lightning.pipeline.train import (
+        run_training,  # Lightning is imported only when training
+    )
 
     cfg = load_config(args.config, [*args.overrides, f"task={task}"])
     result = run_training(cfg)

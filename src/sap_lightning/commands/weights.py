@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sap_lightning.errors import CheckpointError
+from sap_lightning.core.errors import CheckpointError
 
 
 def add_arguments_export(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments_export(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from sap_lightning.transfer import export_from_checkpoint
+    from sap_lightning.backbones.transfer import export_from_checkpoint
 
     if args.output.exists() and not args.overwrite:
         raise CheckpointError(f"{args.output}: already exists; pass --overwrite to replace it")
@@ -39,7 +39,7 @@ def add_arguments_inspect_checkpoint(parser: argparse.ArgumentParser) -> None:
 
 
 def run_inspect_checkpoint(args: argparse.Namespace) -> int:
-    from sap_lightning.transfer import summarize_checkpoint
+    from sap_lightning.backbones.transfer import summarize_checkpoint
 
     summary = summarize_checkpoint(args.path)
     if args.json:

@@ -26,8 +26,8 @@ from sap_lightning.config.schema import (
     ExperimentConfig,
     StudyConfig,
 )
-from sap_lightning.errors import ConfigError
-from sap_lightning.io import write_text
+from sap_lightning.core.errors import ConfigError
+from sap_lightning.core.io import write_text
 
 BASE_KEY = "base"
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
 
 METHODS = ("grid", "random")
 ARGS_MACRO = "${args_no_hyphens}"

@@ -1,16 +1,14 @@
 """The evaluation protocol: threshold tuning, FROC, bootstrap statistics, ICC, reports.
 
 Reading prediction folders lives in :mod:`sap_lightning.evaluation.predictions` and the
-comparison report in :mod:`sap_lightning.evaluation.report`; they are not imported here so that
-the metrics package can use the statistics without an import cycle.
+comparison report in :mod:`sap_lightning.evaluation.report`. FROC and ICC are metrics
+(:mod:`sap_lightning.metrics`); they are re-exported here for convenience.
 """
 
-from sap_lightning.evaluation.froc import froc_auc, froc_curve
 from sap_lightning.evaluation.statistics import (
     Summary,
     bonferroni,
     bootstrap_ci,
-    icc_2_1,
     mann_whitney,
     paired_wilcoxon,
     summarize,
@@ -21,6 +19,8 @@ from sap_lightning.evaluation.threshold import (
     save_threshold,
     tune_threshold,
 )
+from sap_lightning.metrics.agreement import icc_2_1
+from sap_lightning.metrics.froc import froc_auc, froc_curve
 
 __all__ = [
     "Summary",

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sap_lightning.io import atomic_path
+from sap_lightning.core.io import atomic_path
 
 Curve = tuple[Sequence[float], Sequence[float]]
 """(mean FP per exam, mean sensitivity), one value per threshold."""

@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 from torchmetrics import MetricCollection
 
-from sap_lightning.data import layout
-from sap_lightning.errors import DatasetError, SapError
+from sap_lightning.core.errors import DatasetError, SapError
+from sap_lightning.core.io import atomic_path, write_json
+from sap_lightning.core.run_layout import THRESHOLD_FILE
+from sap_lightning.dataset import layout
 from sap_lightning.evaluation.plots import plot_froc
 from sap_lightning.evaluation.threshold import ThresholdChoice, tune_threshold
-from sap_lightning.io import atomic_path, write_json
 from sap_lightning.metrics.lesion import (
     DEFAULT_THRESHOLDS,
     FROC_MAX_FP_ALL,
@@ -39,7 +40,6 @@ from sap_lightning.metrics.lesion import (
     LesionDetection,
     make_lesion_metrics,
 )
-from sap_lightning.run_layout import THRESHOLD_FILE
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def resolve_cases(
         return list(cases)
     if splits_path is None or fold is None:
         raise SapError("choose the cases: --cases a,b,... or --splits FILE --fold K")
-    from sap_lightning.data.splits import load_splits
+    from sap_lightning.cache.splits import load_splits
 
     splits = load_splits(splits_path)
     if splits.task != "lesion":

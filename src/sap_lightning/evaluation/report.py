@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sap_lightning.errors import SapError
-from sap_lightning.evaluation.froc import froc_auc, froc_curve
+from sap_lightning.core.errors import SapError
+from sap_lightning.core.io import read_json, write_json, write_text
+from sap_lightning.core.run_layout import EVALUATION_DIR
 from sap_lightning.evaluation.plots import plot_boxes, plot_froc
 from sap_lightning.evaluation.predictions import (
     CASES_CSV,
@@ -39,10 +40,9 @@ from sap_lightning.evaluation.statistics import (
     mann_whitney,
     paired_wilcoxon,
 )
-from sap_lightning.io import read_json, write_json, write_text
+from sap_lightning.metrics.froc import froc_auc, froc_curve
 from sap_lightning.metrics.functional import detection_rates
 from sap_lightning.metrics.lesion import FROC_MAX_FP_ALL, FROC_MAX_FP_LARGE
-from sap_lightning.run_layout import EVALUATION_DIR
 
 REPORT_MD = "report.md"
 COMPARISON_JSON = "comparison.json"

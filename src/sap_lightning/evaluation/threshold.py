@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from sap_lightning.errors import SapError
-from sap_lightning.io import read_json, write_json
+from sap_lightning.core.errors import SapError
+from sap_lightning.core.io import write_json
+from sap_lightning.core.run_layout import load_threshold
 
 CRITERION = "median patient F2 (any-overlap detection), ties -> lowest threshold"
 
@@ -77,16 +78,4 @@ def save_threshold(path: str | os.PathLike, choice: ThresholdChoice) -> Path:
     return write_json(path, asdict(choice))
 
 
-def load_threshold(path: str | os.PathLike) -> float:
-    """The threshold stored by :func:`save_threshold` (or any JSON ``{"threshold": t}``)."""
-    path = Path(path)
-    try:
-        raw = read_json(path)
-    except FileNotFoundError as err:
-        raise SapError(f"{path}: no threshold file (write one with sap evaluate --tune)") from err
-    except (OSError, ValueError) as err:
-        raise SapError(f"{path}: unreadable threshold file ({err})") from err
-    value = raw.get("threshold") if isinstance(raw, dict) else None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 1:
-        raise SapError(f"{path}: 'threshold' must be a number in (0, 1], got {value!r}")
-    return float(value)
+__all__ = ["CRITERION", "ThresholdChoice", "load_threshold", "save_threshold", "tune_threshold"]

@@ -28,21 +28,20 @@ import torch
 from torch import nn
 
 from sap_lightning.backbones import create_backbone, get_spec
-from sap_lightning.data import layout
-from sap_lightning.data.dataset import (
+from sap_lightning.backbones.transfer import read_checkpoint, transfer_weights
+from sap_lightning.cache import prepare_image, resample_volume
+from sap_lightning.core.errors import CheckpointError, DatasetError
+from sap_lightning.core.io import atomic_path, write_json
+from sap_lightning.core.run_layout import THRESHOLD_FILE, last_checkpoint_path, load_threshold
+from sap_lightning.core.windows import predict_volume, round_up_to_multiple
+from sap_lightning.dataset import layout
+from sap_lightning.dataset.validate import (
     CaseFiles,
     load_dataset,
     read_case_arrays,
     require_valid_dataset,
 )
-from sap_lightning.data.preprocess import prepare_image, resample_volume
-from sap_lightning.errors import CheckpointError, DatasetError
-from sap_lightning.evaluation.threshold import load_threshold
 from sap_lightning.inference.burden import exam_summary, lesion_table, relabel_skeleton_by_component
-from sap_lightning.inference.sliding_window import predict_volume, round_up_to_multiple
-from sap_lightning.io import atomic_path, write_json
-from sap_lightning.run_layout import THRESHOLD_FILE, last_checkpoint_path
-from sap_lightning.transfer import read_checkpoint, transfer_weights
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ def load_trained_model(path: str | os.PathLike, expected_task: str | None = None
     """Rebuild the network of a run folder, Lightning checkpoint or exported backbone.
 
     The architecture comes from the checkpoint's metadata, the weights are loaded strictly
-    through :func:`sap_lightning.transfer.transfer_weights` (``weights_only=True``).
+    through :func:`sap_lightning.backbones.transfer.transfer_weights` (``weights_only=True``).
     """
     path = Path(path)
     threshold = None

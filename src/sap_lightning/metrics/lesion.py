@@ -29,9 +29,9 @@ import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
-from sap_lightning.evaluation.froc import froc_auc, froc_curve
-from sap_lightning.evaluation.statistics import icc_2_1
 from sap_lightning.metrics import functional as F
+from sap_lightning.metrics.agreement import icc_2_1
+from sap_lightning.metrics.froc import froc_auc, froc_curve
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
 """FROC and threshold-tuning grid: 0.05, 0.10, ..., 0.95."""

@@ -33,11 +33,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.utilities import dim_zero_cat
 
 from sap_lightning.backbones import create_backbone, get_spec
+from sap_lightning.backbones.transfer import (
+    META_KEY,
+    export_backbone,
+    make_backbone_meta,
+    param_groups,
+)
 from sap_lightning.config import ExperimentConfig, from_dict
-from sap_lightning.errors import ConfigError, SapError
-from sap_lightning.inference.sliding_window import predict_volume, round_up_to_multiple
+from sap_lightning.core.errors import ConfigError, SapError
+from sap_lightning.core.windows import predict_volume, round_up_to_multiple
 from sap_lightning.modules.losses import segmentation_loss, split_deep_supervision
-from sap_lightning.transfer import META_KEY, export_backbone, make_backbone_meta, param_groups
 
 NORMALISATION = "percentile_1_99_clip_rescale"
 """Intensity normalisation of the inputs (per channel, whole-volume 1st-99th percentile clip,

@@ -6,7 +6,7 @@
 - ``ssl``: the encoder of an SSL-pretrained network, the rest freshly initialised
   (``mode="encoder", expected_task="ssl"``).
 
-Foreign weights are only read through :mod:`sap_lightning.transfer`. The differential learning
+Foreign weights are only read through :mod:`sap_lightning.backbones.transfer`. The differential learning
 rates of the paper (SAP encoder 2e-6 / decoder 1e-5, SSL 5e-6 / 1e-5, baseline 1e-5) come from
 ``optim.encoder_lr`` / ``optim.decoder_lr`` / ``optim.lr``.
 """
@@ -14,22 +14,17 @@ rates of the paper (SAP encoder 2e-6 / decoder 1e-5, SSL 5e-6 / 1e-5, baseline 1
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sap_lightning.errors import CheckpointError, ConfigError
-from sap_lightning.evaluation.predictions import (
-    EvaluationSettings,
-    summarize_metrics,
-    write_evaluation,
-)
+from sap_lightning.backbones.transfer import transfer_weights
+from sap_lightning.core.errors import CheckpointError, ConfigError
+from sap_lightning.core.run_layout import BACKBONE_FILE, last_checkpoint_path
 from sap_lightning.metrics import make_lesion_metrics
 from sap_lightning.modules.base import NORMALISATION, SegmentationModule
-from sap_lightning.run_layout import BACKBONE_FILE, EVALUATION_DIR, last_checkpoint_path
-from sap_lightning.transfer import transfer_weights
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +108,9 @@ class LesionSegmentation(SegmentationModule):
                 f"lesion segmentation needs a binary label set (background, lesion); the data "
                 f"has {self.out_channels} classes: {self.data_info['label_names']}"
             )
+        self.validation_writer: Callable[[LesionSegmentation], None] | None = None
+        """Called with the module after each validation (before the metrics reset); the training
+        pipeline sets it to write the validation as an evaluation folder."""
         val = self.cfg.validation
         self.val_metrics = make_lesion_metrics(
             threshold=val.threshold,
@@ -126,7 +124,7 @@ class LesionSegmentation(SegmentationModule):
     def initialise_from_pretrained(self) -> dict[str, Any]:
         """Load the ``model.pretrained`` weights as ``model.init`` says; returns the report.
 
-        The report is :class:`sap_lightning.transfer.TransferReport` as a dict, plus ``init``,
+        The report is :class:`sap_lightning.backbones.transfer.TransferReport` as a dict, plus ``init``,
         the resolved ``pretrained_file`` and ``warnings`` on metadata that disagrees with the
         data. ``scratch`` loads nothing and reports so.
         """
@@ -174,21 +172,8 @@ class LesionSegmentation(SegmentationModule):
 
     def compute_case_metrics(self) -> dict[str, float]:
         values = {name: float(value) for name, value in self.val_metrics.compute().items()}
-        if self.cfg.run_dir and not self.trainer.sanity_checking:
-            self._write_validation_evaluation(Path(self.cfg.run_dir) / EVALUATION_DIR)
+        if self.validation_writer is not None and not self.trainer.sanity_checking:
+            # Every rank takes part: the writer gathers the per-case tables from all ranks.
+            self.validation_writer(self)
         self.val_metrics.reset()
         return values
-
-    def _write_validation_evaluation(self, out_dir: Path) -> None:
-        """Write the latest validation as an evaluation folder (``sap evaluate``'s layout), so
-        ``sap compare`` reads fine-tuning runs directly; the last epoch's overwrites earlier
-        ones, matching the paper's use of the last epoch's model."""
-        val = self.cfg.validation
-        settings = EvaluationSettings(
-            threshold=val.threshold, connectivity=val.connectivity, tolerance_mm=val.tolerance_mm
-        )
-        sources = {"run": str(self.cfg.run_dir), "cases": "validation (threshold-tuning fold)"}
-        # Every rank takes part: the per-case tables are gathered from all ranks.
-        evaluation = summarize_metrics(self.val_metrics, settings, val.threshold, sources)
-        if self.trainer.is_global_zero:
-            write_evaluation(evaluation, out_dir)

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sap_lightning.data.layout import LESION_LABELS
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
+from sap_lightning.dataset.layout import LESION_LABELS
 from sap_lightning.modules.base import CaseScores, SapModule, crc32_of
 from sap_lightning.modules.losses import (
     ROTATION_ANGLES_DEG,

@@ -33,17 +33,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from sap_lightning.config.schema import ExperimentConfig
-from sap_lightning.data import layout
-from sap_lightning.data.augment import build_augmentation, check_augment_config
-from sap_lightning.data.preprocess import (
-    CACHE_JSON,
-    PreprocessedCache,
-    PreprocessParams,
-    open_cache,
-    preprocess_dataset,
+from sap_lightning.batches.augment import build_augmentation, check_augment_config
+from sap_lightning.batches.patches import PatchDataset, WholeCaseDataset
+from sap_lightning.batches.planners import (
+    BodyUniformPlanner,
+    ClassBalancedPlanner,
+    EpochPlan,
+    InstanceBalancedPlanner,
+    PatchPlanner,
 )
-from sap_lightning.data.queue import (
+from sap_lightning.batches.queue import (
     EpochQueue,
     QueueMemory,
     build_patch_loader,
@@ -51,16 +50,18 @@ from sap_lightning.data.queue import (
     collate_patches,
     patch_nbytes,
 )
-from sap_lightning.data.samplers import (
-    BodyUniformPlanner,
-    ClassBalancedPlanner,
-    EpochPlan,
-    InstanceBalancedPlanner,
-    PatchPlanner,
+from sap_lightning.batches.store import CaseStore
+from sap_lightning.cache import (
+    CACHE_JSON,
+    PreprocessedCache,
+    PreprocessParams,
+    open_cache,
+    preprocess_dataset,
 )
-from sap_lightning.data.splits import Splits, load_splits, split_dataset
-from sap_lightning.data.subjects import CaseStore, PatchDataset, WholeCaseDataset
-from sap_lightning.errors import ConfigError, DatasetError
+from sap_lightning.cache.splits import Splits, load_splits, split_dataset
+from sap_lightning.config.schema import ExperimentConfig
+from sap_lightning.core.errors import ConfigError, DatasetError
+from sap_lightning.dataset import layout
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from sap_lightning.io import atomic_path
+from sap_lightning.core.io import atomic_path
 
 CHANNEL_NAMES: tuple[str, ...] = ("T1", "b1000")
 """Network input channels, in order (method.md: T1-weighted and DWI b=1000)."""

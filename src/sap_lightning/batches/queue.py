@@ -28,7 +28,7 @@ import torchio as tio
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from sap_lightning.data.subjects import CASE_ID, IMAGE, LABEL, LOCATION, TASK_INDEX, PatchDataset
+from sap_lightning.batches.patches import CASE_ID, IMAGE, LABEL, LOCATION, TASK_INDEX, PatchDataset
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import torch
 import torchio as tio
 
 from sap_lightning.config.schema import AugmentConfig
-from sap_lightning.errors import ConfigError
+from sap_lightning.core.errors import ConfigError
 
 AXIAL_PLANE = (0, 1)
 """Array axes of the axial (X-Y) plane; arrays are in NIfTI voxel order (layout.py)."""

@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sap_lightning.core.errors import SapError
+from sap_lightning.core.io import read_json
+
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -29,3 +32,18 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 
 def last_checkpoint_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def load_threshold(path: str | os.PathLike) -> float:
+    """The threshold stored by ``evaluation.threshold.save_threshold`` (or any JSON ``{"threshold": t}``)."""
+    path = Path(path)
+    try:
+        raw = read_json(path)
+    except FileNotFoundError as err:
+        raise SapError(f"{path}: no threshold file (write one with sap evaluate --tune)") from err
+    except (OSError, ValueError) as err:
+        raise SapError(f"{path}: unreadable threshold file ({err})") from err
+    value = raw.get("threshold") if isinstance(raw, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 1:
+        raise SapError(f"{path}: 'threshold' must be a number in (0, 1], got {value!r}")
+    return float(value)

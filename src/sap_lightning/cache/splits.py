@@ -25,10 +25,10 @@ import cc3d
 import nibabel as nib
 import numpy as np
 
-from sap_lightning.data import layout
-from sap_lightning.data.dataset import DatasetInfo, require_valid_dataset
-from sap_lightning.errors import DatasetError
-from sap_lightning.io import read_json, write_json
+from sap_lightning.core.errors import DatasetError
+from sap_lightning.core.io import read_json, write_json
+from sap_lightning.dataset import layout
+from sap_lightning.dataset.validate import DatasetInfo, require_valid_dataset
 
 TASKS = ("lesion", "skeleton")
 

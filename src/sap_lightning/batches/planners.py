@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sap_lightning.errors import DatasetError
+from sap_lightning.core.errors import DatasetError
 
 if TYPE_CHECKING:
-    from sap_lightning.data.subjects import CaseStore
+    from sap_lightning.batches.store import CaseStore
 
 POSITIVE = "positive"
 NEGATIVE = "negative"

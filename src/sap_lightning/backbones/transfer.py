@@ -28,8 +28,8 @@ from torch import nn
 
 import sap_lightning
 from sap_lightning.backbones import BackboneSpec, get_spec, list_backbones, resolve_spec
-from sap_lightning.errors import CheckpointError, ConfigError
-from sap_lightning.io import atomic_path, write_json
+from sap_lightning.core.errors import CheckpointError, ConfigError
+from sap_lightning.core.io import atomic_path, write_json
 
 FORMAT = "sap_lightning.backbone"
 FORMAT_VERSION = 1

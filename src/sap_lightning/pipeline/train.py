@@ -26,6 +26,7 @@ data itself (the Trainer is built with ``use_distributed_sampler=False``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -42,22 +43,28 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sap_lightning.backbones.transfer import load_checkpoint_file
 from sap_lightning.config import ExperimentConfig, save_config
-from sap_lightning.errors import ConfigError
-from sap_lightning.io import atomic_path, write_json, write_text
-from sap_lightning.modules import SapModule, build_module, data_info_from
-from sap_lightning.modules.lesion import LesionSegmentation
-from sap_lightning.run_layout import (
+from sap_lightning.core.errors import ConfigError
+from sap_lightning.core.io import atomic_path, write_json, write_text
+from sap_lightning.core.run_layout import (
     BACKBONE_FILE,
     BEST_CHECKPOINT,
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    EVALUATION_DIR,
     LAST_CHECKPOINT,
     TRANSFER_REPORT,
     WANDB_ID_FILE,
     last_checkpoint_path,
 )
-from sap_lightning.transfer import load_checkpoint_file
+from sap_lightning.evaluation.predictions import (
+    EvaluationSettings,
+    summarize_metrics,
+    write_evaluation,
+)
+from sap_lightning.modules import SapModule, build_module, data_info_from
+from sap_lightning.modules.lesion import LesionSegmentation
 
 log = logging.getLogger(__name__)
 
@@ -312,9 +319,9 @@ def _build_datamodule(cfg: ExperimentConfig, primary: bool) -> Any:
     processes afterwards, so they find the cache in place; under torchrun or SLURM every process
     starts at once, and the others wait until the launching one has written the cache and splits.
     """
-    from sap_lightning.data.datamodule import build_datamodule
-    from sap_lightning.data.dataset import require_valid_dataset
-    from sap_lightning.data.preprocess import CACHE_JSON
+    from sap_lightning.batches.datamodule import build_datamodule
+    from sap_lightning.cache import CACHE_JSON
+    from sap_lightning.dataset.validate import require_valid_dataset
 
     datamodule = build_datamodule(cfg)
     if primary:
@@ -380,8 +387,12 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
     datamodule = _build_datamodule(cfg, primary)
     module = build_module(cfg, data_info_from(datamodule))
     report = None
-    if isinstance(module, LesionSegmentation) and resume_from is None:
-        report = module.initialise_from_pretrained()
+    if isinstance(module, LesionSegmentation):
+        module.validation_writer = functools.partial(
+            write_validation_evaluation, out_dir=run_dir / EVALUATION_DIR
+        )
+        if resume_from is None:
+            report = module.initialise_from_pretrained()
 
     # The folder is written only once everything above succeeded.
     report_path = None
@@ -429,6 +440,21 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
         else:
             result.backbone = module.export_backbone(run_dir / BACKBONE_FILE)
     return result
+
+
+def write_validation_evaluation(module: LesionSegmentation, out_dir: Path) -> None:
+    """Write a lesion module's latest validation as an evaluation folder (``sap evaluate``'s
+    layout), so ``sap compare`` reads fine-tuning runs directly; the last epoch's overwrites
+    earlier ones, matching the paper's use of the last epoch's model. Every rank calls it (the
+    per-case tables are gathered from all ranks); rank 0 writes."""
+    val = module.cfg.validation
+    settings = EvaluationSettings(
+        threshold=val.threshold, connectivity=val.connectivity, tolerance_mm=val.tolerance_mm
+    )
+    sources = {"run": str(module.cfg.run_dir), "cases": "validation (threshold-tuning fold)"}
+    evaluation = summarize_metrics(module.val_metrics, settings, val.threshold, sources)
+    if module.trainer.is_global_zero:
+        write_evaluation(evaluation, out_dir)
 
 
 def _final_epoch_unvalidated(cfg: ExperimentConfig, trainer: L.Trainer) -> bool:

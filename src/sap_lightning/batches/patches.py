@@ -8,7 +8,6 @@ cases (:class:`WholeCaseDataset`), one at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,9 +15,10 @@ import torch
 import torchio as tio
 from torch.utils.data import Dataset
 
-from sap_lightning.data.preprocess import CachedCase, PreprocessedCache
-from sap_lightning.data.samplers import EpochPlan, PatchTask, choose_patch_origin
-from sap_lightning.errors import DatasetError
+from sap_lightning.batches.planners import EpochPlan, PatchTask, choose_patch_origin
+from sap_lightning.batches.store import CaseStore
+from sap_lightning.cache.reader import CachedCase
+from sap_lightning.core.errors import DatasetError
 
 IMAGE = "image"
 LABEL = "label"
@@ -26,34 +26,6 @@ CASE_ID = "case_id"
 TASK_INDEX = "task_index"
 LOCATION = tio.LOCATION
 """Patch bounds in the case, ``(x0, y0, z0, x1, y1, z1)`` (TorchIO's key for patch locations)."""
-
-
-class CaseStore:
-    """Cached cases opened memory-mapped on first use and kept open in this process.
-
-    Opened memory maps are dropped when the store is pickled (a ``spawn`` worker would
-    otherwise copy whole volumes into the pickle); each process reopens what it reads.
-    """
-
-    def __init__(self, cache: PreprocessedCache) -> None:
-        self.cache = cache
-        self._open: dict[str, CachedCase] = {}
-
-    @property
-    def root(self) -> Path:
-        return self.cache.root
-
-    def meta(self, case_id: str) -> dict[str, Any]:
-        return self.cache.meta(case_id)
-
-    def get(self, case_id: str) -> CachedCase:
-        case = self._open.get(case_id)
-        if case is None:
-            case = self._open[case_id] = self.cache.load(case_id, mmap=True)
-        return case
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cache": self.cache, "_open": {}}
 
 
 def read_window(array: np.ndarray, lo: Sequence[int], size: Sequence[int], fill: float = 0):

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sap_lightning.cache import preprocess_dataset
+from sap_lightning.cache.splits import Splits, split_dataset
 from sap_lightning.config import StudyConfig, load_config, to_yaml
-from sap_lightning.data import layout
-from sap_lightning.data.dataset import require_valid_dataset
-from sap_lightning.data.phantom import make_phantom_cohort
-from sap_lightning.data.preprocess import preprocess_dataset
-from sap_lightning.data.splits import Splits, split_dataset
-from sap_lightning.errors import SapError
+from sap_lightning.core.errors import SapError
+from sap_lightning.core.io import write_json, write_text
+from sap_lightning.core.run_layout import last_checkpoint_path
+from sap_lightning.dataset import layout
+from sap_lightning.dataset.validate import require_valid_dataset
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
     evaluate_predictions,
@@ -45,9 +46,8 @@ from sap_lightning.evaluation.report import (
 )
 from sap_lightning.evaluation.threshold import load_threshold, save_threshold
 from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
-from sap_lightning.io import write_json, write_text
-from sap_lightning.run_layout import last_checkpoint_path
-from sap_lightning.train import run_training
+from sap_lightning.pipeline.train import run_training
+from sap_lightning.synthetic import make_phantom_cohort
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,0 @@
-"""Datasets, the synthetic cohort, preprocessing cache, splits, samplers and DataModules."""

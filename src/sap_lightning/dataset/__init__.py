@@ -1,0 +1,1 @@
+"""Raw datasets in the nnU-Net v2 layout: format (``layout``), checks (``validate``), import."""

@@ -1,0 +1,118 @@
+"""The package's folders follow the data's way: every import points to the same or an earlier stage.
+
+Stages, earliest first (README "Library layout"): the shared ``core``, ``config``, the raw
+``dataset`` format, the ``synthetic`` cohort, raw -> ``cache``, cache -> ``batches``,
+``backbones`` (with weight transfer), ``metrics``, the Lightning ``modules``, ``inference``,
+``evaluation``, the ``pipeline`` runs, and the command line on top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import sap_lightning
+
+PACKAGE = Path(sap_lightning.__file__).parent
+
+STAGES = (
+    "core",
+    "config",
+    "dataset",
+    "synthetic",
+    "cache",
+    "batches",
+    "backbones",
+    "metrics",
+    "modules",
+    "inference",
+    "evaluation",
+    "pipeline",
+    "commands",
+)
+TOP_LEVEL = {"cli": len(STAGES), "__main__": len(STAGES) + 1, "__init__": 0, "_moved": 0}
+MAX_LINES = 720
+"""A module longer than this must be one coherent thing; the known ones are listed below."""
+LONG_BUT_COHERENT: set[str] = set()
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _rank(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return 0
+    head = parts[1]
+    if head in STAGES:
+        return STAGES.index(head)
+    return TOP_LEVEL[head]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``sap_lightning`` module a file imports, at any depth (lazy imports count too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith("sap_lightning"):
+                found.add(node.module)
+                found.update(
+                    f"{node.module}.{alias.name}"
+                    for alias in node.names
+                    if (PACKAGE.parent / f"{node.module}.{alias.name}".replace(".", "/")).exists()
+                    or (
+                        PACKAGE.parent / (f"{node.module}.{alias.name}".replace(".", "/") + ".py")
+                    ).exists()
+                )
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("sap_lightning"))
+    return found
+
+
+FILES = sorted(PACKAGE.rglob("*.py"))
+GRAPH = {_module_name(path): _imports(path) for path in FILES}
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_to_the_same_or_an_earlier_stage(path: Path) -> None:
+    module = _module_name(path)
+    late = sorted(m for m in GRAPH[module] if m != "sap_lightning" and _rank(m) > _rank(module))
+    assert not late, f"{module} imports later stages: {late}"
+
+
+def test_no_import_cycles_between_modules() -> None:
+    """Module-level cycles (a imports b imports a), lazy imports included."""
+    modules = set(GRAPH)
+    edges = {m: {d for d in GRAPH[m] if d in modules and d != m} for m in modules}
+    # A package's __init__ re-exporting its own modules is not a cycle of behaviour.
+    for m in modules:
+        edges[m] = {d for d in edges[m] if not m.startswith(d + ".")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycle = [*stack[stack.index(nxt) :], nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(modules):
+        if module not in state:
+            visit(module)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_modules_stay_readable_in_length(path: Path) -> None:
+    module = _module_name(path)
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES or module in LONG_BUT_COHERENT, f"{module}: {lines} lines"
