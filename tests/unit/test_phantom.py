@@ -367,7 +367,7 @@ def test_failure_in_the_patients_keeps_the_previous_cohort_whole(tmp_path, monke
     def broken(*args):
         raise DatasetError("patient_000: simulated failure")
 
-    monkeypatch.setattr(ph, "generate_patient_case", broken)
+    monkeypatch.setattr(ph.cohort, "generate_patient_case", broken)
     with pytest.raises(DatasetError, match="simulated"):
         ph.make_phantom_cohort(
             out, 2, 1, seed=1, shape=TINY_SHAPE, spacing=TINY_SPACING, overwrite=True

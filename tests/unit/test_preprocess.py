@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sap_lightning import cache as preprocess
 from sap_lightning.cache import (
     PreprocessParams,
     compute_body_mask,
-    lesion_components,
     normalize_channels,
     open_cache,
     preprocess_dataset,
     resampled_grid,
 )
+from sap_lightning.cache import build as preprocess
 from sap_lightning.core.errors import DatasetError
+from sap_lightning.core.lesions import lesion_components
 from tests.datasets import truncate, write_tiny_dataset
 
 SHAPE = (20, 16, 12)

@@ -30,7 +30,7 @@ from sap_lightning.cache.reader import (
 )
 from sap_lightning.core.errors import ConfigError, DatasetError
 from sap_lightning.core.io import atomic_dir, read_json, write_json
-from sap_lightning.core.lesions import bounding_box, lesion_components
+from sap_lightning.core.lesions import bounding_box, check_connectivity, lesion_components
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import (
     CaseFiles,
@@ -70,8 +70,10 @@ class PreprocessParams:
                 "percentiles must satisfy 0 <= lower < upper <= 100, got "
                 f"{self.lower_percentile}, {self.upper_percentile}"
             )
-        if self.connectivity not in (6, 18, 26):
-            raise ConfigError(f"connectivity must be 6, 18 or 26, got {self.connectivity}")
+        try:
+            check_connectivity(self.connectivity)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (lists, not tuples), comparable with what meta.json stores."""

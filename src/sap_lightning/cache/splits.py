@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cc3d
 import nibabel as nib
 import numpy as np
 
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.io import read_json, write_json
+from sap_lightning.core.lesions import DEFAULT_CONNECTIVITY
+from sap_lightning.core.lesions import count_lesions as count_label_lesions
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import DatasetInfo, require_valid_dataset
 
@@ -36,10 +37,9 @@ TASKS = ("lesion", "skeleton")
 # --------------------------------------------------------------------------- making splits
 
 
-def count_lesions(label_path: str | os.PathLike, connectivity: int = 6) -> int:
+def count_lesions(label_path: str | os.PathLike, connectivity: int = DEFAULT_CONNECTIVITY) -> int:
     """Number of lesions (connected components of ``label > 0``) in a label file."""
-    label = np.asanyarray(nib.load(label_path).dataobj)
-    return int(cc3d.connected_components(label > 0, connectivity=connectivity, return_N=True)[1])
+    return count_label_lesions(np.asanyarray(nib.load(label_path).dataobj), connectivity)
 
 
 def count_dataset_lesions(info: DatasetInfo, connectivity: int = 6) -> dict[str, int]:

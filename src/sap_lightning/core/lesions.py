@@ -1,4 +1,11 @@
-"""Lesion geometry shared by every stage: connected components, bounding boxes, volumes."""
+"""Lesion geometry, the one owner for every stage: connected components, bounding boxes, volumes.
+
+A lesion is a 3D connected component of the foreground of a label or binarised prediction.
+The cache (lesion tables for patch sampling), the splits (lesion counts for stratification), the
+metrics (matching), the burden report and the synthetic cohort all use these functions, so they
+agree on what a lesion is. Connectivity is 6 by default (the face neighbours, as the authors'
+code uses), configurable to 18 or 26. Components come from ``cc3d`` (connected-components-3d).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,37 @@ import cc3d
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+CONNECTIVITIES = (6, 18, 26)
+DEFAULT_CONNECTIVITY = 6
+"""Face neighbours: the authors' code uses it; the paper does not say (docs/evaluation.md)."""
+
+
+def check_connectivity(connectivity: int) -> int:
+    """``connectivity`` if it is 6, 18 or 26; otherwise ``ValueError`` naming the choices."""
+    if isinstance(connectivity, bool) or connectivity not in CONNECTIVITIES:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity!r}")
+    return int(connectivity)
+
+
+def voxel_volume_ml(spacing: Sequence[float]) -> float:
+    """Volume of one voxel in mL (spacing in mm)."""
+    return float(np.prod([float(s) for s in spacing])) / 1000.0
+
+
+def connected_components(
+    mask: np.ndarray, connectivity: int = DEFAULT_CONNECTIVITY
+) -> tuple[np.ndarray, int]:
+    """``(labels, count)``: component ids 1..count of the non-zero voxels of ``mask`` (cc3d)."""
+    labels, count = cc3d.connected_components(
+        np.asarray(mask) > 0, connectivity=check_connectivity(connectivity), return_N=True
+    )
+    return labels, int(count)
+
+
+def count_lesions(label: np.ndarray, connectivity: int = DEFAULT_CONNECTIVITY) -> int:
+    """Number of lesions (connected components of ``label > 0``)."""
+    return connected_components(label, connectivity)[1]
 
 
 def bounding_box(mask: np.ndarray) -> tuple[int, ...]:
@@ -52,16 +90,14 @@ class LesionInfo:
 
 
 def lesion_components(
-    label: np.ndarray, spacing: Sequence[float], connectivity: int = 6
+    label: np.ndarray, spacing: Sequence[float], connectivity: int = DEFAULT_CONNECTIVITY
 ) -> list[LesionInfo]:
     """Connected components of ``label > 0`` (cc3d) with voxel count, volume (mL) and bbox."""
-    components, count = cc3d.connected_components(
-        label > 0, connectivity=connectivity, return_N=True
-    )
+    components, count = connected_components(label, connectivity)
     if count == 0:
         return []
     stats = cc3d.statistics(components)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+    voxel_ml = voxel_volume_ml(spacing)
     lesions = []
     for component_id in range(1, count + 1):
         voxels = int(stats["voxel_counts"][component_id])

@@ -36,10 +36,10 @@ from sap_lightning.evaluation.statistics import (
     N_RESAMPLES,
     bonferroni,
     bootstrap_ci,
-    icc_2_1,
     mann_whitney,
     paired_wilcoxon,
 )
+from sap_lightning.metrics.agreement import icc_2_1
 from sap_lightning.metrics.froc import froc_auc, froc_curve
 from sap_lightning.metrics.functional import detection_rates
 from sap_lightning.metrics.lesion import FROC_MAX_FP_ALL, FROC_MAX_FP_LARGE

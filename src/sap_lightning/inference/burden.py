@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import cc3d
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+
+from sap_lightning.core.lesions import connected_components, voxel_volume_ml
+from sap_lightning.dataset.layout import spacing_of
 
 OTHER_BONE = "other bone"
 """Region of a lesion that overlaps no labelled skeletal region (ribs, skull, unlabelled bone)."""
@@ -40,8 +42,7 @@ def relabel_skeleton_by_component(skeleton: np.ndarray, connectivity: int = 26) 
     clean the skeleton map by a majority vote per connected component of the foreground.
     """
     skeleton = np.asarray(skeleton)
-    components = cc3d.connected_components(skeleton > 0, connectivity=connectivity)
-    n_components = int(components.max())
+    components, n_components = connected_components(skeleton, connectivity)
     if n_components == 0:
         return skeleton.copy()
     n_classes = int(skeleton.max()) + 1
@@ -82,8 +83,8 @@ def lesion_table(
         raise ValueError(f"probability shape {probability.shape} differs from mask {mask.shape}")
     if skeleton is not None and np.asarray(skeleton).shape != mask.shape:
         raise ValueError(f"skeleton shape {np.asarray(skeleton).shape} differs from {mask.shape}")
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-    labels = cc3d.connected_components(mask, connectivity=connectivity)
+    voxel_ml = voxel_volume_ml(spacing_of(affine))
+    labels, _ = connected_components(mask, connectivity)
     rows = []
     for lesion_id, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:

@@ -34,10 +34,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import cc3d
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+
+from sap_lightning.core.lesions import check_connectivity, connected_components, voxel_volume_ml
 
 Connectivity = Literal[6, 18, 26]
 Matching = Literal["any_overlap", "one_to_one"]
@@ -108,18 +109,6 @@ def _as_spacing(spacing: Sequence[float] | ArrayLike) -> tuple[float, float, flo
     return values  # type: ignore[return-value]
 
 
-def _check_connectivity(connectivity: int) -> int:
-    if connectivity not in (6, 18, 26):
-        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
-    return int(connectivity)
-
-
-def voxel_volume_ml(spacing: Sequence[float]) -> float:
-    """Volume of one voxel in mL (spacing in mm)."""
-    sx, sy, sz = _as_spacing(spacing)
-    return sx * sy * sz / 1000.0
-
-
 def binarize(prob: ArrayLike, threshold: float) -> np.ndarray:
     """``prob >= threshold``, compared in the array's own float type.
 
@@ -160,7 +149,7 @@ class _Components:
 
 
 def _components(mask: np.ndarray, connectivity: int) -> _Components:
-    labels, count = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    labels, count = connected_components(mask, connectivity)
     flat = np.flatnonzero(mask)
     ids = labels.ravel()[flat]
     voxels = np.bincount(ids, minlength=count + 1)[1:]
@@ -429,8 +418,8 @@ def lesion_detection(
     """
     pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
     _check_same_shape(pred, target)
-    ml_per_voxel = voxel_volume_ml(spacing)
-    connectivity = _check_connectivity(connectivity)
+    ml_per_voxel = voxel_volume_ml(_as_spacing(spacing))
+    connectivity = check_connectivity(connectivity)
     gt = _components(target, connectivity)
     pr = _components(pred, connectivity)
     gt_hit, pred_hit = _match(gt, pr, _overlaps(gt, pr), matching, iou_threshold)
@@ -477,8 +466,8 @@ def lesion_scores(
     pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
     _check_same_shape(pred, target)
     spacing = _as_spacing(spacing)
-    ml_per_voxel = voxel_volume_ml(spacing)
-    connectivity = _check_connectivity(connectivity)
+    ml_per_voxel = voxel_volume_ml(_as_spacing(spacing))
+    connectivity = check_connectivity(connectivity)
     gt = _components(target, connectivity)
     pr = _components(pred, connectivity)
     overlaps = _overlaps(gt, pr)
@@ -586,8 +575,8 @@ def froc_counts(
     target = _as_mask(target, "target")
     _check_same_shape(prob, target)
     thresholds = check_thresholds(thresholds)
-    connectivity = _check_connectivity(connectivity)
-    ml_per_voxel = voxel_volume_ml(spacing)
+    connectivity = check_connectivity(connectivity)
+    ml_per_voxel = voxel_volume_ml(_as_spacing(spacing))
     dtype_thresholds = thresholds.astype(prob.dtype)  # compare as binarize() does
 
     gt = _components(target, connectivity)
@@ -627,8 +616,8 @@ def froc_counts(
         local_prob = np.where(own, prob[region], prob.dtype.type(-np.inf))
         local_gt = target[region] & own
         for level in levels:
-            labels, count = cc3d.connected_components(
-                local_prob >= dtype_thresholds[level], connectivity=connectivity, return_N=True
+            labels, count = connected_components(
+                local_prob >= dtype_thresholds[level], connectivity
             )
             voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
             touches = np.bincount(labels[local_gt], minlength=count + 1)[1:] > 0

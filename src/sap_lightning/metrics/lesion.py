@@ -18,7 +18,6 @@ dropped. Case names travel only inside the process that saw them: rows from othe
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -29,6 +28,7 @@ import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
+from sap_lightning.core.case_keys import case_hash, join_case_hash
 from sap_lightning.metrics import functional as F
 from sap_lightning.metrics.agreement import icc_2_1
 from sap_lightning.metrics.froc import froc_auc, froc_curve
@@ -40,18 +40,6 @@ FROC_MAX_FP_ALL = 15.0
 """FROC AUC limit in FP per exam for all lesions (the paper's)."""
 FROC_MAX_FP_LARGE = 4.0
 """FROC AUC limit in FP per exam for lesions >= 1 mL (the paper's)."""
-
-_HALF_BITS = 24  # a float32 holds every integer below 2**24 exactly
-
-
-def case_hash(case_id: str) -> tuple[int, int]:
-    """A 48-bit hash of ``case_id`` as two 24-bit halves (exact in float32 and float64)."""
-    value = int.from_bytes(hashlib.blake2b(case_id.encode(), digest_size=6).digest(), "big")
-    return value >> _HALF_BITS, value & ((1 << _HALF_BITS) - 1)
-
-
-def _hash_key(high: float, low: float) -> int:
-    return (int(high) << _HALF_BITS) | int(low)
 
 
 def _squeeze_case(array: Any, name: str) -> Any:
@@ -138,7 +126,7 @@ class _CaseRowsMetric(Metric):
                 f"{type(self).__name__} states need float32 or float64, not {self.dtype}"
             )
         high, low = case_hash(case_id)
-        self._case_names[_hash_key(high, low)] = case_id
+        self._case_names[join_case_hash(high, low)] = case_id
         return torch.tensor([high, low, *values], dtype=self.dtype, device=self.device)
 
     @staticmethod
@@ -158,7 +146,7 @@ class _CaseRowsMetric(Metric):
         return rows[np.sort(first)]
 
     def _case_name(self, high: float, low: float) -> str:
-        key = _hash_key(high, low)
+        key = join_case_hash(high, low)
         return self._case_names.get(key, f"#{key:012x}")
 
     def _prepare(
@@ -380,8 +368,8 @@ class LesionSegmentation(_CaseRowsMetric):
         gt_ml, pred_ml, shared_ml = cases[:, 2], cases[:, 3], cases[:, 4]
         with np.errstate(invalid="ignore", divide="ignore"):
             global_dice = np.where(gt_ml + pred_ml > 0, 2 * shared_ml / (gt_ml + pred_ml), 1.0)
-        case_keys = [_hash_key(*h) for h in cases[:, :2]]
-        lesion_keys = np.array([_hash_key(*h) for h in lesions[:, :2]], dtype=np.int64)
+        case_keys = [join_case_hash(*h) for h in cases[:, :2]]
+        lesion_keys = np.array([join_case_hash(*h) for h in lesions[:, :2]], dtype=np.int64)
         mean_dice, dice_detected, nsd_detected = [], [], []
         for key in case_keys:
             own = lesions[lesion_keys == key]

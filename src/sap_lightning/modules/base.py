@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -40,6 +39,7 @@ from sap_lightning.backbones.transfer import (
     param_groups,
 )
 from sap_lightning.config import ExperimentConfig, from_dict
+from sap_lightning.core.case_keys import case_hash
 from sap_lightning.core.errors import ConfigError, SapError
 from sap_lightning.core.windows import predict_volume, round_up_to_multiple
 from sap_lightning.modules.losses import segmentation_loss, split_deep_supervision
@@ -90,27 +90,12 @@ def warmup_cosine_factor(
 # Per-case scores, DDP-safe
 
 
-def crc32_of(key: str) -> int:
-    """A stable (process- and run-independent) 32-bit number for a case id or item key."""
-    return zlib.crc32(str(key).encode())
-
-
-def case_key(key: str) -> tuple[float, float]:
-    """A key as two float32-exact numbers (the two 16-bit halves of its CRC-32).
-
-    Metric states synced across ranks must be float tensors; a 32-bit hash does not fit a
-    float32 mantissa, its halves do.
-    """
-    crc = crc32_of(key)
-    return float(crc >> 16), float(crc & 0xFFFF)
-
-
 class CaseScores(torchmetrics.Metric):
     """Mean of per-item score vectors (an item is a case, or a patch), each item counted once.
 
     Under DDP the validation items are split over the ranks and padded with duplicates; states
     are 1-D float tensors concatenated across ranks, and ``compute`` keeps the first entry of
-    every key (two distinct keys collide with probability about n^2 / 2^33 for n items). NaN
+    every key (``core.case_keys``: two distinct keys collide with probability about n^2 / 2^49). NaN
     scores are left out of their column's mean.
     """
 
@@ -126,7 +111,7 @@ class CaseScores(torchmetrics.Metric):
         scores = torch.as_tensor(scores, dtype=torch.float32, device=self.device).reshape(-1)
         if scores.numel() != self.num_scores:
             raise ValueError(f"expected {self.num_scores} scores, got {scores.numel()}")
-        self.keys.append(torch.tensor(case_key(key), dtype=torch.float32, device=self.device))
+        self.keys.append(torch.tensor(case_hash(key), dtype=torch.float32, device=self.device))
         self.scores.append(scores)
 
     def compute(self) -> tuple[torch.Tensor, int]:  # type: ignore[override]

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sap_lightning.core.case_keys import item_seed
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.dataset.layout import LESION_LABELS
-from sap_lightning.modules.base import CaseScores, SapModule, crc32_of
+from sap_lightning.modules.base import CaseScores, SapModule
 from sap_lightning.modules.losses import (
     ROTATION_ANGLES_DEG,
     cutout_views,
@@ -210,7 +211,9 @@ class ContrastivePretraining(SapModule):
         # location, so its score depends neither on the batch it came in nor on the world size.
         for index, case_id in enumerate(batch["case_id"]):
             key = f"{case_id}@{batch['location'][index].tolist()}"
-            generator = torch.Generator().manual_seed(self.cfg.seed * 65_537 + crc32_of(key))
+            generator = torch.Generator().manual_seed(
+                (self.cfg.seed * 65_537 + item_seed(key)) % 2**63
+            )
             patch = batch["image"][index : index + 1]
             losses = self.ssl_losses(patch, generator, contrastive=False)
             values = torch.stack([losses[name] for name in VALIDATION_TERMS]).detach()
