@@ -15,12 +15,12 @@ from monai.losses import ContrastiveLoss, DiceLoss
 
 from sap_lightning.config.schema import LossConfig
 from sap_lightning.modules.losses import (
+    create_loss,
     cutout_views,
     gather_with_grad,
     nt_xent_loss,
     random_rotations,
     rotate_axial,
-    segmentation_loss,
 )
 
 
@@ -34,7 +34,7 @@ def _logits_and_labels(classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, t
 def test_dice_ce_leaves_background_out_of_the_dice_term_only() -> None:
     logits, labels = _logits_and_labels()
     cfg = LossConfig(dice_weight=0.7, ce_weight=1.3, smooth=1e-5)
-    ours = segmentation_loss(cfg)(logits, labels)
+    ours = create_loss(cfg)(logits, labels)
 
     dice_fg = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)(logits, labels)
     ce_all = F.cross_entropy(logits, labels[:, 0])  # every class, background included
@@ -48,9 +48,9 @@ def test_deep_supervision_sums_levels_with_halving_weights() -> None:
     logits, labels = _logits_and_labels()
     coarse = logits.flip(1)
     cfg = LossConfig()
-    single = segmentation_loss(cfg)
+    single = create_loss(cfg)
     expected = single(logits, labels) + 0.5 * single(coarse, labels)
-    got = segmentation_loss(cfg, deep_supervision=True)([logits, coarse], labels)
+    got = create_loss(cfg, deep_supervision=True)([logits, coarse], labels)
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
 
 

@@ -30,10 +30,10 @@ import sap_lightning
 from sap_lightning.backbones import BackboneSpec, get_spec, list_backbones, resolve_spec
 from sap_lightning.core.errors import CheckpointError, ConfigError
 from sap_lightning.core.io import atomic_path, write_json
+from sap_lightning.core.tasks import TASKS
 
 FORMAT = "sap_lightning.backbone"
 FORMAT_VERSION = 1
-TASKS = ("skeleton", "lesion", "ssl")
 MODES = ("all_but_head", "encoder", "full")
 IN_CHANNEL_POLICIES = ("repeat_mean", "error")
 META_KEY = "sap_meta"

@@ -36,10 +36,9 @@ from torch.utils.data.distributed import DistributedSampler
 from sap_lightning.batches.augment import build_augmentation, check_augment_config
 from sap_lightning.batches.patches import PatchDataset, WholeCaseDataset
 from sap_lightning.batches.planners import (
+    PLANNERS,
     BodyUniformPlanner,
-    ClassBalancedPlanner,
     EpochPlan,
-    InstanceBalancedPlanner,
     PatchPlanner,
 )
 from sap_lightning.batches.queue import (
@@ -61,11 +60,11 @@ from sap_lightning.cache import (
 from sap_lightning.cache.splits import Splits, load_splits, split_dataset
 from sap_lightning.config.schema import ExperimentConfig
 from sap_lightning.core.errors import ConfigError, DatasetError
+from sap_lightning.core.tasks import get_task
 from sap_lightning.dataset import layout
 
 log = logging.getLogger(__name__)
 
-SAMPLER_OF_TASK = {"lesion": "instance_balanced", "skeleton": "class_balanced", "ssl": "uniform"}
 SSL_VALIDATION_SEED = 1_000_003
 """Seed offset of the fixed SSL validation patches (kept apart from the training plans)."""
 
@@ -95,7 +94,9 @@ class SapDataModule(L.LightningDataModule):
             Path(data.splits) if data.splits else layout.default_splits_path(data.dataset)
         )
         self.patch_size = tuple(int(n) for n in data.patch_size)
-        self.sampler_name = SAMPLER_OF_TASK[cfg.task] if data.sampler == "auto" else data.sampler
+        self.sampler_name = (
+            get_task(cfg.task).default_planner if data.sampler == "auto" else data.sampler
+        )
         self._cache: PreprocessedCache | None = None
         self._splits: Splits | None = None
         self._store: CaseStore | None = None
@@ -225,11 +226,12 @@ class SapDataModule(L.LightningDataModule):
                 f"{where} was built with target spacing {have}, data.target_spacing is "
                 f"{wanted}; point data.cache at another folder or rebuild it"
             )
-        if self.sampler_name == "instance_balanced" and cache.task != "lesion":
-            raise ConfigError(f"data.sampler=instance_balanced needs lesion labels; {where}")
-        if self.sampler_name == "class_balanced" and (self.task == "ssl" or not cache.labelled):
+        requires = PLANNERS.get(self.sampler_name).requires
+        if requires == "lesion" and cache.task != "lesion":
+            raise ConfigError(f"data.sampler={self.sampler_name} needs lesion labels; {where}")
+        if requires == "labels" and (self.task == "ssl" or not cache.labelled):
             raise ConfigError(
-                f"data.sampler=class_balanced needs labelled segmentation data (task "
+                f"data.sampler={self.sampler_name} needs labelled segmentation data (task "
                 f"'{self.task}', {where})"
             )
 
@@ -280,22 +282,15 @@ class SapDataModule(L.LightningDataModule):
     def _planner(
         self, case_ids: Sequence[str], seed: int, count: int, multiple: int
     ) -> PatchPlanner:
-        data = self.cfg.data
-        if self.sampler_name == "instance_balanced":
-            return InstanceBalancedPlanner(
-                self.store,
-                case_ids,
-                self.patch_size,
-                seed,
-                margin=data.positive_margin,
-                min_scale=data.positive_min_scale,
-                multiple=multiple,
-            )
-        if self.sampler_name == "class_balanced":
-            return ClassBalancedPlanner(
-                self.store, case_ids, self.patch_size, seed, count, multiple
-            )
-        return BodyUniformPlanner(self.store, case_ids, self.patch_size, seed, count, multiple)
+        return PLANNERS.get(self.sampler_name).from_config(
+            self.store,
+            case_ids,
+            self.patch_size,
+            seed,
+            count=count,
+            multiple=multiple,
+            data=self.cfg.data,
+        )
 
     def _setup_training(self) -> None:
         data = self.cfg.data
@@ -452,7 +447,6 @@ class PatchPlanCallback(L.Callback):
 
 def build_datamodule(cfg: ExperimentConfig) -> SapDataModule:
     """The DataModule of ``cfg.task`` (``skeleton``, ``lesion`` or ``ssl``)."""
-    if cfg.task not in SAMPLER_OF_TASK:
-        raise ConfigError(f"'task' is '{cfg.task}'; valid: {', '.join(SAMPLER_OF_TASK)}")
+    get_task(cfg.task)  # an unknown task raises naming the valid ones
     check_augment_config(cfg.data.augment)
     return SapDataModule(cfg)

@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sap_lightning.config.schema import DataConfig
 from sap_lightning.core.errors import DatasetError
+from sap_lightning.core.registry import Registry
 
 if TYPE_CHECKING:
     from sap_lightning.batches.store import CaseStore
@@ -159,9 +161,42 @@ def choose_patch_origin(
 # --------------------------------------------------------------------------- planners
 
 
+PLANNERS: Registry[type[PatchPlanner]] = Registry("patch planner", "data.sampler")
+register_planner = PLANNERS.register
+"""Decorator: ``@register_planner("name")`` on a :class:`PatchPlanner` subclass."""
+
+
+def list_planners() -> list[str]:
+    return PLANNERS.names()
+
+
 class PatchPlanner:
     """Base of the planners: the training cases, the patch size, the run seed, and a fixed
-    number of tasks per epoch (``num_tasks``) drawn by ``plan(epoch)``."""
+    number of tasks per epoch (``num_tasks``) drawn by ``plan(epoch)``.
+
+    A subclass registered with ``@register_planner("name")`` is chosen by ``data.sampler``; it
+    says what its cases must carry (``requires``) and builds itself from the config in
+    ``from_config`` (docs/extending.md).
+    """
+
+    requires = "none"
+    """``lesion`` (lesion labels), ``labels`` (any segmentation labels) or ``none``."""
+
+    @classmethod
+    def from_config(
+        cls,
+        store: CaseStore,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        seed: int,
+        *,
+        count: int,
+        multiple: int,
+        data: DataConfig,
+    ) -> PatchPlanner:
+        """Build from the DataModule's arguments: ``count`` patches per epoch over all ranks
+        (planners with their own count ignore it), plans a multiple of ``multiple``."""
+        return cls(store, case_ids, patch_size, seed, count, multiple)  # type: ignore[call-arg]
 
     def __init__(
         self, store: CaseStore, case_ids: Sequence[str], patch_size: Sequence[int], seed: int
@@ -242,6 +277,7 @@ class PatchPlanner:
         ]
 
 
+@register_planner("instance_balanced")
 class InstanceBalancedPlanner(PatchPlanner):
     """One positive patch per lesion and as many lesion-free negatives inside the body, per epoch.
 
@@ -249,6 +285,20 @@ class InstanceBalancedPlanner(PatchPlanner):
     ``multiple`` (world size x batch size), so every rank gets the same number of full batches
     while every lesion still appears exactly once.
     """
+
+    requires = "lesion"
+
+    @classmethod
+    def from_config(cls, store, case_ids, patch_size, seed, *, count, multiple, data):  # type: ignore[override]
+        return cls(
+            store,
+            case_ids,
+            patch_size,
+            seed,
+            margin=data.positive_margin,
+            min_scale=data.positive_min_scale,
+            multiple=multiple,
+        )
 
     def __init__(
         self,
@@ -296,10 +346,13 @@ class InstanceBalancedPlanner(PatchPlanner):
         return self._shuffled([*self.positives, *negatives], rng)
 
 
+@register_planner("class_balanced")
 class ClassBalancedPlanner(PatchPlanner):
     """Class-balanced patches: class uniform over the foreground classes present, case uniform
     among the cases holding it, location uniform among the case's stored voxels of that class;
     the patch contains the location at a uniformly drawn offset."""
+
+    requires = "labels"
 
     def __init__(
         self,
@@ -345,6 +398,7 @@ class ClassBalancedPlanner(PatchPlanner):
         return self._shuffled(tasks, rng)
 
 
+@register_planner("uniform")
 class BodyUniformPlanner(PatchPlanner):
     """Patches centred on voxels drawn uniformly inside the body of a uniformly drawn case."""
 

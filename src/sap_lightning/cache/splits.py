@@ -24,15 +24,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from sap_lightning.config.schema import DataConfig
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.io import read_json, write_json
 from sap_lightning.core.lesions import DEFAULT_CONNECTIVITY
 from sap_lightning.core.lesions import count_lesions as count_label_lesions
+from sap_lightning.core.tasks import LABELLED_TASKS
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import DatasetInfo, require_valid_dataset
-
-TASKS = ("lesion", "skeleton")
-
 
 # --------------------------------------------------------------------------- making splits
 
@@ -244,8 +243,8 @@ def splits_from_dict(
     if not isinstance(raw, dict):
         raise DatasetError(f"{source}: must hold a JSON object")
     task, seed = raw.get("task"), raw.get("seed", 0)
-    if task not in TASKS:
-        raise DatasetError(f"{source}: task must be one of {list(TASKS)}, got {task!r}")
+    if task not in LABELLED_TASKS:
+        raise DatasetError(f"{source}: task must be one of {list(LABELLED_TASKS)}, got {task!r}")
     if not isinstance(seed, int):
         problems.append(f"seed must be an integer, got {seed!r}")
     groups: dict[str, list[str]] = {}
@@ -353,12 +352,12 @@ def write_splits(path: str | os.PathLike, splits: dict[str, Any], force: bool = 
 
 def split_dataset(
     root: str | os.PathLike,
-    n_folds: int = 7,
-    tuning_fold: int = 0,
-    seed: int = 0,
-    val_fraction: float = 0.125,
+    n_folds: int = DataConfig.n_folds,
+    tuning_fold: int = DataConfig.tuning_fold,
+    seed: int = DataConfig.split_seed,
+    val_fraction: float = DataConfig.val_fraction,
     out: str | os.PathLike | None = None,
-    connectivity: int = 6,
+    connectivity: int = DEFAULT_CONNECTIVITY,
     force: bool = False,
 ) -> tuple[Path, Splits, bool]:
     """Validate a dataset, make its splits and write them (default ``DATASET/splits.json``).

@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from sap_lightning.config.schema import DataConfig
 from sap_lightning.core.errors import DatasetError
+from sap_lightning.core.lesions import CONNECTIVITIES, DEFAULT_CONNECTIVITY
 
 
 def _positive_int(text: str) -> int:
@@ -169,23 +171,35 @@ def run_preprocess(args: argparse.Namespace) -> int:
 
 def add_arguments_split(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
-    parser.add_argument("--folds", type=int, default=7, help="lesion datasets: folds (default 7)")
+    # Defaults come from the config schema, so `sap split` and training's own split agree.
+    data = DataConfig()
     parser.add_argument(
-        "--tuning-fold", type=int, default=0, help="lesion datasets: threshold-tuning fold"
+        "--folds",
+        type=int,
+        default=data.n_folds,
+        help="lesion datasets: folds (default %(default)s, data.n_folds)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument(
+        "--tuning-fold",
+        type=int,
+        default=data.tuning_fold,
+        help="lesion datasets: threshold-tuning fold (default %(default)s, data.tuning_fold)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=data.split_seed, help="seed (default %(default)s)"
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
-        default=0.125,
-        help="skeleton datasets: fraction of scans for validation (default 0.125)",
+        default=data.val_fraction,
+        help="skeleton datasets: fraction of scans for validation (default %(default)s)",
     )
     parser.add_argument(
         "--connectivity",
         type=int,
-        choices=(6, 18, 26),
-        default=6,
-        help="lesion connectivity for the counts used to stratify (default 6)",
+        choices=CONNECTIVITIES,
+        default=DEFAULT_CONNECTIVITY,
+        help="lesion connectivity for the counts used to stratify (default %(default)s)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="output file (default DATASET/splits.json)"

@@ -8,7 +8,9 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.core.errors import SapError
+from sap_lightning.core.lesions import CONNECTIVITIES
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,9 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connectivity",
         type=int,
-        choices=(6, 18, 26),
-        default=6,
-        help="lesion connectivity (default 6)",
+        choices=CONNECTIVITIES,
+        default=ValidationConfig.connectivity,
+        help="lesion connectivity (default %(default)s)",
     )
     parser.add_argument(
         "--min-volume-ml",
@@ -86,7 +88,10 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
         help="volume of 'clinically relevant' lesions (default 1.0 mL)",
     )
     parser.add_argument(
-        "--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2.0)"
+        "--tolerance-mm",
+        type=float,
+        default=ValidationConfig.tolerance_mm,
+        help="NSD tolerance in mm (default %(default)s)",
     )
 
 

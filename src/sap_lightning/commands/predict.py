@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.inference.predict import predict_cases
 
 
@@ -39,8 +40,8 @@ def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="sliding-window size (default: the run's validation window)",
     )
-    parser.add_argument("--sw-batch-size", type=int, default=2)
-    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--sw-batch-size", type=int, default=ValidationConfig.sw_batch_size)
+    parser.add_argument("--overlap", type=float, default=ValidationConfig.overlap)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

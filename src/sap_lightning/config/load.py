@@ -20,8 +20,6 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from sap_lightning.config.schema import (
     INIT_MODES,
     LOGGERS,
-    OPTIMIZERS,
-    SAMPLERS,
     TASKS,
     ExperimentConfig,
     StudyConfig,
@@ -93,8 +91,6 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _check_choice(cfg.task, TASKS, "task")
     _check_choice(cfg.model.init, INIT_MODES, "model.init")
     _check_choice(cfg.logger, LOGGERS, "logger")
-    _check_choice(cfg.optim.optimizer, OPTIMIZERS, "optim.optimizer")
-    _check_choice(cfg.data.sampler, SAMPLERS, "data.sampler")
     if len(cfg.data.patch_size) != 3 or min(cfg.data.patch_size) < 1:
         raise ConfigError(
             f"'data.patch_size' must be three positive sizes, got {cfg.data.patch_size}"

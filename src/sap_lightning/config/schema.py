@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("skeleton", "lesion", "ssl")
+from sap_lightning.core.tasks import TASKS as _TASK_TABLE
+from sap_lightning.core.windows import DEFAULT_THRESHOLD
+
+TASKS = tuple(_TASK_TABLE)
 INIT_MODES = ("scratch", "sap", "ssl")
 LOGGERS = ("wandb", "csv", "none")
-OPTIMIZERS = ("adam", "adamw")
-SAMPLERS = ("auto", "instance_balanced", "class_balanced", "uniform")
 
 
 @dataclass
@@ -54,7 +55,8 @@ class DataConfig:
     """Per process (per GPU under DDP)."""
     num_workers: int = 0
     sampler: str = "auto"
-    """``auto`` picks instance_balanced (lesion), class_balanced (skeleton), uniform (ssl)."""
+    """A registered patch planner (``batches/planners.py``); ``auto`` takes the task's default
+    from the task table: instance_balanced (lesion), class_balanced (skeleton), uniform (ssl)."""
     samples_per_volume: int = 4
     queue_length: int = 32
     patches_per_epoch: int | None = None
@@ -86,6 +88,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = "adam"
+    """A registered optimiser (``modules/optim.py``): adam, adamw, sgd."""
     lr: float = 1e-5
     """Learning rate of every parameter unless ``encoder_lr`` / ``decoder_lr`` are set."""
     encoder_lr: float | None = None
@@ -98,8 +101,12 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Dice + cross-entropy (method.md: softmax, background excluded from the Dice term only)."""
+    """Segmentation loss, chosen by name from ``sap_lightning.modules.losses`` (``list_losses()``).
 
+    ``dice_ce`` is the paper's: softmax, Dice without the background class + cross-entropy.
+    """
+
+    name: str = "dice_ce"
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     smooth: float = 1e-5
@@ -123,7 +130,7 @@ class ValidationConfig:
     sw_batch_size: int = 2
     overlap: float = 0.25
     every_n_epochs: int = 1
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     """Probability threshold for lesion metrics during validation (tuned later on the tuning fold)."""
     tolerance_mm: float = 2.0
     connectivity: int = 6

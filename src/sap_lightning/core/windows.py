@@ -12,10 +12,23 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+DEFAULT_THRESHOLD = 0.5
+"""Probability threshold used wherever no tuned threshold exists yet (validation, an untuned
+``sap predict``); the study tunes it on the tuning fold (docs/evaluation.md)."""
+
 
 def round_up_to_multiple(size: Sequence[int], multiple: int) -> list[int]:
     """Round each window size up to the backbone's required input multiple (32 for Swin UNETR)."""
     return [int(-(-int(s) // multiple) * multiple) for s in size]
+
+
+def sliding_window_size(
+    patch_size: Sequence[int], input_multiple: int, roi_size: Sequence[int] | None = None
+) -> list[int]:
+    """The one rule for the whole-case inference window, used by validation, threshold tuning
+    and ``sap predict``: ``roi_size`` when given, else the training patch size (as nnU-Net),
+    rounded up to the backbone's input multiple."""
+    return round_up_to_multiple(roi_size or patch_size, input_multiple)
 
 
 @torch.no_grad()

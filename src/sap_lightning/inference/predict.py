@@ -33,7 +33,7 @@ from sap_lightning.cache import prepare_image, resample_volume
 from sap_lightning.core.errors import CheckpointError, DatasetError
 from sap_lightning.core.io import atomic_path, write_json
 from sap_lightning.core.run_layout import THRESHOLD_FILE, last_checkpoint_path, load_threshold
-from sap_lightning.core.windows import predict_volume, round_up_to_multiple
+from sap_lightning.core.windows import DEFAULT_THRESHOLD, predict_volume, sliding_window_size
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import (
     CaseFiles,
@@ -44,8 +44,6 @@ from sap_lightning.dataset.validate import (
 from sap_lightning.inference.burden import exam_summary, lesion_table, relabel_skeleton_by_component
 
 log = logging.getLogger(__name__)
-
-DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass
@@ -98,8 +96,9 @@ def load_trained_model(path: str | os.PathLike, expected_task: str | None = None
     transfer_weights(net, checkpoint, mode="full")
     net.eval()
     multiple = get_spec(meta["backbone"]).input_multiple(meta["backbone_kwargs"])
-    patch = meta.get("roi_size") or meta.get("patch_size") or [multiple * 4] * 3
-    return TrainedModel(net, dict(meta), round_up_to_multiple(patch, multiple), threshold, path)
+    patch = meta.get("patch_size") or [multiple * 4] * 3
+    window = sliding_window_size(patch, multiple, meta.get("roi_size"))
+    return TrainedModel(net, dict(meta), window, threshold, path)
 
 
 def iter_input_cases(
@@ -199,7 +198,7 @@ def predict_cases(
                 multiple = get_spec(model.meta["backbone"]).input_multiple(
                     model.meta["backbone_kwargs"]
                 )
-                model.roi_size = round_up_to_multiple(roi_size, multiple)
+                model.roi_size = sliding_window_size(model.roi_size, multiple, roi_size)
     region_names = None
     if skeleton_model is not None:
         region_names = dict(enumerate(skeleton_model.meta.get("label_names") or []))

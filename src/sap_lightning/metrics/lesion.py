@@ -29,6 +29,8 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
 from sap_lightning.core.case_keys import case_hash, join_case_hash
+from sap_lightning.core.lesions import check_connectivity
+from sap_lightning.core.windows import DEFAULT_THRESHOLD
 from sap_lightning.metrics import functional as F
 from sap_lightning.metrics.agreement import icc_2_1
 from sap_lightning.metrics.froc import froc_auc, froc_curve
@@ -178,7 +180,7 @@ class LesionDetection(_CaseRowsMetric):
 
     def __init__(
         self,
-        threshold: float = 0.5,
+        threshold: float = DEFAULT_THRESHOLD,
         froc_thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
         connectivity: F.Connectivity = 6,
         min_volume_ml: float = 1.0,
@@ -191,7 +193,7 @@ class LesionDetection(_CaseRowsMetric):
         # The operating threshold is counted with the others in one pass, but only the FROC
         # grid draws the curve: its area must not depend on the operating point.
         self.froc_mask = np.isin(self.thresholds, F.check_thresholds(froc_thresholds))
-        self.connectivity = F._check_connectivity(connectivity)
+        self.connectivity = check_connectivity(connectivity)
         self.min_volume_ml = float(min_volume_ml)
         self.suffix = f"_{self.min_volume_ml:g}ml".replace(".", "p")
         self.add_state("case_rows", default=[], dist_reduce_fx="cat")
@@ -316,7 +318,7 @@ class LesionSegmentation(_CaseRowsMetric):
 
     def __init__(
         self,
-        threshold: float = 0.5,
+        threshold: float = DEFAULT_THRESHOLD,
         tolerance_mm: float = 2.0,
         connectivity: F.Connectivity = 6,
         **kwargs: Any,
@@ -324,7 +326,7 @@ class LesionSegmentation(_CaseRowsMetric):
         super().__init__(**kwargs)
         self.threshold = float(F.check_thresholds([threshold])[0])
         self.tolerance_mm = float(tolerance_mm)
-        self.connectivity = F._check_connectivity(connectivity)
+        self.connectivity = check_connectivity(connectivity)
         self.add_state("case_rows", default=[], dist_reduce_fx="cat")
         self.add_state("lesion_rows", default=[], dist_reduce_fx="cat")
 
@@ -424,7 +426,7 @@ class LesionSegmentation(_CaseRowsMetric):
 
 
 def make_lesion_metrics(
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     froc_thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     connectivity: F.Connectivity = 6,
     min_volume_ml: float = 1.0,

@@ -13,17 +13,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from sap_lightning.config import ExperimentConfig, to_dict
+from sap_lightning.core.tasks import TASKS
 from sap_lightning.modules.base import SapModule, data_info_from, warmup_cosine_factor
 from sap_lightning.modules.lesion import LesionSegmentation
 from sap_lightning.modules.skeleton import SkeletonSegmentation
 from sap_lightning.modules.ssl import ContrastivePretraining
 
-MODULES: dict[str, type[SapModule]] = {
-    "skeleton": SkeletonSegmentation,
-    "lesion": LesionSegmentation,
-    "ssl": ContrastivePretraining,
+_CLASSES: dict[str, type[SapModule]] = {
+    cls.__name__: cls for cls in (SkeletonSegmentation, LesionSegmentation, ContrastivePretraining)
 }
-"""task -> LightningModule class."""
+MODULES: dict[str, type[SapModule]] = {name: _CLASSES[spec.module] for name, spec in TASKS.items()}
+"""task -> LightningModule class, from the task table (``core/tasks.py``)."""
 
 
 def build_module(cfg: ExperimentConfig, data_info: Mapping[str, Any]) -> SapModule:

@@ -41,8 +41,9 @@ from sap_lightning.backbones.transfer import (
 from sap_lightning.config import ExperimentConfig, from_dict
 from sap_lightning.core.case_keys import case_hash
 from sap_lightning.core.errors import ConfigError, SapError
-from sap_lightning.core.windows import predict_volume, round_up_to_multiple
-from sap_lightning.modules.losses import segmentation_loss, split_deep_supervision
+from sap_lightning.core.windows import predict_volume, round_up_to_multiple, sliding_window_size
+from sap_lightning.modules.losses import create_loss, split_deep_supervision
+from sap_lightning.modules.optim import create_optimizer
 
 NORMALISATION = "percentile_1_99_clip_rescale"
 """Intensity normalisation of the inputs (per channel, whole-volume 1st-99th percentile clip,
@@ -218,8 +219,9 @@ class SapModule(L.LightningModule):
     def inference_roi_size(self) -> list[int]:
         """Whole-case sliding-window size: ``validation.roi_size`` or the patch size, rounded
         up to the backbone's input multiple (stored in the metadata for ``sap predict``)."""
-        size = self.cfg.validation.roi_size or self.cfg.data.patch_size
-        return round_up_to_multiple(size, self.input_multiple)
+        return sliding_window_size(
+            self.cfg.data.patch_size, self.input_multiple, self.cfg.validation.roi_size
+        )
 
     def backbone_meta(self) -> dict[str, Any]:
         """The ``sap_meta`` block: everything fine-tuning and inference check before use."""
@@ -280,10 +282,7 @@ class SapModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.cfg.optim
-        optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optim.optimizer]
-        optimizer = optimizer_class(
-            self.parameter_groups(), lr=optim.lr, weight_decay=optim.weight_decay
-        )
+        optimizer = create_optimizer(self.parameter_groups(), optim)
         factor = partial(
             warmup_cosine_factor,
             warmup_epochs=optim.warmup_epochs,
@@ -328,7 +327,7 @@ class SegmentationModule(SapModule, ABC):
     def __init__(self, config: Mapping[str, Any], data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
         self.deep_supervision = self.spec.deep_supervision(self.backbone_kwargs)
-        self.loss_fn = segmentation_loss(self.cfg.loss, deep_supervision=self.deep_supervision)
+        self.loss_fn = create_loss(self.cfg.loss, deep_supervision=self.deep_supervision)
         self.roi_size = self.inference_roi_size
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

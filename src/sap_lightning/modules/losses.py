@@ -1,8 +1,10 @@
-"""Training losses: Dice + cross-entropy for segmentation, and the three SSL terms of Tang et al.
+"""Training losses: a registry of segmentation losses (``loss.name``), and the three SSL terms
+of Tang et al.
 
-Segmentation uses MONAI's ``DiceCELoss``, whose ``include_background`` applies to the Dice term
-only: the cross-entropy always covers every class, background included (method.md: "background
-excluded from the Dice term only"). ``tests/unit/test_losses.py`` checks this against MONAI's
+The paper's segmentation loss (``dice_ce``) is MONAI's ``DiceCELoss``, whose
+``include_background`` applies to the Dice term
+only: the cross-entropy always covers every class, background included (docs/method.md: background
+excluded from the Dice term only). ``tests/unit/test_losses.py`` checks this against MONAI's
 ``DiceLoss`` plus PyTorch's ``cross_entropy``.
 
 The contrastive term is NT-Xent (SimCLR) over the *global* batch: the projections of every rank
@@ -23,6 +25,7 @@ from monai.losses import ContrastiveLoss, DeepSupervisionLoss, DiceCELoss
 from torch import nn
 
 from sap_lightning.config.schema import LossConfig
+from sap_lightning.core.registry import Registry
 
 ROTATION_ANGLES_DEG = (0, 90, 180, 270)
 """Rotation classes of the SSL rotation-prediction task (class k = k x 90 degrees)."""
@@ -30,13 +33,33 @@ AXIAL_DIMS = (-3, -2)
 """The axial plane of a (..., X, Y, Z) tensor in the NIfTI voxel order used throughout."""
 
 
-def segmentation_loss(cfg: LossConfig, deep_supervision: bool = False) -> nn.Module:
-    """Dice + cross-entropy on softmax logits ``(B, K, *spatial)`` against labels ``(B, 1, ...)``.
+LossFactory = Callable[[LossConfig], nn.Module]
+"""``factory(cfg) -> module``; the module maps ``(logits (B, K, *spatial), labels (B, 1, ...))``
+to a scalar."""
+
+LOSSES: Registry[LossFactory] = Registry("loss", "loss.name")
+register_loss = LOSSES.register
+"""Decorator: ``@register_loss("name")`` on a :data:`LossFactory` (docs/extending.md)."""
+
+
+def list_losses() -> list[str]:
+    return LOSSES.names()
+
+
+def create_loss(cfg: LossConfig, deep_supervision: bool = False) -> nn.Module:
+    """The segmentation loss ``cfg.name`` on softmax logits against integer labels.
 
     With ``deep_supervision`` the loss takes a list of logits (full resolution first) and sums
     them with MONAI's exponentially decreasing weights (1, 0.5, 0.25, ...).
     """
-    loss = DiceCELoss(
+    loss = LOSSES.get(cfg.name)(cfg)
+    # DeepSupervisionLoss also accepts a single tensor and casts logits to float32, so the loss
+    # is computed in full precision under mixed-precision training either way.
+    return DeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss
+
+
+def _dice_ce(cfg: LossConfig, batch: bool) -> nn.Module:
+    return DiceCELoss(
         include_background=False,  # Dice term only; the CE term keeps the background class
         to_onehot_y=True,
         softmax=True,
@@ -44,10 +67,21 @@ def segmentation_loss(cfg: LossConfig, deep_supervision: bool = False) -> nn.Mod
         smooth_dr=cfg.smooth,
         lambda_dice=cfg.dice_weight,
         lambda_ce=cfg.ce_weight,
+        batch=batch,
     )
-    # DeepSupervisionLoss also accepts a single tensor and casts logits to float32, so the loss
-    # is computed in full precision under mixed-precision training either way.
-    return DeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss
+
+
+@register_loss("dice_ce")
+def dice_ce(cfg: LossConfig) -> nn.Module:
+    """The paper's loss: Dice (per patch, background excluded) + cross-entropy (every class)."""
+    return _dice_ce(cfg, batch=False)
+
+
+@register_loss("batch_dice_ce")
+def batch_dice_ce(cfg: LossConfig) -> nn.Module:
+    """Dice over the whole batch + cross-entropy: a lesion-free patch no longer pins its own
+    Dice term at 1, so the loss curve shows learning when half the patches have no lesion."""
+    return _dice_ce(cfg, batch=True)
 
 
 def split_deep_supervision(logits: torch.Tensor) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ from sap_lightning.config import StudyConfig, load_config, to_yaml
 from sap_lightning.core.errors import SapError
 from sap_lightning.core.io import write_json, write_text
 from sap_lightning.core.run_layout import last_checkpoint_path
+from sap_lightning.core.windows import DEFAULT_THRESHOLD
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import require_valid_dataset
 from sap_lightning.evaluation.predictions import (
@@ -196,7 +197,7 @@ def _arm(
                 lesion,
                 _fresh(tuning_dir),
                 case_ids=splits.tuning_cases(),
-                threshold=0.5,
+                threshold=DEFAULT_THRESHOLD,  # masks unused: tuning reads the probabilities
                 validate_input=False,  # checked in _prepare
                 overlap=study.predict_overlap,
                 progress=False,

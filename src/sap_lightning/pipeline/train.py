@@ -43,7 +43,9 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sap_lightning.backbones import get_spec
 from sap_lightning.backbones.transfer import load_checkpoint_file
+from sap_lightning.batches.planners import PLANNERS
 from sap_lightning.config import ExperimentConfig, save_config
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.io import atomic_path, write_json, write_text
@@ -58,6 +60,7 @@ from sap_lightning.core.run_layout import (
     WANDB_ID_FILE,
     last_checkpoint_path,
 )
+from sap_lightning.core.tasks import get_task
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
     summarize_metrics,
@@ -65,13 +68,14 @@ from sap_lightning.evaluation.predictions import (
 )
 from sap_lightning.modules import SapModule, build_module, data_info_from
 from sap_lightning.modules.lesion import LesionSegmentation
+from sap_lightning.modules.losses import LOSSES
+from sap_lightning.modules.optim import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
 
 UNSUPPORTED_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
 """Launchers that copy the in-memory objects of the launching process into its workers."""
-EXPORTING_TASKS = ("skeleton", "ssl")
 """Pretraining tasks: their backbone is exported at the end of training."""
 
 
@@ -368,12 +372,24 @@ def _wait_for(paths: Sequence[Path], what: str, timeout_s: float = PREPARE_TIMEO
         time.sleep(2.0)
 
 
+def check_registered_choices(cfg: ExperimentConfig) -> None:
+    """Refuse an unknown task, backbone, loss, optimiser or patch planner before any work, each
+    with the registered choices named (they live in registries later than ``config/``)."""
+    get_task(cfg.task)
+    get_spec(cfg.model.backbone)
+    LOSSES.get(cfg.loss.name)
+    OPTIMIZERS.get(cfg.optim.optimizer)
+    if cfg.data.sampler != "auto":
+        PLANNERS.get(cfg.data.sampler)
+
+
 def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train ``cfg`` in its run folder; export (pretraining) or record the transfer (fine-tuning).
 
     ``extra_callbacks`` are added to the Trainer (used by tests and custom drivers).
     """
     _check_strategy(cfg)
+    check_registered_choices(cfg)
     primary = is_launching_process()
     run_dir = resolve_run_dir(cfg)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
@@ -434,7 +450,7 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
         interrupted=trainer.interrupted,
         is_global_zero=trainer.is_global_zero,
     )
-    if cfg.task in EXPORTING_TASKS and trainer.is_global_zero:
+    if get_task(cfg.task).exports_backbone and trainer.is_global_zero:
         if trainer.interrupted:
             log.warning("training was interrupted: %s not exported", BACKBONE_FILE)
         else:
