@@ -7,7 +7,7 @@ the same number of loader workers and no augmentation (so only loading and sampl
   one patch per task, instance-balanced epoch plan, ``tio.Queue`` over patch tasks);
 - **plain**: ``tio.Queue`` over a ``tio.SubjectsDataset`` of the ``.nii.gz`` files with a
   ``tio.LabelSampler`` (lesion and background centres equally likely), reading every channel
-  and normalising intensities to the 1st-99th percentile of the volume (method.md) each time a
+  and normalising intensities to the 1st-99th percentile of the volume (docs/method.md) each time a
   volume is loaded, as a pipeline without a cache must.
 
 Volumes default to the phantom's ``large`` grid, 192 x 192 x 384 voxels (1.5 x 1.5 x 3 mm):

@@ -9,11 +9,15 @@ Stages, earliest first (README "Library layout"): the shared ``core``, ``config`
 from __future__ import annotations
 
 import ast
+import importlib
+import re
+import sys
 from pathlib import Path
 
 import pytest
 
 import sap_lightning
+from sap_lightning import _moved
 
 PACKAGE = Path(sap_lightning.__file__).parent
 
@@ -116,3 +120,36 @@ def test_modules_stay_readable_in_length(path: Path) -> None:
     module = _module_name(path)
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES or module in LONG_BUT_COHERENT, f"{module}: {lines} lines"
+
+
+def test_every_stage_folder_is_in_the_readme_layout_section() -> None:
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    section = readme.split("## Library layout", 1)[1].split("\n## ", 1)[0]
+    for stage in STAGES:
+        assert f"{stage}/" in section, f"README's Library layout misses {stage}/"
+
+
+@pytest.mark.parametrize("old", sorted(m for m, new in _moved.MOVED.items() if new))
+def test_old_import_paths_warn_and_name_the_new_module(old: str) -> None:
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=re.escape(_moved.MOVED[old][0])):
+        module = importlib.import_module(old)
+    new = importlib.import_module(_moved.MOVED[old][0])
+    public = [name for name in vars(new) if not name.startswith("_")]
+    assert public and all(getattr(module, name) is getattr(new, name) for name in public)
+
+
+def test_top_level_api_resolves_and_public_class_names_are_unique() -> None:
+    for name in sap_lightning.__all__:
+        assert getattr(sap_lightning, name) is not None
+    owners: dict[str, str] = {}
+    for path in FILES:
+        module = _module_name(path)
+        if module.endswith("__init__") or path.name.startswith("_"):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                assert node.name not in owners, (
+                    f"class {node.name} in both {owners[node.name]} and {module}"
+                )
+                owners[node.name] = module

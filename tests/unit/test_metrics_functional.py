@@ -1,4 +1,4 @@
-"""Functional lesion metrics against the worked values of metric_cases.md, MONAI and panoptica."""
+"""Functional lesion metrics against worked values (docs/evaluation.md examples and the cases below), MONAI and panoptica."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from sap_lightning.metrics.functional import (
 )
 
 # ---------------------------------------------------------------------------- worked geometry
-# metric_cases.md: shape (128, 128, 48), spacing (1.5, 1.5, 5.0) mm in array axis order, voxel i
+# Worked case: shape (128, 128, 48), spacing (1.5, 1.5, 5.0) mm in array axis order, voxel i
 # at i * spacing; ellipsoid = voxels with sum(((x_k - c_k) / r_k)^2) <= 1.
 
 SHAPE = (128, 128, 48)

@@ -11,7 +11,7 @@ import torch
 from sap_lightning.evaluation import froc_auc, icc_2_1
 from sap_lightning.metrics import (
     LesionDetection,
-    LesionSegmentation,
+    LesionSegmentationQuality,
     binarize,
     dice,
     froc_counts,
@@ -104,7 +104,7 @@ def test_froc_auc_equals_the_functional_counts():
 
 
 def test_segmentation_equals_functional():
-    metric = _filled(LesionSegmentation(threshold=0.5, tolerance_mm=2.0))
+    metric = _filled(LesionSegmentationQuality(threshold=0.5, tolerance_mm=2.0))
     values = {k: float(v) for k, v in metric.compute().items()}
     rows, per_patient, global_dice, volumes = [], [], [], []
     for prob, gt in CASES.values():
@@ -177,9 +177,9 @@ def test_case_hash_survives_float32():
 
 
 def test_binary_predictions_match_thresholded_probabilities():
-    prob_metric = _filled(LesionSegmentation(threshold=0.5))
+    prob_metric = _filled(LesionSegmentationQuality(threshold=0.5))
     binary = {c: (binarize(p, 0.5), g) for c, (p, g) in CASES.items()}
-    mask_metric = _filled(LesionSegmentation(threshold=0.5), binary)
+    mask_metric = _filled(LesionSegmentationQuality(threshold=0.5), binary)
     a, b = prob_metric.compute(), mask_metric.compute()
     assert all(torch.allclose(a[k], b[k], equal_nan=True) for k in a)
 

@@ -1,4 +1,4 @@
-"""Training augmentations (method.md): flips, 90-degree rotations in the axial plane, intensity
+"""Training augmentations (docs/method.md): flips, 90-degree rotations in the axial plane, intensity
 scale and shift per channel, built as TorchIO transforms from ``cfg.data.augment``.
 
 The transforms run on the training *patch* (inside the loader's worker processes), after the
@@ -60,7 +60,7 @@ class RandomRot90(tio.transforms.augmentation.RandomTransform, tio.SpatialTransf
 
 class RandomScaleShift(tio.transforms.augmentation.RandomTransform, tio.IntensityTransform):
     """``x * a_c + b_c`` with ``a_c ~ U[1 - scale, 1 + scale]``, ``b_c ~ U[-shift, shift]`` drawn
-    independently for each channel ``c`` (method.md: intensity scale and shift)."""
+    independently for each channel ``c`` (docs/method.md: intensity scale and shift)."""
 
     def __init__(self, scale: float = 0.1, shift: float = 0.1, **kwargs) -> None:
         super().__init__(**kwargs)

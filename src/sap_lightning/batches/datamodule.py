@@ -57,11 +57,12 @@ from sap_lightning.cache import (
     open_cache,
     preprocess_dataset,
 )
-from sap_lightning.cache.splits import Splits, load_splits, split_dataset
+from sap_lightning.cache.splits import Splits, cache_lesion_counts, load_splits, split_dataset
 from sap_lightning.config.schema import ExperimentConfig
 from sap_lightning.core.errors import ConfigError, DatasetError
 from sap_lightning.core.tasks import get_task
 from sap_lightning.dataset import layout
+from sap_lightning.dataset.validate import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class SapDataModule(L.LightningDataModule):
         self.sampler_name = (
             get_task(cfg.task).default_planner if data.sampler == "auto" else data.sampler
         )
+        self.dataset_info: DatasetInfo | None = None
+        """The dataset as validated by the caller, so building the cache and splits does not
+        validate it again (None: they validate it themselves)."""
         self._cache: PreprocessedCache | None = None
         self._splits: Splits | None = None
         self._store: CaseStore | None = None
@@ -195,7 +199,7 @@ class SapDataModule(L.LightningDataModule):
 
     @property
     def test_case_ids(self) -> list[str]:
-        """Lesion: the test fold ``data.fold``. Skeleton and SSL have no test set (method.md
+        """Lesion: the test fold ``data.fold``. Skeleton and SSL have no test set (docs/method.md
         reports stage-1 validation Dice): their test cases are the validation cases."""
         splits = self.splits
         if splits.task == "lesion":
@@ -245,7 +249,7 @@ class SapDataModule(L.LightningDataModule):
             rank_zero_info(f"building preprocessing cache {self.cache_root}")
             spacing = self.cfg.data.target_spacing
             params = PreprocessParams(target_spacing=None if spacing is None else tuple(spacing))
-            preprocess_dataset(self.dataset_root, self.cache_root, params)
+            preprocess_dataset(self.dataset_root, self.cache_root, params, info=self.dataset_info)
         if not self.splits_path.is_file():
             rank_zero_info(f"writing splits {self.splits_path}")
             data = self.cfg.data
@@ -256,6 +260,10 @@ class SapDataModule(L.LightningDataModule):
                 seed=data.split_seed,
                 val_fraction=data.val_fraction,
                 out=self.splits_path,
+                info=self.dataset_info,
+                lesion_counts=cache_lesion_counts(open_cache(self.cache_root))
+                if self.task == "lesion"
+                else None,
             )
 
     def setup(self, stage: str | None = None) -> None:

@@ -11,7 +11,7 @@ reads only that patch from the memory-mapped cache.
 
 Three planners:
 
-- :class:`InstanceBalancedPlanner` (lesion, method.md "IB-sampling"): one positive task per
+- :class:`InstanceBalancedPlanner` (lesion, docs/method.md "IB-sampling"): one positive task per
   lesion per epoch and as many lesion-free negatives inside the body. The authors' defects are
   avoided by construction: one shared plan split across ranks (no lesion seen twice or never),
   a fresh draw every epoch (negatives change), negative centres inside the body mask only.

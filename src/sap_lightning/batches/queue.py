@@ -2,7 +2,7 @@
 
 The queue's *subjects* are the patch tasks of the current epoch plan (``PatchDataset``): its
 loader workers cut and augment one patch per task, and the queue buffers ``max_length`` of them
-for the training loader. Under DDP (design.md, "TorchIO Queue under DDP"):
+for the training loader. Under DDP (docs/data_flow.md, "TorchIO Queue under DDP"):
 
 - each rank takes a disjoint share of the plan through ``subject_sampler=DistributedSampler(
   shuffle=False)`` and ``shuffle_subjects=False``; the plan itself is reshuffled every epoch from

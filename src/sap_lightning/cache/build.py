@@ -55,7 +55,7 @@ class PreprocessParams:
     body_dilation: int = 2
     """Voxels added around the body so skin and thin structures stay inside the mask."""
     connectivity: int = 6
-    """Lesion connectivity (method.md: the authors' code uses 6)."""
+    """Lesion connectivity (docs/method.md: the authors' code uses 6)."""
     max_locations_per_class: int = 5000
     seed: int = 0
 
@@ -279,17 +279,19 @@ def preprocess_dataset(
     params: PreprocessParams | None = None,
     workers: int = 1,
     force: bool = False,
+    info: DatasetInfo | None = None,
 ) -> PreprocessReport:
     """Build or update the cache of a dataset; up-to-date cases are skipped unless ``force``.
 
     The dataset is validated first (``require_valid_dataset``) and nothing is written when it has
-    problems. A dataset with a ``labelsTr`` folder must label every case; one without it is
-    cached unlabelled (for inference).
+    problems; a caller that has just validated it passes the result as ``info``. A dataset with
+    a ``labelsTr`` folder must label every case; one without it is cached unlabelled.
     """
     params = params or PreprocessParams()
     dataset_root = Path(dataset_root)
     require_labels = (dataset_root / layout.LABELS_DIR).is_dir()
-    info = require_valid_dataset(dataset_root, require_labels=require_labels, workers=workers)
+    if info is None:
+        info = require_valid_dataset(dataset_root, require_labels=require_labels, workers=workers)
     cache_root = Path(cache_root)
     _check_cache_target(cache_root, info, force)
     cases_dir = cache_root / CASES_DIR

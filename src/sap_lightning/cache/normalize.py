@@ -21,7 +21,7 @@ def normalize_channels(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clip each channel to its ``lower``-``upper`` percentile and rescale it to [0, 1].
 
-    Percentiles are taken over the whole volume given (method.md: never over a patch). A channel
+    Percentiles are taken over the whole volume given (docs/method.md: never over a patch). A channel
     whose percentiles coincide (constant volume) carries no contrast and becomes all zeros.
     Returns the float32 image and the ``(C, 2)`` percentiles used.
 

@@ -1,6 +1,6 @@
 """Cross-validation splits (``splits.json``): lesion-count-stratified folds or a holdout split.
 
-Lesion datasets (method.md, "clean variant"): ``n_folds`` folds stratified by lesion count and
+Lesion datasets (docs/evaluation.md, "clean variant"): ``n_folds`` folds stratified by lesion count and
 grouped by subject; one fixed fold is the threshold-tuning fold and is never trained on. For
 test fold ``k`` the model trains on every fold except ``k`` and the tuning fold, uses the tuning
 fold for validation, and the threshold chosen on the tuning fold is applied to fold ``k``::
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from sap_lightning.cache.reader import PreprocessedCache
 from sap_lightning.config.schema import DataConfig
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.io import read_json, write_json
@@ -49,6 +50,11 @@ def count_dataset_lesions(info: DatasetInfo, connectivity: int = 6) -> dict[str,
             raise DatasetError(f"case {case.case_id}: no label file: cannot count its lesions")
         counts[case.case_id] = count_lesions(case.label, connectivity)
     return counts
+
+
+def cache_lesion_counts(cache: PreprocessedCache) -> dict[str, int]:
+    """``{case_id: lesion count}`` as the cache counted them (same connected components)."""
+    return {case_id: len(cache.meta(case_id).get("lesions") or []) for case_id in cache.case_ids}
 
 
 def _group_by_subject(case_ids: Sequence[str], subject_ids: Sequence[str]) -> dict[str, list[str]]:
@@ -359,14 +365,23 @@ def split_dataset(
     out: str | os.PathLike | None = None,
     connectivity: int = DEFAULT_CONNECTIVITY,
     force: bool = False,
+    info: DatasetInfo | None = None,
+    lesion_counts: Mapping[str, int] | None = None,
 ) -> tuple[Path, Splits, bool]:
     """Validate a dataset, make its splits and write them (default ``DATASET/splits.json``).
 
+    A caller that has just validated the dataset passes ``info``; one that has cached it passes
+    the cache's ``lesion_counts`` (:func:`cache_lesion_counts`), so labels are not read again.
     Returns the path, the validated splits and whether the file was (re)written.
     """
-    info = require_valid_dataset(root)
+    if info is None:
+        info = require_valid_dataset(root)
     if info.task == "lesion":
-        counts = count_dataset_lesions(info, connectivity)
+        counts = (
+            dict(lesion_counts)
+            if lesion_counts is not None
+            else count_dataset_lesions(info, connectivity)
+        )
         raw = make_lesion_folds(
             info.case_ids,
             [counts[c] for c in info.case_ids],

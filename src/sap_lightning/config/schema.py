@@ -20,7 +20,7 @@ LOGGERS = ("wandb", "csv", "none")
 
 @dataclass
 class AugmentConfig:
-    """TorchIO training augmentations (method.md: flips, 90-degree rotations, intensity scale and
+    """TorchIO training augmentations (docs/method.md: flips, 90-degree rotations, intensity scale and
     shift). Probabilities of 0 switch an augmentation off."""
 
     flip_axes: list[int] = field(default_factory=lambda: [0, 1, 2])

@@ -20,7 +20,7 @@ import numpy as np
 from sap_lightning.core.io import atomic_path
 
 CHANNEL_NAMES: tuple[str, ...] = ("T1", "b1000")
-"""Network input channels, in order (method.md: T1-weighted and DWI b=1000)."""
+"""Network input channels, in order (docs/method.md: T1-weighted and DWI b=1000)."""
 
 SKELETON_LABELS: dict[str, int] = {
     "background": 0,

@@ -17,7 +17,7 @@ from sap_lightning.metrics.functional import (
 from sap_lightning.metrics.lesion import (
     DEFAULT_THRESHOLDS,
     LesionDetection,
-    LesionSegmentation,
+    LesionSegmentationQuality,
     make_lesion_metrics,
 )
 
@@ -27,7 +27,7 @@ __all__ = [
     "LesionDetection",
     "LesionDetectionResult",
     "LesionScore",
-    "LesionSegmentation",
+    "LesionSegmentationQuality",
     "binarize",
     "dice",
     "froc_counts",

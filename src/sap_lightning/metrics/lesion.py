@@ -309,7 +309,7 @@ class LesionDetection(_CaseRowsMetric):
         return pd.DataFrame(table)
 
 
-class LesionSegmentation(_CaseRowsMetric):
+class LesionSegmentationQuality(_CaseRowsMetric):
     """Segmentation quality: Dice and NSD of detected lesions, per-patient mean Dice (missed
     lesions 0), global Dice, total lesion volume per exam and its ICC(2,1) against the GT.
     """
@@ -440,7 +440,7 @@ def make_lesion_metrics(
     return MetricCollection(
         {
             "detection": LesionDetection(threshold, froc_thresholds, connectivity, min_volume_ml),
-            "segmentation": LesionSegmentation(threshold, tolerance_mm, connectivity),
+            "segmentation": LesionSegmentationQuality(threshold, tolerance_mm, connectivity),
         },
         prefix=prefix,
         compute_groups=False,

@@ -8,7 +8,7 @@ Steps, each skipped when its output is already complete, so an interrupted study
 3. for every arm (scratch, SSL, SAP) and every test fold: lesion fine-tuning on the other test
    folds (never on the tuning fold);
 4. per arm, the threshold is chosen on the tuning fold with the first fold's model (which never
-   saw it) and applied unchanged to every test fold (method.md, the "clean variant");
+   saw it) and applied unchanged to every test fold (docs/evaluation.md, the "clean variant");
 5. every test patient is predicted by the model of its fold, evaluated lesion-wise, and the arms
    are compared in ``<report_dir>/report.md`` (Table 1, p-values, FROC and box plots).
 """
@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from sap_lightning.cache import preprocess_dataset
-from sap_lightning.cache.splits import Splits, split_dataset
+from sap_lightning.cache.reader import open_cache
+from sap_lightning.cache.splits import Splits, cache_lesion_counts, split_dataset
 from sap_lightning.config import StudyConfig, load_config, to_yaml
 from sap_lightning.core.errors import SapError
 from sap_lightning.core.io import write_json, write_text
@@ -126,13 +127,19 @@ def _cohort(study: StudyConfig) -> tuple[Path, Path]:
 
 
 def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
-    for dataset in (skeleton, lesion):  # both checked before anything is written
-        require_valid_dataset(dataset)
-    for dataset in (skeleton, lesion):
-        preprocess_dataset(dataset, layout.default_cache_path(dataset))
-    split_dataset(skeleton, seed=study.seed)
+    # Each dataset is validated once, before anything is written; the result is passed down.
+    infos = {dataset: require_valid_dataset(dataset) for dataset in (skeleton, lesion)}
+    for dataset, info in infos.items():
+        preprocess_dataset(dataset, layout.default_cache_path(dataset), info=info)
+    split_dataset(skeleton, seed=study.seed, info=infos[skeleton])
+    counts = cache_lesion_counts(open_cache(layout.default_cache_path(lesion)))
     _, splits, _ = split_dataset(
-        lesion, n_folds=study.n_folds, tuning_fold=study.tuning_fold, seed=study.seed
+        lesion,
+        n_folds=study.n_folds,
+        tuning_fold=study.tuning_fold,
+        seed=study.seed,
+        info=infos[lesion],
+        lesion_counts=counts,
     )
     return splits
 

@@ -334,15 +334,14 @@ def _build_datamodule(cfg: ExperimentConfig, primary: bool) -> Any:
                 f"'data.dataset' is {cfg.data.dataset}: no such dataset folder (give the nnU-Net "
                 "raw folder with dataset.json, imagesTr and labelsTr)"
             )
-        if (datamodule.cache_root / CACHE_JSON).is_file():
-            # Reads every file once: nothing trains on a dataset broken since it was cached.
-            require_valid_dataset(
-                cfg.data.dataset,
-                require_labels=cfg.task != "ssl",
-                workers=max(1, cfg.data.num_workers),
-            )
-        # Builds the cache and splits.json when missing (validating the dataset first).
-        datamodule.prepare_data()
+        # Validated once per command: nothing trains on a dataset broken since it was cached,
+        # and building the cache or splits below reuses this result.
+        datamodule.dataset_info = require_valid_dataset(
+            cfg.data.dataset,
+            require_labels=cfg.task != "ssl",
+            workers=max(1, cfg.data.num_workers),
+        )
+        datamodule.prepare_data()  # builds the cache and splits.json when missing
     else:
         _wait_for(
             [datamodule.cache_root / CACHE_JSON, datamodule.splits_path],
@@ -431,7 +430,7 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
             warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
             if _final_epoch_unvalidated(cfg, trainer):
-                # The last epoch's model is the one used (method.md): always score it.
+                # The last epoch's model is the one used (docs/method.md): always score it.
                 trainer.validate(module, datamodule=datamodule, verbose=False)
     finally:
         if isinstance(logger, WandbLogger):

@@ -38,7 +38,7 @@ MIN_LESION_VOXELS = 3
 """Smaller lesions are drawn at this size: a 1-2 voxel blob is not a resolvable lesion."""
 LESION_MEDIAN_ML = 0.5
 LESION_LOG_SIGMA = math.log(2.0) / 0.6745
-"""Log-normal spread giving P(volume >= 1 mL) = 0.25 around a 0.5 mL median (method.md)."""
+"""Log-normal spread giving P(volume >= 1 mL) = 0.25 around a 0.5 mL median (docs/method.md)."""
 LESION_MAX_ML = 10.0
 MAX_LESIONS = 12
 
