@@ -22,7 +22,7 @@ FOLD ?= 1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install panoptica-venv test lint format demo data pretrain ssl finetune predict sweep agent bench clean
+.PHONY: finetune-config help install panoptica-venv nnunet-venv test lint format demo data pretrain ssl finetune predict sweep agent bench clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,7 +46,19 @@ $(PANOPTICA_VENV)/.installed:
 
 panoptica-venv: $(PANOPTICA_VENV)/.installed ## Isolated panoptica 2.1.7 (reference test and benchmark)
 
-test: install panoptica-venv ## Run the whole test suite (unit, integration, distributed, notebooks)
+# nnU-Net v2 is the independent reader of `sap predict` folders (its own evaluator scores them);
+# it pins its own stack, so it lives in its own venv. The CPU torch goes in first and stays
+# pinned while nnunetv2 installs: otherwise its torchvision (via timm) pulls a newer CUDA torch.
+NNUNET_VENV ?= .venv-nnunet
+$(NNUNET_VENV)/.installed:
+	$(PYTHON) -m venv $(NNUNET_VENV)
+	$(NNUNET_VENV)/bin/pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(NNUNET_VENV)/bin/pip install $(PIP_FLAGS) nnunetv2==2.8.1 "$(TORCH_SPEC)"
+	touch $@
+
+nnunet-venv: $(NNUNET_VENV)/.installed ## Isolated nnU-Net v2 (reads and scores sap predict folders in tests)
+
+test: install panoptica-venv nnunet-venv ## Run the whole test suite (unit, integration, distributed, notebooks)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 lint: install ## ruff check and format check
@@ -71,11 +83,15 @@ data: install $(PHANTOMS)/lesion/dataset.json ## Generate, check, preprocess and
 PRETRAIN_RUN ?= runs/cpu_pretrain
 SSL_RUN ?= runs/cpu_ssl
 
+# A run interrupted by Ctrl-C or a killed job has checkpoints/last.ckpt but no backbone.pt (or,
+# for fine-tuning, no finished marker): the make targets resume their own default runs.
+resume_if_interrupted = $(if $(and $(wildcard $(1)/checkpoints/last.ckpt),$(if $(CONFIG),,yes)),resume=true)
+
 pretrain: data ## Stage 1: skeleton pretraining (CONFIG=experiment.yaml ARGS="key=value ...")
-	$(SAP) pretrain --config $(or $(CONFIG),experiments/cpu/pretrain.yaml) $(ARGS)
+	$(SAP) pretrain --config $(or $(CONFIG),experiments/cpu/pretrain.yaml) $(call resume_if_interrupted,$(PRETRAIN_RUN)) $(ARGS)
 
 ssl: data ## SSL (Tang et al.) pretraining of the same backbone
-	$(SAP) ssl --config $(or $(CONFIG),experiments/cpu/ssl.yaml) $(ARGS)
+	$(SAP) ssl --config $(or $(CONFIG),experiments/cpu/ssl.yaml) $(call resume_if_interrupted,$(SSL_RUN)) $(ARGS)
 
 $(PRETRAIN_RUN)/backbone.pt:
 	$(MAKE) pretrain CONFIG= ARGS=
@@ -84,15 +100,21 @@ $(SSL_RUN)/backbone.pt:
 	$(MAKE) ssl CONFIG= ARGS=
 
 # The pretraining an arm starts from is run first when its exported backbone is absent.
-finetune: data $(if $(filter sap,$(INIT)),$(PRETRAIN_RUN)/backbone.pt) $(if $(filter ssl,$(INIT)),$(SSL_RUN)/backbone.pt) ## Lesion fine-tuning: INIT=scratch|sap|ssl FOLD=k
-	$(SAP) finetune --config $(or $(CONFIG),experiments/cpu/finetune_$(INIT).yaml) data.fold=$(FOLD) $(ARGS)
+FINETUNE_CONFIG = $(or $(CONFIG),experiments/cpu/finetune_$(INIT).yaml)
+FINETUNE_RUN ?= runs/cpu_finetune_$(INIT)_fold$(FOLD)
+
+finetune-config:
+	@test -f "$(FINETUNE_CONFIG)" || { echo "make finetune: $(FINETUNE_CONFIG) does not exist (INIT must be scratch, sap or ssl, or give CONFIG=file)" >&2; exit 2; }
+
+finetune: finetune-config data $(if $(filter sap,$(INIT)),$(PRETRAIN_RUN)/backbone.pt) $(if $(filter ssl,$(INIT)),$(SSL_RUN)/backbone.pt) ## Lesion fine-tuning: INIT=scratch|sap|ssl FOLD=k
+	$(SAP) finetune --config $(FINETUNE_CONFIG) data.fold=$(FOLD) $(call resume_if_interrupted,$(FINETUNE_RUN)) $(ARGS)
 
 predict: install ## Predict with a run: RUN=runs/... INPUT=dataset OUT=folder [ARGS=...]
 	$(SAP) predict --checkpoint $(RUN) --input $(INPUT) --out $(OUT) $(ARGS)
 
 SWEEP ?= experiments/sweeps/arms_cpu.yaml
 sweep: install ## Create a W&B sweep from SWEEP=experiments/sweeps/X.yaml (needs `wandb login`)
-	$(VENV)/bin/wandb sweep $(SWEEP)
+	$(SAP) sweep $(SWEEP) $(ARGS)
 
 agent: install ## Run a W&B sweep agent: SWEEP_ID=entity/project/id
 	$(VENV)/bin/wandb agent $(SWEEP_ID)

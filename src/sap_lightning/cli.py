@@ -4,6 +4,10 @@ Commands are listed in one table and imported lazily, so ``sap --help`` stays fa
 command only pays for the libraries it uses. Each command lives in
 ``sap_lightning.commands.<module>`` as a pair ``add_arguments_<name>(parser)`` /
 ``run_<name>(args) -> int`` (``<name>`` is the command with ``-`` replaced by ``_``).
+
+Every failure ends in one line on stderr: a bad option (exit status 2, before anything is
+written), a ``SapError`` (bad data, config or checkpoint; exit status 2) or an operating-system
+error such as a full disk or a read-only folder, named with its path (exit status 1).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from sap_lightning import __version__
 from sap_lightning.core.errors import SapError
@@ -33,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Lesion-wise evaluation of predictions against labels."),
     "compare": ("evaluate", "Compare evaluated runs: Table 1, p-values, FROC and box plots."),
     "study": ("study", "Run the whole study (data, pretraining, three arms, report)."),
+    "sweep": ("study", "Create a W&B sweep whose runs use this environment's interpreter."),
     "sweep-local": ("study", "Run a W&B sweep file's parameter space locally, without a server."),
 }
 
@@ -50,10 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Reports a bad option in one line (naming the option and the valid range), not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _command_parser(name: str) -> argparse.ArgumentParser:
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(f"sap_lightning.commands.{module_name}")
-    parser = argparse.ArgumentParser(prog=f"sap {name}", description=help_text)
+    parser = _OneLineParser(prog=f"sap {name}", description=help_text)
     getattr(module, f"add_arguments_{name.replace('-', '_')}")(parser)
     parser.set_defaults(_run=getattr(module, f"run_{name.replace('-', '_')}"))
     return parser
@@ -76,6 +89,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SapError as err:
         print(f"sap {top_args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"sap {top_args.command}: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(err: OSError) -> str:
+    """``<path>: <reason>`` (``<source> -> <target>: <reason>`` for a rename) in one line."""
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.filename is None:
+        return f"error: {reason}"
+    path = str(err.filename)
+    if err.filename2 is not None:
+        path = f"{path} -> {err.filename2}"
+    return f"{path}: {reason}"
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def study(tmp_path_factory):
     for arm, blur in (("good", 0.5), ("poor", 3.0)):
         for k, case_id in enumerate(CASES):
             prob, gt = _case(k, blur)
-            save_nifti(root / f"pred_{arm}" / f"{case_id}_prob.nii.gz", prob, affine)
+            save_nifti(root / f"pred_{arm}" / "probabilities" / f"{case_id}.nii.gz", prob, affine)
             if arm == "good":
                 save_nifti(label_path(root / "dataset", case_id), gt, affine)
             arrays[arm, case_id] = (prob, gt.astype(bool))
@@ -190,24 +190,24 @@ def test_clear_errors(study, tmp_path, capsys):
 
     broken = tmp_path / "broken"
     affine = affine_from_spacing(SPACING)
-    save_nifti(broken / "p0_prob.nii.gz", arrays["good", "p0"][0], affine)
+    save_nifti(broken / "probabilities" / "p0.nii.gz", arrays["good", "p0"][0], affine)
     err = _error(capsys, [*base, "--predictions", str(broken), "--cases", "p0,p1", "--tune"])
-    assert "case p1" in err and "p1_prob.nii.gz" in err and "p1.nii.gz" in err
-    save_nifti(broken / "p0_prob.nii.gz", np.zeros((5, 5, 5), np.float32), affine)
+    assert "case p1" in err and "probabilities/p1.nii.gz" in err and "broken/p1.nii.gz" in err
+    save_nifti(broken / "probabilities" / "p0.nii.gz", np.zeros((5, 5, 5), np.float32), affine)
     err = _error(
         capsys, [*base, "--predictions", str(broken), "--cases", "p0", "--threshold", "0.5"]
     )
-    assert "case p0" in err and "shape" in err and "p0_prob.nii.gz" in err
+    assert "case p0" in err and "shape" in err and "probabilities/p0.nii.gz" in err
 
     shifted = affine.copy()
     shifted[0, 3] = 7.0
-    save_nifti(broken / "p0_prob.nii.gz", arrays["good", "p0"][0], shifted)
+    save_nifti(broken / "probabilities" / "p0.nii.gz", arrays["good", "p0"][0], shifted)
     err = _error(
         capsys, [*base, "--predictions", str(broken), "--cases", "p0", "--threshold", "0.5"]
     )
     assert "case p0" in err and "affine" in err
 
-    save_nifti(broken / "p0_prob.nii.gz", arrays["good", "p0"][0] * 3, affine)
+    save_nifti(broken / "probabilities" / "p0.nii.gz", arrays["good", "p0"][0] * 3, affine)
     err = _error(
         capsys, [*base, "--predictions", str(broken), "--cases", "p0", "--threshold", "0.5"]
     )

@@ -20,10 +20,17 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("start", ["repo_root", "notebooks"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(
-    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    path: Path,
+    start: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """Each notebook runs in a kernel started at the repository root (``make`` and the tests)
+    and in ``notebooks/`` (where Jupyter starts kernels for a notebook opened there)."""
     if path.stem.startswith("03"):  # compares the runs of a (tiny) study
         config, _ = request.getfixturevalue("tiny_study")
         monkeypatch.setenv("SAP_NOTEBOOK_STUDY", config.runs_dir)
@@ -37,7 +44,9 @@ def test_notebook_runs(
         notebook,
         timeout=600,
         kernel_name="python3",
-        resources={"metadata": {"path": str(path.parents[1])}},
+        resources={
+            "metadata": {"path": str(path.parent if start == "notebooks" else path.parents[1])}
+        },
     )
     client.execute()
     errors = [

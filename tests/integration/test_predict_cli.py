@@ -1,7 +1,8 @@
-"""``sap predict`` outputs: grid, dtypes, threshold, lesion table and regions."""
+"""``sap predict`` outputs: layout, provenance, grid, dtypes, threshold, lesion table, regions."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+import sap_lightning
 from sap_lightning.backbones import create_backbone
 from sap_lightning.backbones.transfer import META_KEY, make_backbone_meta
 from sap_lightning.cli import main
@@ -70,15 +72,49 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
         == 0
     )
-    return {"dataset": dataset, "out": out, "run": run}
+    return {"dataset": dataset, "out": out, "run": run, "skeleton": skeleton}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_only_masks_at_the_top_level(setup) -> None:
+    """nnU-Net reads every top-level ``<case>.nii.gz`` of a prediction folder as a case."""
+    out = setup["out"]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case000.nii.gz", "case001.nii.gz"]
+    assert sorted(p.name for p in (out / "probabilities").iterdir()) == [
+        "case000.nii.gz",
+        "case001.nii.gz",
+    ]
+    assert sorted(p.name for p in (out / "skeleton").iterdir()) == [
+        "case000.nii.gz",
+        "case001.nii.gz",
+    ]
+
+
+def test_provenance_names_the_model_and_settings(setup) -> None:
+    provenance = json.loads((setup["out"] / "prediction.json").read_text())
+    checkpoint = setup["run"] / "checkpoints" / "last.ckpt"
+    assert provenance["checkpoint"]["sha256"] == _sha256(checkpoint)
+    assert Path(provenance["checkpoint"]["file"]) == checkpoint.resolve()
+    assert Path(provenance["checkpoint"]["path"]) == setup["run"].resolve()
+    assert provenance["skeleton_checkpoint"]["sha256"] == _sha256(setup["skeleton"])
+    assert provenance["threshold"] == 0.5
+    assert provenance["sap_lightning"] == sap_lightning.__version__
+    assert Path(provenance["input"]) == setup["dataset"].resolve()
+    assert provenance["overlap"] == 0.25 and len(provenance["window"]) == 3
+    for case in ("case000", "case001"):
+        summary = json.loads((setup["out"] / f"{case}_summary.json").read_text())
+        assert summary["checkpoint_sha256"] == _sha256(checkpoint)
 
 
 def test_outputs_share_the_input_grid(setup) -> None:
     image = nib.load(setup["dataset"] / "imagesTr" / "case000_0000.nii.gz")
     for name, dtype in [
-        ("case000_prob", np.uint16),
+        ("probabilities/case000", np.uint16),
         ("case000", np.uint8),
-        ("case000_skeleton", np.uint8),
+        ("skeleton/case000", np.uint8),
     ]:
         out = nib.load(setup["out"] / f"{name}.nii.gz")
         assert out.shape == image.shape
@@ -87,7 +123,7 @@ def test_outputs_share_the_input_grid(setup) -> None:
 
 
 def test_mask_is_probability_at_the_run_threshold(setup) -> None:
-    prob = nib.load(setup["out"] / "case000_prob.nii.gz").get_fdata()
+    prob = nib.load(setup["out"] / "probabilities" / "case000.nii.gz").get_fdata()
     mask = np.asanyarray(nib.load(setup["out"] / "case000.nii.gz").dataobj)
     assert prob.min() >= 0.0 and prob.max() <= 1.0
     np.testing.assert_array_equal(mask, (prob >= 0.5).astype(np.uint8))
@@ -95,7 +131,7 @@ def test_mask_is_probability_at_the_run_threshold(setup) -> None:
 
 def test_table_and_summary_agree_with_the_mask(setup) -> None:
     mask = np.asanyarray(nib.load(setup["out"] / "case000.nii.gz").dataobj)
-    skeleton = np.asanyarray(nib.load(setup["out"] / "case000_skeleton.nii.gz").dataobj)
+    skeleton = np.asanyarray(nib.load(setup["out"] / "skeleton" / "case000.nii.gz").dataobj)
     table = pd.read_csv(setup["out"] / "case000_lesions.csv")
     summary = json.loads((setup["out"] / "case000_summary.json").read_text())
     assert table["voxels"].sum() == mask.sum()
@@ -128,7 +164,7 @@ def test_threshold_override_and_plain_folder_input(setup, tmp_path: Path) -> Non
         )
         == 0
     )
-    prob = nib.load(out / "case001_prob.nii.gz").get_fdata()
+    prob = nib.load(out / "probabilities" / "case001.nii.gz").get_fdata()
     mask = np.asanyarray(nib.load(out / "case001.nii.gz").dataobj)
     np.testing.assert_array_equal(mask, (prob >= 0.99).astype(np.uint8))
     assert json.loads((out / "case001_summary.json").read_text())["threshold"] == 0.99

@@ -276,9 +276,9 @@ def test_kill_while_writing_last_checkpoint_keeps_the_previous_one(
 # ============================================================ crashes while writing outputs
 
 
-def _predict(data: dict[str, Path], model: Path, out: Path) -> int:
+def _predict(data: dict[str, Path], model: Path, out: Path, *extra: str) -> int:
     args = ["predict", "--checkpoint", str(model), "--input", str(data["lesion"])]
-    return main([*args, "--out", str(out), "--threshold", "0.5", "--no-progress"])
+    return main([*args, "--out", str(out), "--threshold", "0.5", "--no-progress", *extra])
 
 
 def _evaluate(data: dict[str, Path], predictions: Path, out: Path, threshold: float) -> int:
@@ -332,31 +332,35 @@ def test_crash_while_writing_predictions_leaves_no_half_or_mixed_case(
     assert _predict(data, data["lesion_model"], out) == 0  # model A: complete
     model_a = snapshot(out)
 
-    # Model B's run dies while writing case003's probability map.
+    capsys.readouterr()  # model B into model A's folder: refused, nothing touched
+    assert _predict(data, data["lesion_model_b"], out) == 2
+    assert names_problem(capsys.readouterr().err, str(out), "another model", "--overwrite")
+    assert snapshot(out) == model_a
+
+    # Model B's run, told to replace A's outputs, dies while writing case003's probability map.
     crash_on(monkeypatch, nib, "save", lambda image, filename: "case003" in Path(filename).name)
-    with pytest.raises(OSError, match="No space left"):
-        _predict(data, data["lesion_model_b"], out)
+    assert _predict(data, data["lesion_model_b"], out, "--overwrite") == 1
     monkeypatch.undo()
+    assert names_problem(capsys.readouterr().err, "case003", "No space left")
     after_crash = snapshot(out)
     assert hidden_files(out) == []  # the half-written temporary file is gone
-    for path in out.glob("*.nii.gz"):
+    for path in out.rglob("*.nii.gz"):
         nib.load(path).get_fdata()  # every file there is complete
-    assert not list(out.glob("case003*"))  # model A's case003 is not left to pose as B's
-    for case in ("case004", "case005"):  # not reached: still model A's, complete
-        for path in out.glob(f"{case}*"):
-            assert after_crash[str(path)] == model_a[str(path)]
+    for case in ("case003", "case004", "case005"):  # none of model A's left to pose as B's
+        assert not list(out.rglob(f"{case}*")), case
 
     capsys.readouterr()
     assert _evaluate(data, out, tmp_path / "evaluation", 0.5) == 2
     assert names_problem(capsys.readouterr().err, "case003", "no prediction")
     assert not (tmp_path / "evaluation").exists()
 
-    assert _predict(data, data["lesion_model_b"], out) == 0  # re-running repairs
+    assert _predict(data, data["lesion_model_b"], out) == 0  # re-running B resumes its folder
     repaired = snapshot(out)
     for case in ("case000", "case001", "case002"):  # written before the crash: B's, complete
-        for path in out.glob(f"{case}*"):
+        for path in out.rglob(f"{case}*"):
             assert after_crash[str(path)] == repaired[str(path)]
-    assert len(repaired) == 4 * len(LESION_CASES)
+    # mask, probability map, lesion table and summary per case, and prediction.json
+    assert len(repaired) == 4 * len(LESION_CASES) + 1
     assert _evaluate(data, out, tmp_path / "evaluation", 0.5) == 0
 
 

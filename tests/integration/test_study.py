@@ -43,13 +43,15 @@ def test_threshold_is_tuned_on_the_tuning_fold_only(tiny_study) -> None:
             assert (
                 json.loads((run / "threshold.json").read_text())["threshold"] == choice["threshold"]
             )
+            # one prediction folder per fold model, recording the model and threshold
+            predictions = Path(config.runs_dir) / arm / "predictions" / f"fold{fold}"
+            provenance = json.loads((predictions / "prediction.json").read_text())
+            assert provenance["threshold"] == choice["threshold"]
+            assert Path(provenance["checkpoint"]["path"]) == run.resolve()
             for case in splits.test_cases(fold):
-                summary = json.loads(
-                    (
-                        Path(config.runs_dir) / arm / "predictions" / f"{case}_summary.json"
-                    ).read_text()
-                )
+                summary = json.loads((predictions / f"{case}_summary.json").read_text())
                 assert summary["threshold"] == choice["threshold"]
+                assert summary["checkpoint_sha256"] == provenance["checkpoint"]["sha256"]
 
 
 def test_every_test_patient_is_predicted_on_its_own_grid(tiny_study) -> None:
@@ -58,11 +60,11 @@ def test_every_test_patient_is_predicted_on_its_own_grid(tiny_study) -> None:
     lesion = Path(config.data_dir) / "phantoms" / "lesion"
     test_cases = {c for f in splits.test_folds for c in splits.test_cases(f)}
     predictions = Path(config.runs_dir) / "sap" / "predictions"
-    predicted = {p.name[: -len("_prob.nii.gz")] for p in predictions.glob("*_prob.nii.gz")}
-    assert predicted == test_cases
+    maps = {p.name[: -len(".nii.gz")]: p for p in predictions.glob("fold*/probabilities/*.nii.gz")}
+    assert sorted(maps) == sorted(test_cases)  # each case once, by the model of its fold
     case = sorted(test_cases)[0]
     label = nib.load(layout.label_path(lesion, case))
-    prob = nib.load(predictions / f"{case}_prob.nii.gz")
+    prob = nib.load(maps[case])
     assert prob.shape == label.shape
     assert (prob.affine == label.affine).all()
 

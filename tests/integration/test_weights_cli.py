@@ -141,3 +141,17 @@ def test_cli_errors_name_the_file(trained, tmp_path, capsys):
     assert (
         "broken.ckpt: cannot read the file, it is truncated or corrupt" in capsys.readouterr().err
     )
+
+
+def test_inspect_checkpoint_accepts_a_run_folder(trained, tmp_path, capsys):
+    """The run folder that ``sap predict`` accepts: its checkpoints/last.ckpt is inspected."""
+    folder, _ = trained
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes((folder / "last.ckpt").read_bytes())
+    assert main(["inspect-checkpoint", str(run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["file"].endswith("checkpoints/last.ckpt")
+    assert summary["kind"] == "lightning checkpoint"
+    assert main(["inspect-checkpoint", str(tmp_path)]) == 2  # a folder that is no run
+    assert "run folder without" in capsys.readouterr().err

@@ -388,7 +388,7 @@ def test_check_reports_every_problem_at_once(dataset: Path) -> None:
 
 
 def test_dataset_json_problems_and_file_problems_together(dataset: Path) -> None:
-    _edit_json(dataset, lambda s: s.update(labels={"lesion": 1}, file_ending=".mha"))
+    _edit_json(dataset, lambda s: s.update(labels={"lesion": 1}, file_ending=".png"))
     (dataset / "imagesTr/case001_0000.nii.gz").unlink()
     problems = check_dataset(dataset)
     messages = [str(p) for p in problems]
@@ -444,7 +444,11 @@ def test_import_skeleton_with_custom_label_set_and_uncompressed_input(tmp_path: 
         json.dumps({"labels": {"background": 0} | {f"c{v}": v for v in range(1, 10)}})
     )
     info = import_folder(src, tmp_path / "out", labels=label_file, label_name="bones")
-    assert check_dataset(info.root) == []
+    # Nine classes that are not the library's skeleton set: the task must be named.
+    (undecided,) = check_dataset(info.root)
+    assert (undecided.case, undecided.file) == (None, "dataset.json")
+    assert "--task lesion" in undecided.message and "--task skeleton" in undecided.message
+    assert check_dataset(info.root, task="skeleton") == []
     data, _ = _load(info.case("pat00").images[0])
     np.testing.assert_array_equal(data, _load(src / "pat00/T1.nii")[0])
 

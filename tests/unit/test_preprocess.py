@@ -75,8 +75,12 @@ def test_normalize_channels_matches_hand_reference_and_monai() -> None:
     assert normed.min() == 0.0 and normed.max() == 1.0
 
 
-def test_constant_channel_becomes_zeros() -> None:
-    normed, percentiles = normalize_channels(np.full((1, 4, 4, 4), 7.0))
+def test_constant_channel_is_refused_and_flat_percentiles_become_zeros() -> None:
+    with pytest.raises(ValueError, match="channel 0 is constant"):
+        normalize_channels(np.full((1, 4, 4, 4), 7.0))
+    almost = np.full((1, 10, 10, 10), 7.0)
+    almost[0, 0, 0, 0] = 9.0  # not constant, but both percentiles are 7
+    normed, percentiles = normalize_channels(almost)
     assert np.all(normed == 0.0)
     np.testing.assert_array_equal(percentiles, [[7.0, 7.0]])
 

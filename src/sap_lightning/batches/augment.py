@@ -1,6 +1,10 @@
 """Training augmentations (docs/method.md): flips, 90-degree rotations in the axial plane, intensity
 scale and shift per channel, built as TorchIO transforms from ``cfg.data.augment``.
 
+Planes and axes are those of the canonical RAS+ frame every cached array is in
+(``dataset/images.py``): the axial plane is array axes 0 and 1 (X-Y), ``flip_axes`` index X (left-
+right), Y (anterior-posterior) and Z (head-feet), whatever orientation the files were stored in.
+
 The transforms run on the training *patch* (inside the loader's worker processes), after the
 patch was cut from the cache: flips and 90-degree rotations permute voxels exactly, so
 augmenting the patch gives the same result as augmenting the whole volume and then cropping,
@@ -28,7 +32,9 @@ from sap_lightning.config.schema import AugmentConfig
 from sap_lightning.core.errors import ConfigError
 
 AXIAL_PLANE = (0, 1)
-"""Array axes of the axial (X-Y) plane; arrays are in NIfTI voxel order (layout.py)."""
+"""Array axes of the axial (X-Y) plane. Cached arrays are in the canonical RAS+ frame
+(``dataset/images.py``), so axes 0 and 1 are the world's left-right and anterior-posterior
+axes whatever voxel order the scanner stored, and axis 2 is head-feet."""
 
 
 class RandomRot90(tio.transforms.augmentation.RandomTransform, tio.SpatialTransform):

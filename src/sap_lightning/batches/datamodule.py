@@ -249,7 +249,10 @@ class SapDataModule(L.LightningDataModule):
             rank_zero_info(f"building preprocessing cache {self.cache_root}")
             spacing = self.cfg.data.target_spacing
             params = PreprocessParams(target_spacing=None if spacing is None else tuple(spacing))
-            preprocess_dataset(self.dataset_root, self.cache_root, params, info=self.dataset_info)
+            preprocess_dataset(
+                self.dataset_root, self.cache_root, params, info=self.dataset_info,
+                task=self.dataset_task,
+            )  # fmt: skip
         if not self.splits_path.is_file():
             rank_zero_info(f"writing splits {self.splits_path}")
             data = self.cfg.data
@@ -261,10 +264,17 @@ class SapDataModule(L.LightningDataModule):
                 val_fraction=data.val_fraction,
                 out=self.splits_path,
                 info=self.dataset_info,
+                task=self.dataset_task,
                 lesion_counts=cache_lesion_counts(open_cache(self.cache_root))
                 if self.task == "lesion"
                 else None,
             )
+
+    @property
+    def dataset_task(self) -> str | None:
+        """The task the dataset is read for (labels merged into one lesion class for
+        ``lesion``); ``None`` for SSL, which reads no labels, so the label set decides."""
+        return self.task if self.task in ("lesion", "skeleton") else None
 
     def setup(self, stage: str | None = None) -> None:
         self._read_trainer()

@@ -25,17 +25,18 @@ from sap_lightning.cache.reader import (
     IMAGE_FILE,
     LABEL_FILE,
     LOCATIONS_FILE,
+    LOCK_FILE,
     META_JSON,
     _read_meta,
 )
 from sap_lightning.core.errors import ConfigError, DatasetError
-from sap_lightning.core.io import atomic_dir, read_json, write_json
+from sap_lightning.core.io import atomic_dir, file_lock, read_json, write_json, writer_pid
 from sap_lightning.core.lesions import bounding_box, check_connectivity, lesion_components
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import (
     CaseFiles,
     DatasetInfo,
-    read_case_arrays,
+    read_case,
     require_valid_dataset,
 )
 
@@ -146,7 +147,8 @@ def build_case(
     signatures: list[dict[str, Any]],
 ) -> str:
     """Preprocess one case into ``case_dir`` atomically; returns the case id."""
-    image, label, affine = read_case_arrays(case)
+    arrays = read_case(case)  # canonical RAS+ voxel order (dataset/images.py)
+    image, label, affine = arrays.image, arrays.label, arrays.affine
     original_shape = image.shape[1:]
     original_spacing = layout.spacing_of(affine)
     normed, new_affine, percentiles = prepare_image(
@@ -161,6 +163,7 @@ def build_case(
     locations = None
     if label is not None:
         if task == "lesion":
+            label = (label > 0).astype(np.uint8)  # several foreground labels: one lesion class
             lesions = lesion_components(label, spacing, params.connectivity)
         classes = sorted(v for v in labels.values() if v != 0)
         locations = sample_class_locations(
@@ -175,6 +178,7 @@ def build_case(
         "affine": new_affine.tolist(),
         "original_shape": list(original_shape),
         "original_spacing": list(original_spacing),
+        "source_orientation": arrays.source.orientation,
         "percentiles": percentiles.tolist(),
         "body_bbox": list(bounding_box(body)),
         "has_label": label is not None,
@@ -226,7 +230,7 @@ def _cache_description(info: DatasetInfo, params: PreprocessParams) -> dict[str,
         "name": info.name,
         "task": info.task,
         "channel_names": list(info.channel_names),
-        "labels": info.labels,
+        "labels": info.task_labels,
         "target_spacing": None if params.target_spacing is None else list(params.target_spacing),
         "params": params.to_dict(),
         "labelled": all(case.label is not None for case in info.cases),
@@ -257,19 +261,39 @@ def _check_cache_target(cache_root: Path, info: DatasetInfo, force: bool) -> Non
                 f"cache {cache_root}: {CACHE_JSON} belongs to dataset {other}, not "
                 f"{info.root.resolve()}; choose another --out or pass --force to replace it"
             )
-    elif any(cache_root.iterdir()) and not (cache_root / CASES_DIR).is_dir():
+    elif (
+        any(p.name != LOCK_FILE for p in cache_root.iterdir())
+        and not (cache_root / CASES_DIR).is_dir()
+    ):
         raise DatasetError(
             f"cache {cache_root}: folder is not empty and is not a preprocessing cache; "
             "choose another --out"
         )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _remove_leftovers(cases_dir: Path) -> None:
-    """Delete temporary folders that a killed run left behind (hidden ``.name.tmp-*``)."""
+    """Delete temporary folders that a killed run left behind (hidden ``.name.tmp-<pid>-*``).
+
+    Called with the cache lock held, so no other writer is at work; a folder whose writer is
+    still alive on this host is kept all the same.
+    """
     if not cases_dir.is_dir():
         return
     for entry in cases_dir.iterdir():
         if entry.name.startswith(".") and (".tmp-" in entry.name or ".old-" in entry.name):
+            pid = writer_pid(entry.name)
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                continue
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -280,20 +304,36 @@ def preprocess_dataset(
     workers: int = 1,
     force: bool = False,
     info: DatasetInfo | None = None,
+    task: str | None = None,
 ) -> PreprocessReport:
     """Build or update the cache of a dataset; up-to-date cases are skipped unless ``force``.
 
     The dataset is validated first (``require_valid_dataset``) and nothing is written when it has
     problems; a caller that has just validated it passes the result as ``info``. A dataset with
-    a ``labelsTr`` folder must label every case; one without it is cached unlabelled.
+    a ``labelsTr`` folder must label every case; one without it is cached unlabelled. ``task``
+    names the task when the label set does not say (``--task``); a lesion cache holds one
+    lesion class (label > 0).
     """
     params = params or PreprocessParams()
     dataset_root = Path(dataset_root)
     require_labels = (dataset_root / layout.LABELS_DIR).is_dir()
     if info is None:
-        info = require_valid_dataset(dataset_root, require_labels=require_labels, workers=workers)
+        info = require_valid_dataset(
+            dataset_root, require_labels=require_labels, workers=workers, task=task
+        )
     cache_root = Path(cache_root)
-    _check_cache_target(cache_root, info, force)
+    _check_cache_target(cache_root, info, force)  # before the lock file is created there
+    # One writer at a time (``fcntl.flock`` on <cache>/.lock; ``open_cache`` holds it shared):
+    # concurrent runs and fold jobs wait, then find the cases current and skip them.
+    with file_lock(cache_root / LOCK_FILE):
+        return _update_cache(cache_root, info, params, workers, force)
+
+
+def _update_cache(
+    cache_root: Path, info: DatasetInfo, params: PreprocessParams, workers: int, force: bool
+) -> PreprocessReport:
+    """The locked part of :func:`preprocess_dataset`: check, build, remove stale, describe."""
+    _check_cache_target(cache_root, info, force)  # again: another writer may have changed it
     cases_dir = cache_root / CASES_DIR
     _remove_leftovers(cases_dir)
 
@@ -302,7 +342,7 @@ def preprocess_dataset(
     for case in info.cases:
         signatures = source_signatures(case)
         case_dir = cases_dir / case.case_id
-        if not force and _is_current(case_dir, case, info.labels, params, signatures):
+        if not force and _is_current(case_dir, case, info.task_labels, params, signatures):
             report.skipped.append(case.case_id)
         else:
             todo.append((case, signatures))
@@ -316,7 +356,7 @@ def preprocess_dataset(
     description_path.unlink(missing_ok=True)
     cases_dir.mkdir(parents=True, exist_ok=True)
     jobs = [
-        (case, cases_dir / case.case_id, info.task, info.labels, params, signatures)
+        (case, cases_dir / case.case_id, info.task, info.task_labels, params, signatures)
         for case, signatures in todo
     ]
     if workers <= 1 or len(jobs) <= 1:

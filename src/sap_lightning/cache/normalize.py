@@ -21,9 +21,11 @@ def normalize_channels(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clip each channel to its ``lower``-``upper`` percentile and rescale it to [0, 1].
 
-    Percentiles are taken over the whole volume given (docs/method.md: never over a patch). A channel
-    whose percentiles coincide (constant volume) carries no contrast and becomes all zeros.
-    Returns the float32 image and the ``(C, 2)`` percentiles used.
+    Percentiles are taken over the whole volume given (docs/method.md: never over a patch). A
+    constant channel is refused (``ValueError``): it carries no contrast and rescaling it would
+    divide by zero; the dataset checks reject such files earlier, naming case and file. A channel
+    that is not constant but whose percentiles coincide (over 98% of one value) becomes all zeros,
+    with a warning. Returns the float32 image and the ``(C, 2)`` percentiles used.
 
     Written in numpy rather than with MONAI's ``ScaleIntensityRangePercentiles`` (which computes
     the same thing; the tests compare the two) so that preprocessing workers do not import torch
@@ -47,7 +49,18 @@ def normalize_channels(
             out -= np.float32(low)
             out /= np.float32(high - low)
             np.clip(out, 0.0, 1.0, out=out)  # float32 rounding must not leave [0, 1]
+        elif float(np.min(channel)) == float(np.max(channel)):
+            raise ValueError(
+                f"channel {index} is constant (every voxel is {low:g}): nothing to normalise"
+            )
         else:
+            log.warning(
+                "channel %d: the %g and %g percentiles are both %g: the channel becomes zeros",
+                index,
+                lower,
+                upper,
+                low,
+            )
             normed[index] = 0.0
     return normed, percentiles
 

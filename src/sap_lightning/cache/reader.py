@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 
 from sap_lightning.core.errors import DatasetError
-from sap_lightning.core.io import read_json
+from sap_lightning.core.io import file_lock, read_json
 from sap_lightning.core.lesions import LesionInfo
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
-"""Bumped whenever the stored arrays or meta.json change meaning; older caches are refused."""
+CACHE_FORMAT_VERSION = 2
+"""Bumped whenever the stored arrays or meta.json change meaning; older caches are refused.
+2: arrays, affine and spacing in the canonical RAS+ frame, ``source_orientation`` in meta.json."""
 
 CACHE_JSON = "cache.json"
 CASES_DIR = "cases"
@@ -27,6 +28,8 @@ IMAGE_FILE = "image.npy"
 LABEL_FILE = "label.npy"
 BODY_FILE = "body.npy"
 LOCATIONS_FILE = "class_locations.npz"
+LOCK_FILE = ".lock"
+"""Held shared while a cache is opened and exclusively while ``preprocess_dataset`` changes it."""
 
 # --------------------------------------------------------------------------- reading the cache
 
@@ -157,9 +160,15 @@ def open_cache(cache_root: str | os.PathLike) -> PreprocessedCache:
     """Open a finished cache, checking its format version and every case's meta.json.
 
     Raises ``DatasetError`` naming the case and file when the cache is missing, unfinished, of
-    another format version or has a case without a valid meta.json.
+    another format version or has a case without a valid meta.json. Reads under the cache's
+    shared lock: a concurrent ``sap preprocess`` is waited for, never seen half-done.
     """
     root = Path(cache_root)
+    with file_lock(root / LOCK_FILE, shared=True):
+        return _open_cache(root)
+
+
+def _open_cache(root: Path) -> PreprocessedCache:
     path = root / CACHE_JSON
     if not path.is_file():
         state = "does not exist" if not root.exists() else f"has no {CACHE_JSON}"

@@ -21,25 +21,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from sap_lightning.cache.reader import PreprocessedCache
 from sap_lightning.config.schema import DataConfig
 from sap_lightning.core.errors import DatasetError
-from sap_lightning.core.io import read_json, write_json
+from sap_lightning.core.io import file_lock, read_json, write_json
 from sap_lightning.core.lesions import DEFAULT_CONNECTIVITY
 from sap_lightning.core.lesions import count_lesions as count_label_lesions
 from sap_lightning.core.tasks import LABELLED_TASKS
 from sap_lightning.dataset import layout
+from sap_lightning.dataset.images import read_image
 from sap_lightning.dataset.validate import DatasetInfo, require_valid_dataset
 
 # --------------------------------------------------------------------------- making splits
 
 
 def count_lesions(label_path: str | os.PathLike, connectivity: int = DEFAULT_CONNECTIVITY) -> int:
-    """Number of lesions (connected components of ``label > 0``) in a label file."""
-    return count_label_lesions(np.asanyarray(nib.load(label_path).dataobj), connectivity)
+    """Number of lesions (connected components of ``label > 0``: every foreground label is
+    lesion, as in a lesion cache) in a label file of any supported ending."""
+    try:
+        label = read_image(label_path).data
+    except Exception as err:  # the readers raise many types on corrupt files
+        raise DatasetError(f"{label_path}: unreadable label ({type(err).__name__}: {err})") from err
+    return count_label_lesions(np.asarray(label), connectivity)
 
 
 def count_dataset_lesions(info: DatasetInfo, connectivity: int = 6) -> dict[str, int]:
@@ -337,22 +342,24 @@ def write_splits(path: str | os.PathLike, splits: dict[str, Any], force: bool = 
     """Write ``splits`` atomically; returns ``False`` when an identical file is already there.
 
     An existing different file is kept unless ``force``: models trained on it would silently
-    stop matching their test folds.
+    stop matching their test folds. Checked and written under ``.<name>.lock`` next to it, so
+    concurrent fold jobs writing the same splits all succeed.
     """
     path = Path(path)
-    if path.exists():
-        try:
-            previous = read_json(path)
-        except (OSError, ValueError):
-            previous = None
-        if previous == splits:
-            return False
-        if not force:
-            raise DatasetError(
-                f"{path}: exists with different splits; pass --force to overwrite it (runs "
-                "trained on the old splits would no longer match their folds)"
-            )
-    write_json(path, splits)
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        if path.exists():
+            try:
+                previous = read_json(path)
+            except (OSError, ValueError):
+                previous = None
+            if previous == splits:
+                return False
+            if not force:
+                raise DatasetError(
+                    f"{path}: exists with different splits; pass --force to overwrite it (runs "
+                    "trained on the old splits would no longer match their folds)"
+                )
+        write_json(path, splits)
     return True
 
 
@@ -367,15 +374,17 @@ def split_dataset(
     force: bool = False,
     info: DatasetInfo | None = None,
     lesion_counts: Mapping[str, int] | None = None,
+    task: str | None = None,
 ) -> tuple[Path, Splits, bool]:
-    """Validate a dataset, make its splits and write them (default ``DATASET/splits.json``).
+    """Validate a dataset, make its splits and write them (default ``default_splits_path``).
 
     A caller that has just validated the dataset passes ``info``; one that has cached it passes
     the cache's ``lesion_counts`` (:func:`cache_lesion_counts`), so labels are not read again.
-    Returns the path, the validated splits and whether the file was (re)written.
+    ``task`` names the task when the label set does not say (``--task``): lesion folds or a
+    skeleton holdout. Returns the path, the validated splits and whether the file was written.
     """
     if info is None:
-        info = require_valid_dataset(root)
+        info = require_valid_dataset(root, task=task)
     if info.task == "lesion":
         counts = (
             dict(lesion_counts)
@@ -395,7 +404,7 @@ def split_dataset(
         raw = make_holdout_split(
             info.case_ids, [info.subjects[c] for c in info.case_ids], val_fraction, seed
         )
-    path = Path(out) if out is not None else info.root / layout.SPLITS_JSON
+    path = Path(out) if out is not None else layout.default_splits_path(info.root)
     splits = splits_from_dict(raw, source=str(path), dataset=info)
     written = write_splits(path, raw, force=force)
     return path, splits, written

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from sap_lightning.commands import _args
 from sap_lightning.config.schema import DataConfig
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.lesions import CONNECTIVITIES, DEFAULT_CONNECTIVITY
@@ -16,6 +17,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _add_task_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        choices=("lesion", "skeleton"),
+        default=None,
+        help="what the labels are for, when the label set does not say (default: one foreground "
+        "label is a lesion dataset, the 10-class skeleton set a skeleton dataset). lesion: every "
+        "foreground label (e.g. lytic and blastic) is merged into one lesion class",
+    )
 
 
 # --------------------------------------------------------------------------- import-folder
@@ -58,6 +70,7 @@ def _read_subjects(path: Path | None) -> dict[str, str] | None:
 
 
 def run_import_folder(args: argparse.Namespace) -> int:
+    from sap_lightning.dataset import layout
     from sap_lightning.dataset.import_folder import import_folder
 
     info = import_folder(
@@ -69,8 +82,10 @@ def run_import_folder(args: argparse.Namespace) -> int:
         require_labels=not args.no_labels,
     )
     labelled = sum(case.label is not None for case in info.cases)
+    task = layout.task_of_labels(info.labels)
+    task_text = f"task {task}" if task else "task not implied by the labels: use --task"
     print(
-        f"imported {len(info.cases)} cases ({labelled} labelled, task {info.task}) into "
+        f"imported {len(info.cases)} cases ({labelled} labelled, {task_text}) into "
         f"{info.root}; next: sap check-data {info.root}"
     )
     return 0
@@ -85,25 +100,34 @@ def add_arguments_check_data(parser: argparse.ArgumentParser) -> None:
         "--no-labels", action="store_true", help="do not require a label for every case"
     )
     parser.add_argument(
-        "--workers", type=_positive_int, default=1, help="processes reading files (default 1)"
+        "--workers", type=_args.positive_int, default=1, help="processes reading files (default 1)"
     )
+    _add_task_argument(parser)
 
 
 def run_check_data(args: argparse.Namespace) -> int:
     """Print every problem, one per line; exit status 1 when there is any."""
     from sap_lightning.dataset.validate import check_dataset, load_dataset
 
-    problems = check_dataset(args.dataset, require_labels=not args.no_labels, workers=args.workers)
+    problems = check_dataset(
+        args.dataset, require_labels=not args.no_labels, workers=args.workers, task=args.task
+    )
     if problems:
         for problem in problems:
             print(problem)
         print(f"{args.dataset}: {len(problems)} problem{'s' if len(problems) != 1 else ''} found")
         return 1
-    info = load_dataset(args.dataset)
+    info = load_dataset(args.dataset, task=args.task)
     subjects = len(set(info.subjects.values()))
+    try:
+        task = f"task {info.task}"
+        if info.task == "lesion" and len(info.task_labels) < len(info.labels):
+            task += " (foreground labels merged into one lesion class)"
+    except DatasetError:  # --no-labels on a label set that does not say: nothing needs it here
+        task = "task undecided (the label set does not say; pass --task to train on it)"
     print(
-        f"{info.root}: OK: {len(info.cases)} cases of {subjects} subjects, task {info.task}, "
-        f"channels {', '.join(info.channel_names)}"
+        f"{info.root}: OK: {len(info.cases)} cases of {subjects} subjects, {task}, "
+        f"channels {', '.join(info.channel_names)}, files {info.file_ending}"
     )
     return 0
 
@@ -121,7 +145,7 @@ def add_arguments_preprocess(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--target-spacing",
-        type=float,
+        type=_args.positive_float,
         nargs=3,
         metavar=("X", "Y", "Z"),
         default=None,
@@ -129,7 +153,7 @@ def add_arguments_preprocess(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=_args.positive_int,
         default=1,
         help="processes (default 1; memory grows with each: one whole-body case per process)",
     )
@@ -144,6 +168,7 @@ def add_arguments_preprocess(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the class-location sub-sampling"
     )
+    _add_task_argument(parser)
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
@@ -157,7 +182,9 @@ def run_preprocess(args: argparse.Namespace) -> int:
     from sap_lightning.dataset.layout import default_cache_path
 
     out = args.out if args.out is not None else default_cache_path(args.dataset)
-    report = preprocess_dataset(args.dataset, out, params, workers=args.workers, force=args.force)
+    report = preprocess_dataset(
+        args.dataset, out, params, workers=args.workers, force=args.force, task=args.task
+    )
     removed = f", {len(report.removed)} removed" if report.removed else ""
     print(
         f"cache {report.cache_root}: {len(report.written)} cases written, "
@@ -176,14 +203,15 @@ def add_arguments_split(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--folds",
         type=int,
-        default=data.n_folds,
-        help="lesion datasets: folds (default %(default)s, data.n_folds)",
+        default=None,
+        help=f"lesion datasets: folds (default {data.n_folds}, data.n_folds)",
     )
     parser.add_argument(
         "--tuning-fold",
         type=int,
-        default=data.tuning_fold,
-        help="lesion datasets: threshold-tuning fold (default %(default)s, data.tuning_fold)",
+        default=None,
+        help=f"lesion datasets: threshold-tuning fold (default {data.tuning_fold}, "
+        "data.tuning_fold)",
     )
     parser.add_argument(
         "--seed", type=int, default=data.split_seed, help="seed (default %(default)s)"
@@ -207,21 +235,60 @@ def add_arguments_split(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="overwrite an existing different splits file"
     )
+    _add_task_argument(parser)
+    parser.add_argument(
+        "--from-nnunet",
+        type=Path,
+        default=None,
+        metavar="SPLITS_FINAL_JSON",
+        help="take the folds from nnU-Net's splits_final.json (fold k's val cases become fold k, "
+        "--tuning-fold picks the tuning fold) instead of making them",
+    )
+
+
+def _run_split_from_nnunet(args: argparse.Namespace, data: DataConfig) -> int:
+    from sap_lightning.cache.nnunet_splits import split_from_nnunet
+
+    if args.folds is not None:
+        raise DatasetError("--folds: with --from-nnunet the folds are nnU-Net's; drop --folds")
+    path, splits, written = split_from_nnunet(
+        args.dataset,
+        args.from_nnunet,
+        tuning_fold=data.tuning_fold if args.tuning_fold is None else args.tuning_fold,
+        out=args.out,
+        force=args.force,
+        task=args.task,
+    )
+    sizes = "/".join(str(len(fold)) for fold in splits.folds)
+    print(
+        f"{path} {'written' if written else 'unchanged'}: {splits.n_folds} folds of {sizes} "
+        f"cases from {args.from_nnunet}, tuning fold {splits.tuning_fold}"
+    )
+    return 0
 
 
 def run_split(args: argparse.Namespace) -> int:
     from sap_lightning.cache.splits import split_dataset
 
+    data = DataConfig()
+    if args.from_nnunet is not None:
+        return _run_split_from_nnunet(args, data)
     path, splits, written = split_dataset(
         args.dataset,
-        n_folds=args.folds,
-        tuning_fold=args.tuning_fold,
+        n_folds=data.n_folds if args.folds is None else args.folds,
+        tuning_fold=data.tuning_fold if args.tuning_fold is None else args.tuning_fold,
         seed=args.seed,
         val_fraction=args.val_fraction,
         out=args.out,
         connectivity=args.connectivity,
         force=args.force,
+        task=args.task,
     )
+    if splits.task != "lesion" and (args.folds is not None or args.tuning_fold is not None):
+        print(
+            f"{args.dataset}: a skeleton dataset gets a train/validation split, not folds: "
+            "--folds/--tuning-fold ignored (pass --task lesion for lesion folds)"
+        )
     state = "written" if written else "unchanged"
     if splits.task == "lesion":
         sizes = "/".join(str(len(fold)) for fold in splits.folds)

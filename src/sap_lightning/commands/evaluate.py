@@ -8,6 +8,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+from sap_lightning.commands import _args
 from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.core.errors import SapError
 from sap_lightning.core.lesions import CONNECTIVITIES
@@ -44,7 +45,9 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
         "--predictions",
         required=True,
         type=Path,
-        help="folder with <case>_prob.nii.gz and/or <case>.nii.gz",
+        nargs="+",
+        help="sap predict folder(s): masks <case>.nii.gz, probabilities/<case>.nii.gz; several "
+        "folders (one per fold model) are evaluated together",
     )
     parser.add_argument(
         "--dataset",
@@ -58,7 +61,9 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--splits", type=Path, help="splits.json (with --fold)")
     which.add_argument("--fold", type=_fold, help="fold number, or 'tuning' for the tuning fold")
     threshold = parser.add_mutually_exclusive_group()
-    threshold.add_argument("--threshold", type=float, help="probability threshold in (0, 1]")
+    threshold.add_argument(
+        "--threshold", type=_args.probability, help="probability threshold in (0, 1]"
+    )
     threshold.add_argument(
         "--threshold-file", type=Path, help="threshold JSON written by a --tune run"
     )
@@ -83,13 +88,13 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--min-volume-ml",
-        type=float,
+        type=_args.non_negative_float,
         default=1.0,
         help="volume of 'clinically relevant' lesions (default 1.0 mL)",
     )
     parser.add_argument(
         "--tolerance-mm",
-        type=float,
+        type=_args.positive_float,
         default=ValidationConfig.tolerance_mm,
         help="NSD tolerance in mm (default %(default)s)",
     )
@@ -121,8 +126,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         # A dataset is checked whole before anything is read or written: a broken or
         # mislabelled file must stop the evaluation, not skew it. (A bare labelsTr folder has
         # no label set to check against; its files are checked as they are read.)
-        require_valid_dataset(args.dataset)
-    cases = resolve_cases(args.dataset, args.cases, args.splits, args.fold)
+        require_valid_dataset(args.dataset, task="lesion")  # any foreground is lesion
+    predictions = args.predictions[0] if len(args.predictions) == 1 else list(args.predictions)
+    cases = resolve_cases(args.dataset, args.cases, args.splits, args.fold, predictions)
     settings = EvaluationSettings(
         threshold=args.threshold,
         thresholds=grid,
@@ -146,12 +152,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 f"(--fold tuning or --fold {tuning_fold}), never on a test fold"
             )
     if args.tune:
-        choice = tune_on_predictions(args.predictions, args.dataset, cases, settings, progress)
+        choice = tune_on_predictions(predictions, args.dataset, cases, settings, progress)
         path = save_threshold(args.out / THRESHOLD_JSON, choice)
         print(f"tuned threshold {choice.threshold:g} (median F2 {choice.median_f2:.3f}) -> {path}")
         settings = replace(settings, threshold=choice.threshold)
 
-    evaluation = evaluate_predictions(args.predictions, args.dataset, cases, settings, progress)
+    evaluation = evaluate_predictions(predictions, args.dataset, cases, settings, progress)
     written = write_evaluation(evaluation, args.out)
     metrics = evaluation.summary["metrics"]
     suffix = evaluation.summary["settings"]["large_suffix"]
@@ -179,7 +185,9 @@ def add_arguments_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("eval_dirs", nargs="+", type=Path, help="folders written by sap evaluate")
     parser.add_argument("--names", nargs="+", help="arm names (default: folder names)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument(
+        "--n-resamples", type=_args.positive_int, default=1000, help="bootstrap resamples"
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sap_lightning.commands import _args
 from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.inference.predict import predict_cases
 
@@ -27,22 +28,37 @@ def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=_args.probability,
         default=None,
         help="probability threshold (default: <run>/threshold.json, as written by "
         "sap evaluate --tune on the tuning fold; else 0.5 with a warning)",
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument(
+        "--device",
+        type=_args.device,
+        default=None,
+        help="torch device (default: cuda if available)",
+    )
     parser.add_argument(
         "--roi-size",
-        type=int,
+        type=_args.positive_int,
         nargs=3,
         default=None,
         help="sliding-window size (default: the run's validation window)",
     )
-    parser.add_argument("--sw-batch-size", type=int, default=ValidationConfig.sw_batch_size)
-    parser.add_argument("--overlap", type=float, default=ValidationConfig.overlap)
+    parser.add_argument(
+        "--sw-batch-size", type=_args.positive_int, default=ValidationConfig.sw_batch_size
+    )
+    parser.add_argument(
+        "--overlap", type=_args.unit_interval_open, default=ValidationConfig.overlap
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="clear another model's predictions from --out first (only files sap predict "
+        "writes; without it such a folder is refused)",
+    )
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -57,6 +73,7 @@ def run_predict(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size,
         overlap=args.overlap,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     total = sum(s["lesions"] for s in summaries)
     print(f"predicted {len(summaries)} cases ({total} lesions) into {args.out}")

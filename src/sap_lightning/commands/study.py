@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sap_lightning.commands import _args
 from sap_lightning.config import load_study_config
 
 
@@ -34,7 +35,7 @@ def add_arguments_sweep_local(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="W&B sweep file (experiments/sweeps/*.yaml)")
     parser.add_argument(
         "--count",
-        type=int,
+        type=_args.positive_int,
         default=None,
         help="number of runs (random: required; grid: the first COUNT points)",
     )
@@ -70,3 +71,31 @@ def run_sweep_local(args: argparse.Namespace) -> int:
             f"{len(points) - ran} not run"
         )
     return 1 if failed else 0
+
+
+def add_arguments_sweep(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="W&B sweep file (experiments/sweeps/*.yaml, or its name)")
+    parser.add_argument("--project", default=None, help="W&B project (default: W&B's own)")
+    parser.add_argument("--entity", default=None, help="W&B entity (default: W&B's own)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the sweep config instead of creating it"
+    )
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Create a W&B sweep whose runs use this environment's interpreter (see
+    ``config.sweep.wandb_sweep_config``); print the id and the agent command."""
+    import yaml
+
+    from sap_lightning.config.sweep import wandb_sweep_config
+
+    config = wandb_sweep_config(args.sweep)
+    if args.dry_run:
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
+    import wandb
+
+    sweep_id = wandb.sweep(sweep=config, project=args.project, entity=args.entity)
+    where = "/".join(part for part in (args.entity, args.project, sweep_id) if part)
+    print(f"sweep {sweep_id}; run agents with: make agent SWEEP_ID={where}")
+    return 0

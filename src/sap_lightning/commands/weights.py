@@ -33,15 +33,18 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_arguments_inspect_checkpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "path", type=Path, help="exported backbone, Lightning checkpoint or state dict"
+        "path",
+        type=Path,
+        help="run folder, exported backbone, Lightning checkpoint or state dict",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run_inspect_checkpoint(args: argparse.Namespace) -> int:
     from sap_lightning.backbones.transfer import summarize_checkpoint
+    from sap_lightning.core.run_layout import run_checkpoint
 
-    summary = summarize_checkpoint(args.path)
+    summary = summarize_checkpoint(run_checkpoint(args.path))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

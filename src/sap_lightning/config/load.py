@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from sap_lightning.config.files import resolve_config_path
 from sap_lightning.config.schema import (
     INIT_MODES,
     LOGGERS,
@@ -86,17 +88,111 @@ def _check_choice(value: str, choices: Sequence[str], key: str) -> None:
         raise ConfigError(f"'{key}' is '{value}'; valid choices: {', '.join(choices)}")
 
 
+def _check_range(
+    value: float | None,
+    key: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Refuse a non-finite value or one outside ``[low, high]`` (ends open where asked), naming
+    the key and the valid range; ``None`` (an unset optional value) passes."""
+    if value is None:
+        return
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if math.isfinite(value) and not below and not above:
+        return
+    if high is None:
+        valid = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        valid = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ConfigError(f"'{key}' is {value!r}; it must be a finite number {valid}")
+
+
+def _check_sizes(sizes: Sequence[int] | None, key: str, what: str = "sizes") -> None:
+    if sizes is not None and (len(sizes) != 3 or min(sizes) < 1):
+        raise ConfigError(f"'{key}' must be three positive {what}, got {list(sizes)}")
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    """Ranges of numeric keys, checked when the config is loaded: before any folder is written,
+    instead of deep inside a run (or never, as a NaN threshold would be)."""
+    data, optim, val, trainer, aug = (
+        cfg.data,
+        cfg.optim,
+        cfg.validation,
+        cfg.trainer,
+        cfg.data.augment,
+    )
+    _check_sizes(data.patch_size, "data.patch_size")
+    if data.target_spacing is not None:
+        if len(data.target_spacing) != 3:
+            raise ConfigError("'data.target_spacing' must be three spacings in mm or null")
+        for value in data.target_spacing:
+            _check_range(value, "data.target_spacing", 0, low_open=True)
+    for key, value, low in (
+        ("data.batch_size", data.batch_size, 1),
+        ("data.num_workers", data.num_workers, 0),
+        ("data.samples_per_volume", data.samples_per_volume, 1),
+        ("data.queue_length", data.queue_length, 1),
+        ("data.patches_per_epoch", data.patches_per_epoch, 1),
+        ("data.positive_margin", data.positive_margin, 0),
+        ("data.n_folds", data.n_folds, 2),
+        ("optim.warmup_epochs", optim.warmup_epochs, 0),
+        ("validation.sw_batch_size", val.sw_batch_size, 1),
+        ("validation.every_n_epochs", val.every_n_epochs, 1),
+        ("trainer.max_epochs", trainer.max_epochs, 1),
+        ("trainer.num_nodes", trainer.num_nodes, 1),
+        ("trainer.log_every_n_steps", trainer.log_every_n_steps, 1),
+        ("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, 1),
+    ):
+        _check_range(value, key, low)
+    _check_range(data.val_fraction, "data.val_fraction", 0, 1, low_open=True, high_open=True)
+    _check_range(data.positive_min_scale, "data.positive_min_scale", 1)
+    for key, value in (
+        ("optim.lr", optim.lr),
+        ("optim.encoder_lr", optim.encoder_lr),
+        ("optim.decoder_lr", optim.decoder_lr),
+        ("validation.tolerance_mm", val.tolerance_mm),
+        ("ssl.temperature", cfg.ssl.temperature),
+    ):
+        _check_range(value, key, 0, low_open=True)
+    _check_range(optim.weight_decay, "optim.weight_decay", 0)
+    _check_range(optim.min_lr_ratio, "optim.min_lr_ratio", 0, 1)
+    _check_range(val.threshold, "validation.threshold", 0, 1, low_open=True)
+    _check_range(val.overlap, "validation.overlap", 0, 1, high_open=True)
+    _check_sizes(val.roi_size, "validation.roi_size")
+    for key, value in (
+        ("data.augment.flip_p", aug.flip_p),
+        ("data.augment.rot90_p", aug.rot90_p),
+        ("data.augment.intensity_p", aug.intensity_p),
+    ):
+        _check_range(value, key, 0, 1)
+    _check_range(aug.intensity_scale, "data.augment.intensity_scale", 0, 1, high_open=True)
+    _check_range(aug.intensity_shift, "data.augment.intensity_shift", 0)
+    _check_range(cfg.ssl.cutout_fraction, "ssl.cutout_fraction", 0, 1, high_open=True)
+    for key, value in (
+        ("loss.dice_weight", cfg.loss.dice_weight),
+        ("loss.ce_weight", cfg.loss.ce_weight),
+        ("ssl.rotation_weight", cfg.ssl.rotation_weight),
+        ("ssl.contrastive_weight", cfg.ssl.contrastive_weight),
+        ("ssl.reconstruction_weight", cfg.ssl.reconstruction_weight),
+    ):
+        _check_range(value, key, 0)
+    _check_range(cfg.trainer.gradient_clip_val, "trainer.gradient_clip_val", 0)
+
+
 def validate_config(cfg: ExperimentConfig) -> None:
-    """Check values that types alone cannot: choices, shapes and values that must agree."""
+    """Check values that types alone cannot: choices, ranges, shapes and values that must agree.
+
+    Runs when a config is loaded (:func:`load_config`), before any run folder exists.
+    """
     _check_choice(cfg.task, TASKS, "task")
     _check_choice(cfg.model.init, INIT_MODES, "model.init")
     _check_choice(cfg.logger, LOGGERS, "logger")
-    if len(cfg.data.patch_size) != 3 or min(cfg.data.patch_size) < 1:
-        raise ConfigError(
-            f"'data.patch_size' must be three positive sizes, got {cfg.data.patch_size}"
-        )
-    if cfg.data.target_spacing is not None and len(cfg.data.target_spacing) != 3:
-        raise ConfigError("'data.target_spacing' must be three spacings in mm or null")
+    _check_values(cfg)
     if cfg.task == "lesion":
         if cfg.model.init != "scratch" and not cfg.model.pretrained:
             raise ConfigError(
@@ -110,8 +206,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
             )
         if not 0 <= cfg.data.fold < cfg.data.n_folds:
             raise ConfigError(f"'data.fold' must be in 0..{cfg.data.n_folds - 1}")
-    if cfg.data.batch_size < 1:
-        raise ConfigError("'data.batch_size' must be at least 1")
+    if not 0 <= cfg.data.tuning_fold < cfg.data.n_folds:
+        raise ConfigError(f"'data.tuning_fold' must be in 0..{cfg.data.n_folds - 1}")
 
 
 OPEN_KEYS = ("model.kwargs", "model.pretrained_by_init", "finetune_configs")
@@ -132,7 +228,7 @@ def _compose(kind: type, path: str | os.PathLike | None, overrides: Sequence[str
     """Schema <- YAML file (with bases) <- ``key=value`` overrides, as a dataclass instance."""
     cfg = _schema(kind)
     if path is not None:
-        cfg = _merge_checked(cfg, _read_yaml(Path(path), ()), str(path))
+        cfg = _merge_checked(cfg, _read_yaml(resolve_config_path(path), ()), str(path))
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
@@ -176,6 +272,16 @@ def load_study_config(
         raise ConfigError(
             f"study: 'n_folds' must be >= 2 and 'tuning_fold' in 0..{result.n_folds - 1}"
         )
+    for key, value in (("healthy", result.healthy), ("patients", result.patients)):
+        _check_range(value, key, 1)
+    _check_range(result.n_resamples, "n_resamples", 1)
+    _check_range(result.predict_overlap, "predict_overlap", 0, 1, high_open=True)
+    _check_sizes(result.phantom_shape, "phantom_shape")
+    if result.phantom_spacing is not None:
+        if len(result.phantom_spacing) != 3:
+            raise ConfigError("'phantom_spacing' must be three spacings in mm or null")
+        for value in result.phantom_spacing:
+            _check_range(value, "phantom_spacing", 0, low_open=True)
     if not result.finetune_configs:
         raise ConfigError("study: 'finetune_configs' names no arm")
     return result

@@ -39,9 +39,14 @@ class DataConfig:
     dataset: str = "data/phantoms/lesion"
     """nnU-Net v2 raw dataset folder (``dataset.json``, ``imagesTr``, ``labelsTr``)."""
     cache: str | None = None
-    """Preprocessing cache folder; default ``<dataset>/../cache/<dataset name>``."""
+    """Preprocessing cache folder; default ``$SAP_PREPROCESSED/<dataset name>/cache`` when that
+    environment variable is set, else ``<dataset>/../cache/<dataset name>`` (or
+    ``~/.cache/sap_lightning/<dataset name>/cache`` when that is not writable)."""
     splits: str | None = None
-    """``splits.json``; default ``<dataset>/splits.json`` (written by ``sap split`` if absent)."""
+    """``splits.json`` (written by ``sap split``, or by training if absent); default
+    ``$SAP_PREPROCESSED/<dataset name>/splits.json`` when that variable is set, else
+    ``<dataset>/splits.json`` (or ``~/.cache/sap_lightning/<dataset name>/splits.json`` when the
+    dataset folder is read-only)."""
     fold: int = 1
     """Lesion task: the test fold held out of training (never the tuning fold)."""
     n_folds: int = 7
@@ -165,8 +170,9 @@ class WandbConfig:
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-    mode: str = "offline"
-    """``offline`` by default (sync later with ``wandb sync``); ``online`` needs a login."""
+    mode: str | None = None
+    """``online``, ``offline`` or ``disabled``; unset: ``WANDB_MODE`` from the environment, else
+    ``online`` under a sweep agent, else ``offline`` (sync later with ``wandb sync``)."""
 
 
 @dataclass

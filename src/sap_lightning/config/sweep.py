@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from sap_lightning.config.files import resolve_config_path
 from sap_lightning.core.errors import ConfigError
 
 METHODS = ("grid", "random")
@@ -42,7 +43,7 @@ class Sweep:
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Read and check a sweep file; names the file and the offending entry on any problem."""
-    path = Path(path)
+    path = resolve_config_path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -92,11 +93,23 @@ def _draw(spec: dict[str, Any], rng: np.random.Generator) -> Any:
     raise ConfigError(f"distribution {distribution!r} is not supported by sap sweep-local")
 
 
+def _grid_values(spec: dict[str, Any]) -> list[Any]:
+    """A grid parameter's values; an ``int_uniform`` range becomes its integers, as in W&B."""
+    if "values" in spec or "value" in spec:
+        return _values(spec)
+    return list(range(int(spec["min"]), int(spec["max"]) + 1))
+
+
 def expand(sweep: Sweep, count: int | None = None, seed: int = 0) -> Iterator[dict[str, Any]]:
-    """Parameter points: the grid in order (first ``count``), or ``count`` random draws."""
-    keys = list(sweep.parameters)
+    """Parameter points: the grid in W&B's order (first ``count``), or ``count`` random draws.
+
+    W&B's grid engine (the ``sweeps`` package, ``grid_search_next_runs``) orders parameters by
+    name and walks ``itertools.product`` over their values; so does this, so ``--count N``
+    runs the same first N points a W&B agent would.
+    """
+    keys = sorted(sweep.parameters)
     if sweep.method == "grid":
-        grid = itertools.product(*(_values(sweep.parameters[k]) for k in keys))
+        grid = itertools.product(*(_grid_values(sweep.parameters[k]) for k in keys))
         for index, point in enumerate(grid):
             if count is not None and index >= count:
                 return
@@ -151,6 +164,28 @@ def experiment_file(sweep: Sweep) -> str | None:
         if index + 1 < len(sweep.command):
             return sweep.command[index + 1]
     return None
+
+
+def wandb_sweep_config(path: str | os.PathLike, interpreter: str | None = None) -> dict[str, Any]:
+    """The sweep file as ``wandb.sweep`` should receive it, with every run pinned to this
+    environment: ``python`` / ``${interpreter}`` become this interpreter's absolute path (W&B's
+    agent expands ``${interpreter}`` to whatever ``python`` is on the agent's PATH) and the
+    ``--config`` file becomes an absolute path, so a bare ``wandb agent`` from any shell and any
+    folder runs this project's code."""
+    sweep = load_sweep(path)
+    raw = yaml.safe_load(sweep.path.read_text())
+    python = interpreter or sys.executable
+    command: list[str] = []
+    for index, part in enumerate(sweep.command):
+        if part in ("python", "python3", "${interpreter}"):
+            command.append(python)
+        elif index > 0 and sweep.command[index - 1] == "--config":
+            command.append(str(resolve_config_path(part).resolve()))
+        else:
+            command.append(part)
+    raw["command"] = command
+    raw.setdefault("name", sweep.name)
+    return raw
 
 
 def describe(command: Sequence[str]) -> str:

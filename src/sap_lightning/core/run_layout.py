@@ -47,3 +47,17 @@ def load_threshold(path: str | os.PathLike) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 1:
         raise SapError(f"{path}: 'threshold' must be a number in (0, 1], got {value!r}")
     return float(value)
+
+
+def run_checkpoint(path: str | os.PathLike) -> Path:
+    """The weights a path stands for: a file as it is; a run folder by its ``last.ckpt``
+    (the model the paper uses), else its exported ``backbone.pt``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for candidate in (last_checkpoint_path(path), path / BACKBONE_FILE):
+        if candidate.is_file():
+            return candidate
+    raise SapError(
+        f"{path}: run folder without {CHECKPOINT_DIR}/{LAST_CHECKPOINT} or {BACKBONE_FILE}"
+    )

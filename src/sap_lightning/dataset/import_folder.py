@@ -1,4 +1,7 @@
-"""Convert per-case folders (``<case>/T1.nii.gz``, ...) to the nnU-Net v2 raw layout."""
+"""Convert per-case folders (``<case>/T1.nii.gz``, ...) to the nnU-Net v2 raw layout.
+
+Sources may be ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``; the dataset is written as ``.nii.gz``.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +12,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.io import atomic_dir, atomic_path, write_json
 from sap_lightning.dataset import layout
-from sap_lightning.dataset.validate import (
-    SUPPORTED_FILE_ENDINGS,
-    DatasetInfo,
-    Problem,
-    _parse_labels,
-    load_dataset,
-)
+from sap_lightning.dataset.images import read_image
+from sap_lightning.dataset.spec import Problem, parse_labels
+from sap_lightning.dataset.validate import SUPPORTED_FILE_ENDINGS, DatasetInfo, load_dataset
 
 # --------------------------------------------------------------------------- import
 
@@ -50,7 +48,7 @@ def _resolve_labels(labels: str | os.PathLike | Mapping[str, int]) -> tuple[dict
     if isinstance(raw, dict) and isinstance(raw.get("labels"), dict):
         raw = raw["labels"]  # a dataset.json-like file
     problems: list[Problem] = []
-    parsed = _parse_labels({"labels": raw}, problems, lambda m: Problem(None, str(path), m))
+    parsed = parse_labels({"labels": raw}, problems, lambda m: Problem(None, str(path), m))
     if parsed is None:
         raise DatasetError("; ".join(str(p) for p in problems))
     return parsed, "custom"
@@ -66,7 +64,7 @@ def import_folder(
     require_labels: bool = True,
     name: str | None = None,
 ) -> DatasetInfo:
-    """Convert ``SRC/<case>/{T1,b1000,<label_name>}.nii[.gz]`` into the nnU-Net v2 raw layout.
+    """Convert ``SRC/<case>/{T1,b1000,<label_name>}<ending>`` into the nnU-Net v2 raw layout.
 
     ``labels`` is ``"lesion"`` (label file ``lesions``), ``"skeleton"`` (label file
     ``skeleton``) or a JSON file ``{name: value}``; ``label_name`` overrides the label file's
@@ -137,14 +135,15 @@ def import_folder(
 
 
 def _copy_as_nifti_gz(source: Path, target: Path) -> None:
-    """Copy a NIfTI file; an uncompressed ``.nii`` is compressed on the way."""
+    """Copy a ``.nii.gz`` file as it is; other endings are converted (voxel order, values and
+    RAS affine kept: ``images.read_image``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if source.name.endswith(".nii.gz"):
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
         return
     try:
-        nifti = nib.load(source)
-        layout.save_nifti(target, np.asanyarray(nifti.dataobj), nifti.affine)
-    except Exception as err:
-        raise DatasetError(f"import: {source}: unreadable NIfTI ({err})") from err
+        image = read_image(source)
+    except Exception as err:  # nibabel, SimpleITK and gzip raise many types on corrupt files
+        raise DatasetError(f"import: {source}: unreadable image file ({err})") from err
+    layout.save_nifti(target, np.asarray(image.data), image.affine)

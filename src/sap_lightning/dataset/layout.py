@@ -1,9 +1,10 @@
 """The dataset format: nnU-Net v2 raw layout, label sets and file names, shared by every command.
 
-A dataset folder holds ``dataset.json``, ``imagesTr/<case>_<XXXX>.nii.gz`` (one file per channel)
-and ``labelsTr/<case>.nii.gz``. ``dataset.json`` may carry an optional ``subjects`` mapping
-``{case_id: subject_id}`` so that scans of one person stay in one fold. Extra keys are allowed,
-as in nnU-Net.
+A dataset folder holds ``dataset.json``, ``imagesTr/<case>_<XXXX><ending>`` (one file per
+channel) and ``labelsTr/<case><ending>``, where ``<ending>`` is dataset.json's ``file_ending``
+(``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``, as in nnU-Net). ``dataset.json`` may carry an
+optional ``subjects`` mapping ``{case_id: subject_id}`` so that scans of one person stay in one
+fold. Extra keys are allowed, as in nnU-Net.
 
 Arrays are always in the NIfTI file's voxel order (nibabel's ``get_fdata`` order) and spacings
 are in mm in that same order.
@@ -11,6 +12,8 @@ are in mm in that same order.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -46,36 +49,157 @@ SKELETON_REFERENCE_DIR = "skeletonTr"
 """Optional folder in a lesion dataset with per-case skeleton maps (the synthetic cohort has
 them); used to report lesion counts per skeletal region, never as a network input."""
 FILE_ENDING = ".nii.gz"
+"""The default file ending, and the one of every file the library writes (caches aside)."""
+FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha")
+"""Image file endings a dataset may declare in ``file_ending`` (the ones nnU-Net v2 reads)."""
 SPLITS_JSON = "splits.json"
+TASKS: tuple[str, ...] = ("lesion", "skeleton")
+"""What a labelled dataset can be: ``--task`` choices when the label set does not say."""
+IGNORE_LABEL = "ignore"
+"""nnU-Net's name for voxels excluded from training and evaluation (not supported here)."""
+PREDICTION_SUFFIXES: tuple[str, ...] = ("_prob", "_skeleton", "_lesions", "_summary")
+"""Suffixes ``sap predict`` appends to a case id for its outputs (``<case>_prob.nii.gz``,
+``<case>_skeleton.nii.gz``, ``<case>_lesions.csv``, ``<case>_summary.json``): a case id equal to
+another plus one of them would overwrite that case's outputs."""
+
+
+PREPROCESSED_ENV = "SAP_PREPROCESSED"
+"""Environment variable naming one root for every dataset's cache and splits (as nnU-Net's
+``nnUNet_preprocessed``): ``$SAP_PREPROCESSED/<dataset name>/cache`` and ``.../splits.json``."""
+FALLBACK_ROOT = Path("~/.cache/sap_lightning")
+"""Used instead of the folder next to a read-only dataset (``$XDG_CACHE_HOME/sap_lightning``
+when that variable is set)."""
+
+_log = logging.getLogger(__name__)
+_announced: set[Path] = set()
+
+
+def _is_writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` or, when it is missing, in its nearest existing
+    parent (``os.access`` sees read-only mounts even as root)."""
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _dataset_name(dataset: Path) -> str:
+    return Path(os.path.abspath(dataset)).name
+
+
+def _preprocessed_root(dataset: Path) -> Path | None:
+    """``$SAP_PREPROCESSED/<dataset name>``, or ``None`` when the variable is unset or empty."""
+    root = os.environ.get(PREPROCESSED_ENV, "").strip()
+    return Path(root).expanduser() / _dataset_name(dataset) if root else None
+
+
+def _fallback(dataset: Path, legacy: Path, leaf: str) -> Path:
+    """``legacy`` when it exists or can be written; else under the user's cache folder."""
+    if legacy.exists() or _is_writable(legacy.parent):
+        return legacy
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    root = Path(base) / "sap_lightning" if base else FALLBACK_ROOT
+    target = root.expanduser() / _dataset_name(dataset) / leaf
+    if legacy not in _announced:
+        _announced.add(legacy)
+        _log.info(
+            "%s is not writable: using %s instead (set %s to choose the folder)",
+            legacy.parent,
+            target,
+            PREPROCESSED_ENV,
+        )
+    return target
 
 
 def default_cache_path(dataset: str | os.PathLike) -> Path:
-    """Where a dataset's preprocessing cache lives unless told otherwise:
-    ``<dataset>/../cache/<dataset name>`` (outside the dataset, which stays untouched)."""
+    """Where a dataset's preprocessing cache lives unless ``data.cache`` / ``--out`` say otherwise.
+
+    ``$SAP_PREPROCESSED/<dataset name>/cache`` when that variable is set; else
+    ``<dataset>/../cache/<dataset name>`` (outside the dataset, which stays untouched), unless
+    that folder does not exist and cannot be created (a read-only dataset location): then
+    ``~/.cache/sap_lightning/<dataset name>/cache``, with a log line saying so.
+    """
     dataset = Path(dataset)
-    return dataset.parent / "cache" / dataset.name
+    root = _preprocessed_root(dataset)
+    if root is not None:
+        return root / "cache"
+    name = _dataset_name(dataset)
+    legacy = dataset.parent if dataset.name == name else Path(os.path.abspath(dataset)).parent
+    return _fallback(dataset, legacy / "cache" / name, "cache")
 
 
 def default_splits_path(dataset: str | os.PathLike) -> Path:
-    """``<dataset>/splits.json``."""
-    return Path(dataset) / SPLITS_JSON
+    """Where ``splits.json`` lives unless ``data.splits`` / ``sap split --out`` say otherwise.
+
+    ``$SAP_PREPROCESSED/<dataset name>/splits.json`` when that variable is set; else
+    ``<dataset>/splits.json``, unless it does not exist and the dataset folder is read-only:
+    then ``~/.cache/sap_lightning/<dataset name>/splits.json``, with a log line saying so.
+    """
+    dataset = Path(dataset)
+    root = _preprocessed_root(dataset)
+    if root is not None:
+        return root / SPLITS_JSON
+    return _fallback(dataset, dataset / SPLITS_JSON, SPLITS_JSON)
 
 
-def task_of_labels(labels: dict[str, int]) -> str:
-    """Name the task a label set belongs to: ``"lesion"`` (binary) or ``"skeleton"``."""
-    return "lesion" if set(labels) == set(LESION_LABELS) else "skeleton"
+def task_of_labels(labels: dict[str, int]) -> str | None:
+    """The task a label set implies, or ``None`` when it does not say.
+
+    Exactly one foreground label is a lesion dataset, whatever it is called (``lesion``,
+    ``metastasis``, ``tumor``); the library's skeleton label set (names and values) is a skeleton
+    dataset. Anything else (several foreground classes, e.g. lytic and blastic, or none) needs
+    the task named explicitly (``--task``): guessing would train the wrong network silently.
+    """
+    foreground = [name for name, value in labels.items() if value != 0]
+    if len(foreground) == 1:
+        return "lesion"
+    if labels == SKELETON_LABELS:
+        return "skeleton"
+    return None
 
 
-def image_path(root: str | os.PathLike, case_id: str, channel: int) -> Path:
-    return Path(root) / IMAGES_DIR / f"{case_id}_{channel:04d}{FILE_ENDING}"
+def lesion_labels(labels: dict[str, int]) -> dict[str, int]:
+    """The two classes a lesion network learns from a dataset's label set.
+
+    One foreground label keeps its name; several are merged into one ``lesion`` class (every
+    voxel with a value above 0 is lesion).
+    """
+    foreground = sorted((value, name) for name, value in labels.items() if value != 0)
+    name = foreground[0][1] if len(foreground) == 1 else "lesion"
+    return {"background": 0, name: 1}
 
 
-def label_path(root: str | os.PathLike, case_id: str) -> Path:
-    return Path(root) / LABELS_DIR / f"{case_id}{FILE_ENDING}"
+def dataset_file_ending(root: str | os.PathLike) -> str:
+    """The ``file_ending`` a dataset declares (``FILE_ENDING`` when it does not say, or when
+    ``dataset.json`` is missing or unreadable: the check reports that, not this helper)."""
+    try:
+        with open(Path(root) / DATASET_JSON) as f:
+            ending = json.load(f).get("file_ending", FILE_ENDING)
+    except (OSError, ValueError, AttributeError):
+        return FILE_ENDING
+    return ending if ending in FILE_ENDINGS else FILE_ENDING
 
 
-def skeleton_reference_path(root: str | os.PathLike, case_id: str) -> Path:
-    return Path(root) / SKELETON_REFERENCE_DIR / f"{case_id}{FILE_ENDING}"
+def image_path(
+    root: str | os.PathLike, case_id: str, channel: int, file_ending: str | None = None
+) -> Path:
+    """``imagesTr/<case>_<XXXX><ending>``; the ending defaults to the dataset's own."""
+    ending = file_ending or dataset_file_ending(root)
+    return Path(root) / IMAGES_DIR / f"{case_id}_{channel:04d}{ending}"
+
+
+def label_path(root: str | os.PathLike, case_id: str, file_ending: str | None = None) -> Path:
+    """``labelsTr/<case><ending>``; the ending defaults to the dataset's own."""
+    ending = file_ending or dataset_file_ending(root)
+    return Path(root) / LABELS_DIR / f"{case_id}{ending}"
+
+
+def skeleton_reference_path(
+    root: str | os.PathLike, case_id: str, file_ending: str | None = None
+) -> Path:
+    """``skeletonTr/<case><ending>``; the ending defaults to the dataset's own."""
+    ending = file_ending or dataset_file_ending(root)
+    return Path(root) / SKELETON_REFERENCE_DIR / f"{case_id}{ending}"
 
 
 def affine_from_spacing(spacing: tuple[float, float, float]) -> np.ndarray:

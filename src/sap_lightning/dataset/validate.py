@@ -12,23 +12,41 @@ Three levels of cost:
 
 from __future__ import annotations
 
-import json
+import hashlib
+import inspect
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.dataset import layout
+from sap_lightning.dataset.check_cache import CheckCache, decode, encode
+from sap_lightning.dataset.images import (
+    NIFTI_ENDINGS,
+    SourceFrame,
+    canonical_affine,
+    canonical_shape,
+    image_file_ending,
+    read_image,
+    to_canonical,
+)
+from sap_lightning.dataset.spec import DatasetSpec as _Spec
+from sap_lightning.dataset.spec import (
+    Problem,
+    ambiguous_task_message,
+    case_id_problems,
+    task_problem,
+)
+from sap_lightning.dataset.spec import parse_labels as _parse_labels  # noqa: F401  (old name)
+from sap_lightning.dataset.spec import read_spec as _read_spec
 
-SUPPORTED_FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii")
+SUPPORTED_FILE_ENDINGS: tuple[str, ...] = layout.FILE_ENDINGS
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference (mm) allowed between affine entries of files of one case: far below any
@@ -58,11 +76,25 @@ class DatasetInfo:
     labels: dict[str, int]
     cases: list[CaseFiles]
     file_ending: str = layout.FILE_ENDING
+    task_override: str | None = None
+    """The task the user named (``--task``, the experiment's ``task``); ``None``: from labels."""
 
     @property
     def task(self) -> str:
-        """``"lesion"`` or ``"skeleton"``, from the label set."""
-        return layout.task_of_labels(self.labels)
+        """``"lesion"`` or ``"skeleton"``: as named by the user, else from the label set.
+
+        Raises ``DatasetError`` when the label set does not say (``layout.task_of_labels``).
+        """
+        task = self.task_override or layout.task_of_labels(self.labels)
+        if task is None:
+            raise DatasetError(f"dataset {self.root}: {ambiguous_task_message(self.labels)}")
+        return task
+
+    @property
+    def task_labels(self) -> dict[str, int]:
+        """The classes the task's network learns: the label set, or for a lesion task
+        background and one lesion class (several foreground labels merged)."""
+        return layout.lesion_labels(self.labels) if self.task == "lesion" else dict(self.labels)
 
     @property
     def case_ids(self) -> list[str]:
@@ -83,155 +115,6 @@ class DatasetInfo:
         """The optional reference skeleton map of a case in a lesion dataset (``skeletonTr/``)."""
         path = self.root / layout.SKELETON_REFERENCE_DIR / f"{case_id}{self.file_ending}"
         return path if path.is_file() else None
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem of a dataset; ``case`` is ``None`` for dataset-wide problems."""
-
-    case: str | None
-    file: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"case {self.case}" if self.case is not None else "dataset"
-        return f"{where}: {self.file}: {self.message}"
-
-
-# --------------------------------------------------------------------------- dataset.json
-
-
-@dataclass
-class _Spec:
-    """What ``dataset.json`` declares; fields that failed validation are ``None``."""
-
-    name: str
-    channel_names: tuple[str, ...] | None
-    labels: dict[str, int] | None
-    file_ending: str
-    subjects: dict[str, str]
-    num_training: int | None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _read_spec(root: Path) -> tuple[_Spec | None, list[Problem]]:
-    """Parse and validate ``dataset.json``, collecting every problem instead of stopping."""
-    path = root / layout.DATASET_JSON
-    name = layout.DATASET_JSON
-
-    def problem(message: str) -> Problem:
-        return Problem(None, name, message)
-
-    if not path.is_file():
-        return None, [problem("missing (every dataset needs a dataset.json)")]
-    duplicates: list[str] = []
-
-    def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        # json.load keeps the last of duplicated keys silently; a case declared twice must fail.
-        seen: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in seen:
-                duplicates.append(key)
-            seen[key] = value
-        return seen
-
-    try:
-        raw = json.loads(path.read_text(), object_pairs_hook=reject_duplicate_keys)
-    except (OSError, UnicodeDecodeError) as err:
-        return None, [problem(f"unreadable ({err})")]
-    except json.JSONDecodeError as err:
-        return None, [problem(f"malformed JSON: {err}")]
-    if not isinstance(raw, dict):
-        return None, [problem(f"must hold a JSON object, found {type(raw).__name__}")]
-
-    problems = [problem(f"key {key!r} declared twice") for key in dict.fromkeys(duplicates)]
-    channel_names = _parse_channel_names(raw, problems, problem)
-    labels = _parse_labels(raw, problems, problem)
-
-    file_ending = raw.get("file_ending", layout.FILE_ENDING)
-    if file_ending not in SUPPORTED_FILE_ENDINGS:
-        problems.append(
-            problem(
-                f"file_ending must be one of {list(SUPPORTED_FILE_ENDINGS)}, got {file_ending!r}"
-            )
-        )
-        file_ending = layout.FILE_ENDING
-
-    subjects: dict[str, str] = {}
-    raw_subjects = raw.get("subjects", {})
-    if not isinstance(raw_subjects, dict):
-        problems.append(problem("subjects must be an object {case_id: subject_id}"))
-    else:
-        for case_id, subject in raw_subjects.items():
-            if isinstance(subject, str) and subject:
-                subjects[case_id] = subject
-            else:
-                problems.append(
-                    problem(f"subjects[{case_id!r}] must be a non-empty string, got {subject!r}")
-                )
-
-    num_training = raw.get("numTraining")
-    if num_training is not None and not _is_int(num_training):
-        problems.append(problem(f"numTraining must be an integer, got {num_training!r}"))
-        num_training = None
-
-    dataset_name = raw.get("name", root.name)
-    if not isinstance(dataset_name, str):
-        problems.append(problem(f"name must be a string, got {dataset_name!r}"))
-        dataset_name = root.name
-    spec = _Spec(dataset_name, channel_names, labels, file_ending, subjects, num_training)
-    return spec, problems
-
-
-def _parse_channel_names(
-    raw: dict, problems: list[Problem], problem: Callable[[str], Problem]
-) -> tuple[str, ...] | None:
-    if "channel_names" not in raw:
-        problems.append(problem("missing key 'channel_names' (e.g. {'0': 'T1', '1': 'b1000'})"))
-        return None
-    value = raw["channel_names"]
-    if not isinstance(value, dict) or not value:
-        problems.append(problem(f"channel_names must be a non-empty object, got {value!r}"))
-        return None
-    expected = [str(index) for index in range(len(value))]
-    if sorted(value, key=lambda k: (len(k), k)) != expected:
-        problems.append(
-            problem(f"channel_names keys must be '0'..'{len(value) - 1}', got {sorted(value)}")
-        )
-        return None
-    names = [value[key] for key in expected]
-    if not all(isinstance(name, str) and name for name in names):
-        problems.append(problem(f"channel_names values must be non-empty strings, got {names}"))
-        return None
-    return tuple(names)
-
-
-def _parse_labels(
-    raw: dict, problems: list[Problem], problem: Callable[[str], Problem]
-) -> dict[str, int] | None:
-    if "labels" not in raw:
-        problems.append(problem("missing key 'labels' (e.g. {'background': 0, 'lesion': 1})"))
-        return None
-    value = raw["labels"]
-    if not isinstance(value, dict) or not value:
-        problems.append(problem(f"labels must be a non-empty object, got {value!r}"))
-        return None
-    bad = {name: v for name, v in value.items() if not _is_int(v)}
-    if bad:
-        problems.append(problem(f"labels values must be integers, got {bad}"))
-        return None
-    if value.get("background") != 0:
-        problems.append(problem("labels must map 'background' to 0"))
-        return None
-    if sorted(value.values()) != list(range(len(value))):
-        problems.append(
-            problem(f"labels values must be the integers 0..{len(value) - 1}, got {value}")
-        )
-        return None
-    return dict(value)
 
 
 # --------------------------------------------------------------------------- listing files
@@ -256,12 +139,12 @@ def _visible_files(folder: Path) -> list[Path]:
 def _list_files(root: Path, file_ending: str, n_channels: int | None) -> _Listing:
     listing = _Listing()
     image_name = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(file_ending)}$")
-    other_endings = [e for e in SUPPORTED_FILE_ENDINGS if e != file_ending]
+    other_endings: dict[tuple[str, str], list[str]] = {}
     for path in _visible_files(root / layout.IMAGES_DIR):
         rel = f"{layout.IMAGES_DIR}/{path.name}"
         match = image_name.match(path.name)
         if match is None or not path.is_file():
-            listing.problems.append(_unexpected_file(rel, path, file_ending, other_endings))
+            _unexpected_file(listing, other_endings, rel, path, file_ending)
             continue
         case_id, channel = match["case"], int(match["channel"])
         if n_channels is not None and channel >= n_channels:
@@ -273,25 +156,48 @@ def _list_files(root: Path, file_ending: str, n_channels: int | None) -> _Listin
     for path in _visible_files(root / layout.LABELS_DIR):
         rel = f"{layout.LABELS_DIR}/{path.name}"
         if not path.name.endswith(file_ending) or not path.is_file():
-            listing.problems.append(_unexpected_file(rel, path, file_ending, other_endings))
+            _unexpected_file(listing, other_endings, rel, path, file_ending)
             continue
         listing.labels[path.name[: -len(file_ending)]] = path
+    for (folder, ending), names in other_endings.items():
+        count = f"{len(names)} file{'s' if len(names) > 1 else ''}"
+        listing.problems.append(
+            Problem(
+                None,
+                folder,
+                f"{count} end in {ending!r} but dataset.json file_ending is {file_ending!r} "
+                f"(e.g. {names[0]}): set file_ending to {ending!r} or convert the files",
+            )
+        )
     return listing
 
 
-def _unexpected_file(rel: str, path: Path, file_ending: str, other_endings: list[str]) -> Problem:
-    if any(path.name.endswith(e) for e in other_endings):
-        return Problem(
-            None, rel, f"file ending differs from dataset.json file_ending {file_ending!r}"
-        )
-    return Problem(None, rel, f"unexpected entry (expected <case>_<XXXX>{file_ending} files)")
+def _unexpected_file(
+    listing: _Listing,
+    other_endings: dict[tuple[str, str], list[str]],
+    rel: str,
+    path: Path,
+    file_ending: str,
+) -> None:
+    """Report an entry that is not a case file; files of another image ending are grouped (a
+    dataset written with another ending would otherwise give one line per file)."""
+    ending = next(
+        (e for e in SUPPORTED_FILE_ENDINGS if e != file_ending and path.name.endswith(e)), None
+    )
+    if ending is not None and path.is_file() and not path.name.endswith(file_ending):
+        folder = rel.split("/", 1)[0]
+        other_endings.setdefault((folder, ending), []).append(path.name)
+        return
+    listing.problems.append(
+        Problem(None, rel, f"unexpected entry (expected <case>_<XXXX>{file_ending} files)")
+    )
 
 
 def _channel_path(root: Path, case_id: str, channel: int, file_ending: str) -> Path:
     return root / layout.IMAGES_DIR / f"{case_id}_{channel:04d}{file_ending}"
 
 
-def _build_info(root: Path, spec: _Spec, listing: _Listing) -> DatasetInfo:
+def _build_info(root: Path, spec: _Spec, listing: _Listing, task: str | None = None) -> DatasetInfo:
     channel_names = spec.channel_names or ()
     cases = []
     for case_id in sorted(listing.images):
@@ -308,23 +214,29 @@ def _build_info(root: Path, spec: _Spec, listing: _Listing) -> DatasetInfo:
         labels=dict(spec.labels or {}),
         cases=cases,
         file_ending=spec.file_ending,
+        task_override=task,
     )
 
 
-def load_dataset(root: str | os.PathLike) -> DatasetInfo:
+def load_dataset(root: str | os.PathLike, task: str | None = None) -> DatasetInfo:
     """Read ``dataset.json`` and list the case files; no voxel is read.
 
-    Raises ``DatasetError`` when the folder or ``dataset.json`` is missing or malformed. Problems
-    with individual files are left to ``check_dataset``.
+    ``task`` (``"lesion"`` or ``"skeleton"``) overrides the task the label set implies; it is
+    needed when the label set does not say (``DatasetInfo.task`` raises then). Raises
+    ``DatasetError`` when the folder or ``dataset.json`` is missing or malformed, or ``task`` is
+    unusable. Problems with individual files are left to ``check_dataset``.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset {root}: folder does not exist")
     spec, problems = _read_spec(root)
+    if spec is not None and task is not None:
+        problem = task_problem(spec.labels, task)
+        problems += [problem] if problem is not None else []
     if spec is None or problems:
         raise DatasetError(_format_problems(root, problems))
     listing = _list_files(root, spec.file_ending, len(spec.channel_names or ()))
-    return _build_info(root, spec, listing)
+    return _build_info(root, spec, listing, task)
 
 
 # --------------------------------------------------------------------------- checking voxels
@@ -360,17 +272,21 @@ def _integer_values(chunk: np.ndarray) -> set[int]:
 
 
 def _inspect_file(path: Path, kind: str) -> _FileReport:
-    """Read one file once: readability, dimensionality, non-finite voxels, label values.
+    """Read one file once: readability, dimensionality, non-finite voxels, label values, and
+    (images) a constant volume, which intensity normalisation cannot rescale.
 
-    ``kind`` is ``"image"`` (intensities) or ``"label"`` (integer class map).
+    ``kind`` is ``"image"`` (intensities) or ``"label"`` (integer class map). ``shape`` and
+    ``affine`` are those of the canonical RAS+ grid (``images.to_canonical``), so files of a case
+    stored in different voxel orders agree when they cover the same world grid.
     """
     report = _FileReport()
     try:
-        nifti = nib.load(path)
-        data = np.asanyarray(nifti.dataobj)
-        affine = np.asarray(nifti.affine, dtype=np.float64)
-    except Exception as err:  # nibabel, gzip and zlib raise many types on corrupt files
-        report.problems.append(f"unreadable or corrupt NIfTI ({type(err).__name__}: {err})")
+        image = read_image(path)
+        data = image.data
+        affine = image.affine
+    except Exception as err:  # nibabel, SimpleITK, gzip and zlib raise many types
+        what = "NIfTI" if image_file_ending(path) in NIFTI_ENDINGS else "image file"
+        report.problems.append(f"unreadable or corrupt {what} ({type(err).__name__}: {err})")
         return report
     if data.ndim != 3:
         report.problems.append(f"not a 3D volume: shape {tuple(data.shape)}")
@@ -378,27 +294,37 @@ def _inspect_file(path: Path, kind: str) -> _FileReport:
     if data.size == 0:
         report.problems.append(f"empty volume: shape {tuple(data.shape)}")
         return report
-    report.shape = tuple(int(s) for s in data.shape)
     if not np.all(np.isfinite(affine)):
         report.problems.append("affine holds NaN/Inf")
+        report.shape = tuple(int(s) for s in data.shape)
     else:
-        report.affine = affine
+        report.affine = canonical_affine(affine, data.shape)
+        report.shape = canonical_shape(affine, data.shape)
     is_float = data.dtype.kind in "fc"
     non_finite = non_integer = 0
     values: set[int] = set()
+    low, high = np.inf, -np.inf
     for chunk in _slabs(data):
         if is_float:
             finite = np.isfinite(chunk)
             non_finite += int(chunk.size - np.count_nonzero(finite))
-            if kind == "label":
+            if kind == "label" or non_finite:
                 chunk = chunk[finite]
+            if kind == "label":
                 whole = chunk == np.round(chunk)
                 non_integer += int(chunk.size - np.count_nonzero(whole))
                 chunk = chunk[whole]
         if kind == "label" and chunk.size:
             values |= _integer_values(chunk)
+        elif kind == "image" and chunk.size:
+            low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
     if non_finite:
         report.problems.append(f"{non_finite} NaN/Inf voxels")
+    elif kind == "image" and low == high:
+        report.problems.append(
+            f"constant image (every voxel is {low:g}): no contrast, and intensity "
+            "normalisation would divide by zero"
+        )
     if non_integer:
         report.problems.append(f"{non_integer} non-integer label values")
     if kind == "label":
@@ -421,8 +347,48 @@ def _describe_affine_difference(affine: np.ndarray, reference: np.ndarray) -> st
     return f"by up to {difference:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm)"
 
 
+def _checks_version() -> str:
+    """What produced cached check results: the per-file check's code and the readers' versions
+    (results of another version are not trusted)."""
+    import nibabel
+
+    try:
+        source = inspect.getsource(_inspect_file) + inspect.getsource(_FileReport)
+    except (OSError, TypeError):  # no source (frozen install): the module's own file instead
+        source = str(Path(__file__).stat().st_mtime_ns)
+    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+    return f"{digest}:nibabel-{nibabel.__version__}"
+
+
+def _inspect_cached(
+    root: Path, tasks: list[tuple[Path, str]], workers: int, use_cache: bool
+) -> list[_FileReport]:
+    """``_inspect_all`` that reads only files whose clean result is not remembered."""
+    if not use_cache:
+        return _inspect_all(tasks, workers)
+    cache = CheckCache(root, _checks_version())
+    looked_up = [cache.lookup(path, kind) for path, kind in tasks]
+    reports: list[_FileReport | None] = []
+    for stored, _print in looked_up:
+        try:
+            reports.append(decode(_FileReport, stored) if stored is not None else None)
+        except (TypeError, ValueError, KeyError):  # a hand-edited or foreign entry: read again
+            reports.append(None)
+    todo = [index for index, report in enumerate(reports) if report is None]
+    for index, report in zip(todo, _inspect_all([tasks[i] for i in todo], workers)):
+        reports[index] = report
+        if not report.problems:
+            cache.store(*tasks[index], looked_up[index][1], encode(report))
+    cache.save()
+    return reports  # type: ignore[return-value]  (every None was replaced)
+
+
 def check_dataset(
-    root: str | os.PathLike, require_labels: bool = True, workers: int = 1
+    root: str | os.PathLike,
+    require_labels: bool = True,
+    workers: int = 1,
+    task: str | None = None,
+    use_cache: bool = True,
 ) -> list[Problem]:
     """Report every problem of a dataset, each naming the case and the file.
 
@@ -430,9 +396,13 @@ def check_dataset(
     (presence, JSON syntax, required keys and their types, keys declared twice), unreadable or
     corrupt NIfTI files, missing channels, missing labels (when ``require_labels``), labels
     without images, non-3D volumes, shape or affine mismatch between a case's files, NaN/Inf
-    voxels, non-integer or undeclared label values, case ids that differ only by letter case,
-    and an empty dataset. Files in ``skeletonTr/`` (optional) get the same checks as labels
-    against the skeleton label set.
+    voxels, non-integer or undeclared label values, case ids that differ only by letter case
+    or would share ``sap predict`` outputs, an empty dataset, and (labelled data) a label set
+    that does not say which task it is for, unless ``task`` names it. Files in ``skeletonTr/``
+    (optional) get the same checks as labels against the skeleton label set.
+
+    Clean per-file results are remembered (``check_cache``, unless ``use_cache`` is false): a
+    file unchanged since its last clean check is not read again.
     """
     root = Path(root)
     if not root.is_dir():
@@ -445,8 +415,11 @@ def check_dataset(
     problems += _layout_problems(root, spec, listing, file_ending, require_labels)
     reads, missing = _plan_reads(root, listing, channel_names, file_ending, require_labels)
     problems += missing
-    reports = _inspect_all([(path, kind) for path, kind, _owner in reads], workers)
     labels = spec.labels if spec else None
+    undecided = task_problem(labels if require_labels else None, task)
+    problems += [undecided] if undecided is not None else []
+    tasks = [(path, kind) for path, kind, _owner in reads]
+    reports = _inspect_cached(root, tasks, workers, use_cache)
     problems += _cross_check([owner for _p, _k, owner in reads], reports, labels)
     # Dataset-wide problems first, then case by case.
     return sorted(problems, key=lambda p: (p.case is not None, p.case or "", p.file))
@@ -466,7 +439,7 @@ def _layout_problems(
     if require_labels and not (root / layout.LABELS_DIR).is_dir():
         problems.append(Problem(None, layout.LABELS_DIR, "missing folder"))
     case_ids = sorted(listing.images)
-    problems += _duplicate_case_problems(case_ids, file_ending)
+    problems += case_id_problems(case_ids, file_ending)
     for case_id in sorted(set(listing.labels) - set(listing.images)):
         problems.append(
             Problem(case_id, f"{layout.LABELS_DIR}/{case_id}{file_ending}", "label without images")
@@ -523,23 +496,6 @@ def _plan_reads(
     return reads, missing
 
 
-def _duplicate_case_problems(case_ids: list[str], file_ending: str) -> list[Problem]:
-    by_folded: dict[str, list[str]] = {}
-    for case_id in case_ids:
-        by_folded.setdefault(case_id.casefold(), []).append(case_id)
-    problems = []
-    for group in by_folded.values():
-        for case_id in group[1:]:
-            problems.append(
-                Problem(
-                    case_id,
-                    f"{layout.IMAGES_DIR}/{case_id}_0000{file_ending}",
-                    f"duplicate case id: {case_id!r} and {group[0]!r} differ only by letter case",
-                )
-            )
-    return problems
-
-
 def _cross_check(
     owners: list[tuple[str, str, str]],
     reports: list[_FileReport],
@@ -587,53 +543,128 @@ def _format_problems(root: Path, problems: Sequence[Problem]) -> str:
 
 
 def require_valid_dataset(
-    root: str | os.PathLike, require_labels: bool = True, workers: int = 1
+    root: str | os.PathLike,
+    require_labels: bool = True,
+    workers: int = 1,
+    task: str | None = None,
 ) -> DatasetInfo:
-    """Check the dataset and return its structure; raise ``DatasetError`` listing every problem."""
+    """Check the dataset and return its structure; raise ``DatasetError`` listing every problem.
+
+    ``task`` names the task when the label set does not (see ``check_dataset``).
+    """
     root = Path(root)
-    problems = check_dataset(root, require_labels=require_labels, workers=workers)
+    problems = check_dataset(root, require_labels=require_labels, workers=workers, task=task)
     if problems:
         raise DatasetError(_format_problems(root, problems))
-    return load_dataset(root)
+    return load_dataset(root, task=task)
+
+
+def check_case_files(
+    case_id: str,
+    image_paths: Sequence[Path],
+    label_path: Path | None = None,
+    *,
+    channel_names: Sequence[str] | None = None,
+    labels: dict[str, int] | None = None,
+    workers: int = 1,
+) -> list[Problem]:
+    """Every problem of one case's files, with the checks ``check_dataset`` runs per file.
+
+    For inputs without a ``dataset.json`` (a plain folder of ``<case>_XXXX`` files): missing
+    channel files, unreadable or non-3D files, NaN/Inf voxels, constant images, and channels
+    (and the label) whose canonical grid differs from the first channel's beyond
+    ``AFFINE_TOLERANCE_MM``. ``labels`` (a label set) also checks the label's values.
+    """
+    problems: list[Problem] = []
+    reads: list[tuple[Path, str, tuple[str, str, str]]] = []
+    for channel, path in enumerate(image_paths):
+        path = Path(path)
+        rel = f"{path.parent.name}/{path.name}"
+        if path.is_file():
+            reads.append((path, "image", (case_id, "image", rel)))
+        else:
+            name = f" ({channel_names[channel]})" if channel_names else ""
+            problems.append(Problem(case_id, rel, f"missing channel {channel}{name}"))
+    if label_path is not None:
+        label_path = Path(label_path)
+        rel = f"{label_path.parent.name}/{label_path.name}"
+        if label_path.is_file():
+            reads.append((label_path, "label", (case_id, "label", rel)))
+        else:
+            problems.append(Problem(case_id, rel, "missing label"))
+    reports = _inspect_all([(path, kind) for path, kind, _owner in reads], workers)
+    problems += _cross_check([owner for _p, _k, owner in reads], reports, labels)
+    return problems
 
 
 # --------------------------------------------------------------------------- reading arrays
 
 
-def read_case_arrays(case: CaseFiles) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Load a case: image ``(C, X, Y, Z)`` float32, label ``(X, Y, Z)`` uint8 or ``None``, affine.
+@dataclass
+class CaseArrays:
+    """A case read into the canonical RAS+ frame, and the frame its first channel came in."""
 
-    The affine is the first channel's; the dataset check guarantees the others agree.
+    image: np.ndarray
+    """``(C, X, Y, Z)`` float32, canonical voxel order."""
+    label: np.ndarray | None
+    """``(X, Y, Z)`` uint8, canonical voxel order, or ``None``."""
+    affine: np.ndarray
+    """Canonical voxel index -> RAS+ mm."""
+    source: SourceFrame
+    """The first channel's own frame: results are written back in it."""
+
+
+def read_case(case: CaseFiles) -> CaseArrays:
+    """Load a case and bring every file to the canonical RAS+ frame (``images.to_canonical``).
+
+    Each file is reoriented by its own affine, so channels stored in different voxel orders on
+    the same world grid line up; the dataset check (``check_case_files``) guarantees they do.
     """
     channels = []
     affine = np.eye(4)
+    source: SourceFrame | None = None
     for index, path in enumerate(case.images):
         try:
-            nifti = nib.load(path)
-            channels.append(nifti.get_fdata(dtype=np.float32))
+            loaded = read_image(path, np.float32)
         except Exception as err:
             raise DatasetError(f"case {case.case_id}: {path}: unreadable ({err})") from err
+        if loaded.data.ndim != 3:
+            raise DatasetError(
+                f"case {case.case_id}: {path}: not a 3D volume: shape {loaded.data.shape}"
+            )
+        array, file_affine = to_canonical(loaded.data, loaded.affine)
+        channels.append(array)
         if index == 0:
-            affine = np.asarray(nifti.affine, dtype=np.float64)
+            affine, source = file_affine, SourceFrame.of(loaded)
         elif channels[-1].shape != channels[0].shape:
             raise DatasetError(
-                f"case {case.case_id}: {path}: shape {channels[-1].shape} differs from "
+                f"case {case.case_id}: {path}: canonical shape {channels[-1].shape} differs from "
                 f"{case.images[0]} {channels[0].shape}"
             )
+    assert source is not None, "a case has at least one channel"
     image = np.stack(channels)
+    del channels
     if case.label is None:
-        return image, None, affine
+        return CaseArrays(image, None, affine, source)
     try:
-        label = np.asanyarray(nib.load(case.label).dataobj)
+        loaded = read_image(case.label)
+        label, _ = to_canonical(np.asarray(loaded.data), loaded.affine)
     except Exception as err:
         raise DatasetError(f"case {case.case_id}: {case.label}: unreadable ({err})") from err
     if label.shape != image.shape[1:]:
         raise DatasetError(
-            f"case {case.case_id}: {case.label}: shape {label.shape} differs from the image "
-            f"{image.shape[1:]}"
+            f"case {case.case_id}: {case.label}: canonical shape {label.shape} differs from the "
+            f"image {image.shape[1:]}"
         )
     if label.dtype.kind in "fc":
         label = np.rint(label)
     if label.size and (label.min() < 0 or label.max() > np.iinfo(np.uint8).max):
         raise DatasetError(f"case {case.case_id}: {case.label}: label values outside 0..255")
-    return image, label.astype(np.uint8), affine
+    return CaseArrays(image, label.astype(np.uint8), affine, source)
+
+
+def read_case_arrays(case: CaseFiles) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Load a case in the canonical RAS+ frame: image ``(C, X, Y, Z)`` float32, label
+    ``(X, Y, Z)`` uint8 or ``None``, and the canonical affine (see :func:`read_case`)."""
+    arrays = read_case(case)
+    return arrays.image, arrays.label, arrays.affine

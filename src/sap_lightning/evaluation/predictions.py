@@ -1,9 +1,12 @@
 """Evaluate a folder of predictions against a dataset's labels (the ``sap evaluate`` command).
 
-Prediction folder: ``<case>_prob.nii.gz`` (lesion probability, float in [0, 1]) and/or
-``<case>.nii.gz`` (binary mask). When every case has a probability map, the operating point is
-``probability >= threshold`` and the FROC curve comes from the same maps; otherwise, when every
-case has a binary mask, the masks are evaluated as they are and there is no FROC curve. Labels
+Prediction folder, in the layout of ``inference/outputs.py``: ``probabilities/<case>.nii.gz``
+(lesion probability, float in [0, 1]) and/or ``<case>.nii.gz`` (binary mask). When every case
+has a probability map, the operating point is ``probability >= threshold`` and the FROC curve
+comes from the same maps; otherwise, when every case has a binary mask, the masks are evaluated
+as they are and there is no FROC curve. A ``sap predict`` folder must be one model's
+(``outputs.require_single_model``); a folder of masks from another tool is read as it is.
+Cross-validated predictions may come from several folders (one per fold model). Labels
 come from the dataset (``labelsTr/<case>.nii.gz``, any non-zero voxel is lesion); spacing from
 the label's affine.
 
@@ -31,8 +34,17 @@ from sap_lightning.core.errors import DatasetError, SapError
 from sap_lightning.core.io import atomic_path, write_json
 from sap_lightning.core.run_layout import THRESHOLD_FILE
 from sap_lightning.dataset import layout
+from sap_lightning.dataset.images import read_image
 from sap_lightning.evaluation.plots import plot_froc
 from sap_lightning.evaluation.threshold import ThresholdChoice, tune_threshold
+from sap_lightning.inference.outputs import (
+    PREDICTION_JSON,
+    case_files,
+    case_paths,
+    legacy_paths,
+    output_cases,
+    require_single_model,
+)
 from sap_lightning.metrics.lesion import (
     DEFAULT_THRESHOLDS,
     FROC_MAX_FP_ALL,
@@ -43,7 +55,6 @@ from sap_lightning.metrics.lesion import (
 
 log = logging.getLogger(__name__)
 
-PROB_SUFFIX = "_prob"
 CASES_CSV = "cases.csv"
 LESIONS_CSV = "lesions.csv"
 FROC_CSV = "froc.csv"
@@ -95,13 +106,44 @@ class Evaluation:
 # ------------------------------------------------------------------------------ finding files
 
 
-def prediction_paths(predictions_dir: str | os.PathLike, case_id: str) -> tuple[Path, Path]:
+PredictionDirs = str | os.PathLike | Sequence[str | os.PathLike]
+"""One prediction folder, or several (one per cross-validation fold model)."""
+
+
+def _folders(predictions_dir: PredictionDirs) -> list[Path]:
+    if isinstance(predictions_dir, str | os.PathLike):
+        return [Path(predictions_dir)]
+    folders = [Path(p) for p in predictions_dir]
+    if not folders:
+        raise SapError("no prediction folder given")
+    return folders
+
+
+def _describe(predictions_dir: PredictionDirs) -> str | list[str]:
+    folders = _folders(predictions_dir)
+    return str(folders[0]) if len(folders) == 1 else [str(f) for f in folders]
+
+
+def prediction_folder(predictions_dir: PredictionDirs, case_id: str) -> Path:
+    """The folder holding a case: the only one, or the one of several that has its files."""
+    folders = _folders(predictions_dir)
+    if len(folders) == 1:
+        return folders[0]
+    owners = [f for f in folders if case_files(f, case_id)]
+    if len(owners) > 1:
+        raise DatasetError(
+            f"case {case_id}: predicted in several folders ({[str(f) for f in owners]}); "
+            "each case must come from one model"
+        )
+    if not owners:
+        raise DatasetError(f"case {case_id}: no prediction in any of {[str(f) for f in folders]}")
+    return owners[0]
+
+
+def prediction_paths(predictions_dir: PredictionDirs, case_id: str) -> tuple[Path, Path]:
     """(probability map, binary mask) paths of a case in a prediction folder."""
-    root = Path(predictions_dir)
-    return (
-        root / f"{case_id}{PROB_SUFFIX}{layout.FILE_ENDING}",
-        root / f"{case_id}{layout.FILE_ENDING}",
-    )
+    paths = case_paths(prediction_folder(predictions_dir, case_id), case_id)
+    return paths.probability, paths.mask
 
 
 def resolve_cases(
@@ -109,8 +151,10 @@ def resolve_cases(
     cases: Sequence[str] | None = None,
     splits_path: str | os.PathLike | None = None,
     fold: int | str | None = None,
+    predictions_dir: PredictionDirs | None = None,
 ) -> list[str]:
-    """The cases to evaluate: an explicit list, or a fold of ``splits.json``.
+    """The cases to evaluate: an explicit list, a fold of ``splits.json``, or (given
+    ``predictions_dir`` and neither) every case predicted there.
 
     ``fold`` is a fold number (a test fold or the tuning fold) or ``"tuning"``.
     """
@@ -121,6 +165,10 @@ def resolve_cases(
         if duplicates:
             raise SapError(f"cases listed twice: {duplicates}")
         return list(cases)
+    if splits_path is None and fold is None and predictions_dir is not None:
+        found = sorted({c for f in _folders(predictions_dir) for c in output_cases(f)})
+        if found:
+            return found
     if splits_path is None or fold is None:
         raise SapError("choose the cases: --cases a,b,... or --splits FILE --fold K")
     from sap_lightning.cache.splits import load_splits
@@ -137,34 +185,49 @@ def resolve_cases(
 
 
 def check_prediction_folder(
-    predictions_dir: str | os.PathLike, dataset_dir: str | os.PathLike, case_ids: Sequence[str]
+    predictions_dir: PredictionDirs, dataset_dir: str | os.PathLike, case_ids: Sequence[str]
 ) -> str:
-    """Check that every case has a label and a prediction before any is read.
+    """Check that every case has a label and a prediction of one model before any is read.
 
     Returns ``"probability"`` when every case has a probability map, ``"mask"`` when every case
-    has a binary mask; otherwise raises an error naming a case and the file it lacks.
+    has a binary mask; otherwise raises an error naming a case and the file it lacks. A folder
+    mixing models (``outputs.require_single_model``) or in the old flat layout is refused.
     """
-    if not Path(predictions_dir).is_dir():
-        raise DatasetError(f"prediction folder {predictions_dir} does not exist")
+    folders = _folders(predictions_dir)
+    for folder in folders:
+        if not folder.is_dir():
+            raise DatasetError(f"prediction folder {folder} does not exist")
     if not case_ids:
         raise SapError("no cases to evaluate")
     for case_id in case_ids:
         label = layout.label_path(dataset_dir, case_id)
         if not label.is_file():
             raise DatasetError(f"case {case_id}: label {label} not found")
-    has_prob = {c: prediction_paths(predictions_dir, c)[0].is_file() for c in case_ids}
+    where = {c: prediction_folder(folders, c) for c in case_ids}
+    for folder in folders:
+        require_single_model(folder, [c for c in case_ids if where[c] == folder])
+    paths = {c: case_paths(where[c], c) for c in case_ids}
+    for case_id in case_ids:
+        old = [p for p in legacy_paths(where[case_id], case_id) if p.is_file()]
+        if old and not paths[case_id].probability.is_file():
+            raise DatasetError(
+                f"case {case_id}: {old[0]} is in the old flat layout; re-run sap predict (maps "
+                f"now live in {paths[case_id].probability.parent.name}/<case>"
+                f"{layout.FILE_ENDING}, provenance in {PREDICTION_JSON})"
+            )
+    has_prob = {c: paths[c].probability.is_file() for c in case_ids}
     if all(has_prob.values()):
         return "probability"
-    has_mask = {c: prediction_paths(predictions_dir, c)[1].is_file() for c in case_ids}
+    has_mask = {c: paths[c].mask.is_file() for c in case_ids}
     if all(has_mask.values()):
         return "mask"
     for case_id in case_ids:
         if not has_prob[case_id] and not has_mask[case_id]:
-            prob, mask = prediction_paths(predictions_dir, case_id)
+            prob, mask = paths[case_id].probability, paths[case_id].mask
             raise DatasetError(f"case {case_id}: no prediction: neither {prob} nor {mask} exists")
     missing = next(c for c in case_ids if not has_prob[c])
     raise DatasetError(
-        f"case {missing}: no probability map {prediction_paths(predictions_dir, missing)[0]} "
+        f"case {missing}: no probability map {paths[missing].probability} "
         "while other cases have one; give every case a probability map or every case a mask"
     )
 
@@ -178,15 +241,29 @@ def _load(path: Path, case_id: str, what: str) -> nib.Nifti1Image:
         raise DatasetError(f"case {case_id}: {what} {path}: unreadable ({err})") from err
 
 
+def _load_label(path: Path, case_id: str) -> nib.Nifti1Image:
+    """A label of any dataset file ending (``.nrrd``/``.mha`` through ``images.read_image``, in
+    its file voxel order with the RAS affine, as ``sap predict`` writes predictions)."""
+    if path.name.endswith((".nii", ".nii.gz")):
+        return _load(path, case_id, "label")
+    if not path.is_file():
+        raise DatasetError(f"case {case_id}: label {path} not found")
+    try:
+        image = read_image(path)
+    except Exception as err:
+        raise DatasetError(f"case {case_id}: label {path}: unreadable ({err})") from err
+    return nib.Nifti1Image(np.asarray(image.data), image.affine)
+
+
 def load_case(
-    predictions_dir: str | os.PathLike,
+    predictions_dir: PredictionDirs,
     dataset_dir: str | os.PathLike,
     case_id: str,
     mode: str,
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """(prediction, label mask, spacing) of a case, checked against each other."""
     label_file = layout.label_path(dataset_dir, case_id)
-    label_image = _load(label_file, case_id, "label")
+    label_image = _load_label(label_file, case_id)
     prob_file, mask_file = prediction_paths(predictions_dir, case_id)
     pred_file = prob_file if mode == "probability" else mask_file
     pred_image = _load(pred_file, case_id, "prediction")
@@ -220,7 +297,7 @@ def load_case(
 
 
 def tune_on_predictions(
-    predictions_dir: str | os.PathLike,
+    predictions_dir: PredictionDirs,
     dataset_dir: str | os.PathLike,
     case_ids: Sequence[str],
     settings: EvaluationSettings = EvaluationSettings(),
@@ -228,7 +305,10 @@ def tune_on_predictions(
 ) -> ThresholdChoice:
     """Choose the threshold maximising the median patient F2 on these cases' probability maps."""
     if check_prediction_folder(predictions_dir, dataset_dir, case_ids) != "probability":
-        raise SapError("--tune needs probability maps (<case>_prob.nii.gz) for every case")
+        raise SapError(
+            f"--tune needs probability maps (probabilities/<case>{layout.FILE_ENDING}) for "
+            "every case"
+        )
     detection = LesionDetection(
         threshold=settings.thresholds[0],
         froc_thresholds=settings.thresholds,
@@ -246,7 +326,7 @@ def tune_on_predictions(
         cases=list(case_ids),
         settings={
             "connectivity": settings.connectivity,
-            "predictions": str(predictions_dir),
+            "predictions": _describe(predictions_dir),
             "dataset": str(dataset_dir),
         },
     )
@@ -257,7 +337,7 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def evaluate_predictions(
-    predictions_dir: str | os.PathLike,
+    predictions_dir: PredictionDirs,
     dataset_dir: str | os.PathLike,
     case_ids: Sequence[str],
     settings: EvaluationSettings = EvaluationSettings(),
@@ -286,7 +366,7 @@ def evaluate_predictions(
         metrics,
         settings,
         threshold=threshold if mode == "probability" else None,
-        sources={"predictions": str(predictions_dir), "dataset": str(dataset_dir)},
+        sources={"predictions": _describe(predictions_dir), "dataset": str(dataset_dir)},
     )
 
 

@@ -421,8 +421,32 @@ class LesionSegmentationQuality(_CaseRowsMetric):
             "volume_icc": icc_2_1(volumes) if len(volumes) >= 2 else math.nan,
             "gt_volume_ml": _nan_median(cases["gt_volume_ml"].to_numpy()),
             "pred_volume_ml": _nan_median(cases["pred_volume_ml"].to_numpy()),
+            "volume_ratio": volume_ratio(cases),
         }
         return {name: torch.tensor(value, dtype=torch.float32) for name, value in out.items()}
+
+
+MAX_PLAUSIBLE_VOLUME_RATIO = 10.0
+"""Median predicted / true lesion volume above which detections are implausible: the any-overlap
+rule counts one blob covering many lesions as one hit and no false positive, so an untrained
+network that marks the whole body tops F2 and FROC. ``f2_guarded`` is 0 for such runs."""
+
+
+def volume_ratio(cases: pd.DataFrame) -> float:
+    """Median over patients with lesions of predicted / true lesion volume (1 = right amount)."""
+    with_lesions = cases[cases["gt_volume_ml"] > 0]
+    if with_lesions.empty:
+        return math.nan
+    ratios = with_lesions["pred_volume_ml"].to_numpy() / with_lesions["gt_volume_ml"].to_numpy()
+    return float(np.median(ratios))
+
+
+def guarded_f2(f2: float, ratio: float) -> float:
+    """The detection score to rank runs by: F2, or 0 when the predicted lesion volume is
+    implausible (median ratio above :data:`MAX_PLAUSIBLE_VOLUME_RATIO`)."""
+    if math.isfinite(ratio) and ratio > MAX_PLAUSIBLE_VOLUME_RATIO:
+        return 0.0
+    return float(f2)
 
 
 def make_lesion_metrics(

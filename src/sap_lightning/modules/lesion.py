@@ -24,6 +24,7 @@ from sap_lightning.backbones.transfer import transfer_weights
 from sap_lightning.core.errors import CheckpointError, ConfigError
 from sap_lightning.core.run_layout import BACKBONE_FILE, last_checkpoint_path
 from sap_lightning.metrics import make_lesion_metrics
+from sap_lightning.metrics.lesion import guarded_f2
 from sap_lightning.modules.base import NORMALISATION, SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,13 @@ class LesionSegmentation(SegmentationModule):
     at ``validation.threshold``, ``connectivity`` and ``tolerance_mm``; medians over the
     validation cases, each case counted once), among them ``val/global_dice`` (Dice of the whole
     lesion mask), ``val/patient_mean_dice``, ``val/sensitivity``, ``val/precision`` and
-    ``val/f2``, the paper's detection score, which selects the "best" checkpoint (the paper
-    uses the last one, which is always kept).
+    ``val/f2``, the paper's detection score, and ``val/f2_guarded`` (F2, or 0 when the
+    predicted lesion volume is implausible: ``metrics.lesion.guarded_f2``), which selects the
+    "best" checkpoint and W&B sweeps rank by (the paper uses the last one, always kept).
     """
 
     task = "lesion"
-    monitor = "val/f2"
+    monitor = "val/f2_guarded"
 
     def __init__(self, config: Mapping[str, Any], data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
@@ -172,6 +174,7 @@ class LesionSegmentation(SegmentationModule):
 
     def compute_case_metrics(self) -> dict[str, float]:
         values = {name: float(value) for name, value in self.val_metrics.compute().items()}
+        values["val/f2_guarded"] = guarded_f2(values["val/f2"], values["val/volume_ratio"])
         if self.validation_writer is not None and not self.trainer.sanity_checking:
             # Every rank takes part: the writer gathers the per-case tables from all ranks.
             self.validation_writer(self)

@@ -216,6 +216,8 @@ def _arm(
         clock.step(f"tune threshold {arm}", tune)
     threshold = load_threshold(tuning_dir / THRESHOLD_FILE)
     predictions = arm_dir / "predictions"
+    # one sap predict folder per fold model: a prediction folder holds one model's outputs
+    fold_predictions = [predictions / f"fold{fold}" for fold in fold_runs]
     if not _done(predictions):
 
         def predict() -> None:
@@ -226,7 +228,7 @@ def _arm(
                 predict_cases(
                     run,
                     lesion,
-                    predictions,
+                    predictions / f"fold{fold}",
                     case_ids=splits.test_cases(fold),
                     threshold=threshold,
                     validate_input=False,  # checked in _prepare
@@ -241,7 +243,7 @@ def _arm(
 
     def evaluate() -> None:
         result = evaluate_predictions(
-            predictions,
+            fold_predictions,
             lesion,
             test_cases,
             EvaluationSettings(threshold=threshold, thresholds=settings.thresholds),

@@ -70,6 +70,7 @@ from sap_lightning.modules import SapModule, build_module, data_info_from
 from sap_lightning.modules.lesion import LesionSegmentation
 from sap_lightning.modules.losses import LOSSES
 from sap_lightning.modules.optim import OPTIMIZERS
+from sap_lightning.pipeline import wandb_log
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +200,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _wandb_run_id(run_dir: Path, primary: bool) -> str | None:
-    """The run folder's W&B id: created with the folder, reused on resume."""
+    """The run folder's W&B id: created with the folder, reused on resume. Under a W&B sweep
+    agent the agent's ``WANDB_RUN_ID`` is used, so the run reports to its sweep."""
     path = run_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
     if not primary:
         return None  # only the launching process talks to W&B
-    run_id = uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
+    run_id = os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]  # lowercase + digits
     write_text(path, run_id + "\n")
     return run_id
 
@@ -230,8 +232,18 @@ def build_logger(cfg: ExperimentConfig, run_dir: Path, primary: bool = True) -> 
         entity=wandb_cfg.entity,
         group=wandb_cfg.group,
         tags=list(wandb_cfg.tags),
-        mode=wandb_cfg.mode,
+        mode=wandb_mode(wandb_cfg.mode),
     )
+
+
+def wandb_mode(configured: str | None) -> str:
+    """``wandb.mode`` when set; else the user's ``WANDB_MODE``; else ``online`` under a sweep
+    agent (its controller needs the metrics) and ``offline`` otherwise (no login needed)."""
+    if configured:
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_SWEEP_ID") else "offline"
 
 
 def build_callbacks(
@@ -340,6 +352,7 @@ def _build_datamodule(cfg: ExperimentConfig, primary: bool) -> Any:
             cfg.data.dataset,
             require_labels=cfg.task != "ssl",
             workers=max(1, cfg.data.num_workers),
+            task=datamodule.dataset_task,  # the experiment's task reads an ambiguous label set
         )
         datamodule.prepare_data()  # builds the cache and splits.json when missing
     else:
@@ -382,6 +395,35 @@ def check_registered_choices(cfg: ExperimentConfig) -> None:
         PLANNERS.get(cfg.data.sampler)
 
 
+def _discard_unstarted_run_on_os_error(train: Any) -> Any:
+    """A new run that fails with an ``OSError`` (disk full, read-only folder) before its first
+    checkpoint leaves no run folder: it would hold nothing to resume, yet block the rerun. A run
+    with a checkpoint is kept (``resume=true`` continues it); a folder that existed stays, empty.
+    """
+
+    @functools.wraps(train)
+    def wrapper(cfg: ExperimentConfig, *args: Any, **kwargs: Any) -> RunResult:
+        import shutil
+
+        run_dir = resolve_run_dir(cfg)
+        existed = run_dir.is_dir()
+        fresh = (
+            not cfg.resume and is_launching_process() and not (existed and any(run_dir.iterdir()))
+        )
+        try:
+            return train(cfg, *args, **kwargs)
+        except OSError:
+            if fresh and run_dir.is_dir() and not last_checkpoint_path(run_dir).is_file():
+                log.info("removing %s: the run failed before its first checkpoint", run_dir)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                if existed:
+                    run_dir.mkdir(exist_ok=True)
+            raise
+
+    return wrapper
+
+
+@_discard_unstarted_run_on_os_error
 def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train ``cfg`` in its run folder; export (pretraining) or record the transfer (fine-tuning).
 
@@ -428,10 +470,22 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
             warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`")
             # Only a resumed run finds checkpoints in its folder (a new one refuses a used one).
             warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
+            if isinstance(logger, WandbLogger) and report is not None and primary:
+                wandb_log.log_transfer_report(logger, report)
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
             if _final_epoch_unvalidated(cfg, trainer):
                 # The last epoch's model is the one used (docs/method.md): always score it.
                 trainer.validate(module, datamodule=datamodule, verbose=False)
+        backbone = None
+        if get_task(cfg.task).exports_backbone and trainer.is_global_zero:
+            if trainer.interrupted:
+                log.warning("training was interrupted: %s not exported", BACKBONE_FILE)
+            else:
+                backbone = module.export_backbone(run_dir / BACKBONE_FILE)
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            if backbone is not None:
+                wandb_log.log_backbone_artifact(logger, cfg.name, backbone, module.backbone_meta())
+            wandb_log.log_evaluation(logger, run_dir)
     finally:
         if isinstance(logger, WandbLogger):
             import wandb
@@ -449,11 +503,7 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
         interrupted=trainer.interrupted,
         is_global_zero=trainer.is_global_zero,
     )
-    if get_task(cfg.task).exports_backbone and trainer.is_global_zero:
-        if trainer.interrupted:
-            log.warning("training was interrupted: %s not exported", BACKBONE_FILE)
-        else:
-            result.backbone = module.export_backbone(run_dir / BACKBONE_FILE)
+    result.backbone = backbone
     return result
 
 
