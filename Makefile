@@ -22,7 +22,7 @@ FOLD ?= 1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: finetune-config help install panoptica-venv nnunet-venv test lint format demo data pretrain ssl finetune predict sweep agent bench clean
+.PHONY: finetune-config smoke-paper help install panoptica-venv nnunet-venv test lint format demo data pretrain ssl finetune predict sweep agent bench clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -118,6 +118,26 @@ sweep: install ## Create a W&B sweep from SWEEP=experiments/sweeps/X.yaml (needs
 
 agent: install ## Run a W&B sweep agent: SWEEP_ID=entity/project/id
 	$(VENV)/bin/wandb agent $(SWEEP_ID)
+
+# The paper configuration (Swin UNETR, feature size 48, 96^3 patches) for two optimiser steps per
+# run on the CPU: every paper experiment file and the transfers between them, on a small cohort.
+SMOKE ?= runs/smoke_paper
+SMOKE_PRECISION ?= bf16-mixed
+SMOKE_ARGS = trainer.max_steps=2 trainer.max_epochs=1 trainer.limit_val_batches=1 \
+	trainer.accelerator=cpu trainer.devices=1 trainer.strategy=auto \
+	trainer.precision=$(SMOKE_PRECISION) trainer.enable_progress_bar=false logger=csv \
+	data.num_workers=0 data.queue_length=4 data.samples_per_volume=2 validation.sw_batch_size=1
+SMOKE_LESION = data.dataset=$(SMOKE)/data/lesion data.n_folds=3 data.fold=1
+smoke-paper: install ## Paper configuration end to end for 2 steps per run on the CPU (not in make test)
+	rm -rf $(SMOKE)
+	$(SAP) make-phantoms $(SMOKE)/data --healthy 3 --patients 6 --size small --seed $(SEED)
+	$(SAP) pretrain --config experiments/paper/pretrain.yaml data.dataset=$(SMOKE)/data/skeleton run_dir=$(SMOKE)/pretrain $(SMOKE_ARGS)
+	$(SAP) ssl --config experiments/paper/ssl.yaml data.dataset=$(SMOKE)/data/skeleton run_dir=$(SMOKE)/ssl $(SMOKE_ARGS)
+	$(SAP) finetune --config experiments/paper/finetune_scratch.yaml $(SMOKE_LESION) run_dir=$(SMOKE)/scratch $(SMOKE_ARGS)
+	$(SAP) finetune --config experiments/paper/finetune_sap.yaml $(SMOKE_LESION) model.pretrained=$(SMOKE)/pretrain run_dir=$(SMOKE)/sap $(SMOKE_ARGS)
+	$(SAP) finetune --config experiments/paper/finetune_ssl.yaml $(SMOKE_LESION) model.pretrained=$(SMOKE)/ssl run_dir=$(SMOKE)/ssl_arm $(SMOKE_ARGS)
+	$(SAP) predict --checkpoint $(SMOKE)/sap --skeleton-checkpoint $(SMOKE)/pretrain --input $(SMOKE)/data/lesion --out $(SMOKE)/predictions --sw-batch-size 1 --no-progress
+	@echo "smoke-paper: every paper experiment ran; transfer reports in $(SMOKE)/{sap,ssl_arm}/transfer_report.json"
 
 demo: install ## The study in miniature: cohort, pretraining, three arms, report (reports/demo)
 	$(SAP) study --config experiments/study/demo.yaml $(ARGS)

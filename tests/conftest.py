@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # Keep every run offline and free of secrets: W&B never reaches a server from the tests.
@@ -10,6 +11,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# Caches and splits go next to each test's dataset, whatever the developer's shell exports;
+# remembered dataset checks go to a folder of this test session, not the user's cache.
+os.environ.pop("SAP_PREPROCESSED", None)
+os.environ["SAP_CACHE_DIR"] = tempfile.mkdtemp(prefix="sap-test-cache-")
 
 
 import pytest

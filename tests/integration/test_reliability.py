@@ -25,6 +25,8 @@ here:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
 import re
@@ -33,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -43,10 +45,16 @@ import torch
 
 from sap_lightning.backbones import create_backbone
 from sap_lightning.backbones.transfer import export_backbone, make_backbone_meta
+from sap_lightning.cache import open_cache
 from sap_lightning.cli import main
 from sap_lightning.config import load_config
+from sap_lightning.core.errors import DatasetError
+from sap_lightning.core.io import read_json
+from sap_lightning.dataset import layout
+from sap_lightning.dataset.layout import PREPROCESSED_ENV, SPLITS_JSON
 from sap_lightning.modules import build_module
 from tests.datasets import save, truncate
+from tests.integration.test_concurrency import assert_same_cache
 from tests.training import EXPERIMENTS, TINY_NETWORK, TINY_TRAINING, prepare_tiny_datasets
 
 PAUSING_CLI = Path(__file__).with_name("_pausing_cli.py")
@@ -383,9 +391,11 @@ def test_crash_while_writing_an_evaluation_leaves_it_unusable_until_rerun(
     from sap_lightning.evaluation import predictions as module
 
     crash_on(monkeypatch, module, "plot_froc", lambda *args: True)  # after the CSVs
-    with pytest.raises(OSError, match="No space left"):
-        _evaluate(data, predictions, folder, 0.75)
+    capsys.readouterr()
+    assert _evaluate(data, predictions, folder, 0.75) == 1
     monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sap evaluate: ") and "No space left" in err
     assert not (folder / "summary.json").exists()  # the old summary does not vouch for new CSVs
     assert hidden_files(folder) == []
     capsys.readouterr()
@@ -397,7 +407,7 @@ def test_crash_while_writing_an_evaluation_leaves_it_unusable_until_rerun(
 
 
 def test_crash_while_writing_a_comparison_leaves_no_stale_report(
-    evaluations, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    evaluations, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     out = tmp_path / "report"
     assert _compare(evaluations, out) == 0
@@ -405,9 +415,11 @@ def test_crash_while_writing_a_comparison_leaves_no_stale_report(
     from sap_lightning.evaluation import report as module
 
     crash_on(monkeypatch, module, "plot_boxes", lambda *args: True)  # after froc.png
-    with pytest.raises(OSError, match="No space left"):
-        _compare(evaluations, out)
+    capsys.readouterr()
+    assert _compare(evaluations, out) == 1
     monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sap compare: ") and "No space left" in err
     assert not (out / "report.md").exists() and not (out / "comparison.json").exists()
     assert hidden_files(out) == []
 
@@ -665,7 +677,7 @@ def test_resume_on_a_broken_dataset_is_refused_and_the_run_is_kept(
         (["trainer.max_epochs=many"], ["'trainer.max_epochs'", "'many'"]),
         (["model.init=imagenet"], ["'model.init'", "valid choices: scratch, sap, ssl"]),
         (["logger=tensorboard"], ["'logger'", "valid choices: wandb, csv, none"]),
-        (["optim.optimizer=sgd"], ["'optim.optimizer'", "valid choices: adam, adamw"]),
+        (["optim.optimizer=lbfgs"], ["'optim.optimizer'", "registered: adam, adamw, sgd"]),
         (["model.init=sap"], ["'model.init' is 'sap'", "'model.pretrained' is not set"]),
         (["data.dataset={nowhere}"], ["'data.dataset'", "{nowhere}", "no such dataset folder"]),
         (
@@ -708,6 +720,164 @@ def test_non_finite_loss_stops_training_naming_the_step(data, tmp_path: Path, ca
     if last.exists():
         saved = torch.load(last, weights_only=True)
         assert saved["global_step"] <= step and saved["epoch"] < epoch
+
+
+# ============================================== full disks, read-only folders, read-only datasets
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path, source: Path | None = None) -> Iterator[bool]:
+    """``path`` on a read-only file system holding a copy of ``source`` (minus any
+    ``splits.json``): a tmpfs remounted read-only, which refuses writes even to root. Yields
+    ``False``, with a writable copy, where mounting is not allowed."""
+    path.mkdir(parents=True)
+    ignore = shutil.ignore_patterns(SPLITS_JSON)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        if source is not None:
+            shutil.copytree(source, path / source.name, ignore=ignore)
+        yield False
+        return
+    try:
+        if source is not None:
+            shutil.copytree(source, path / source.name, ignore=ignore)
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield True
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def one_os_error_line(err: str, command: str, path: Path, reason: str) -> bool:
+    """True when stderr ends in ``sap <command>: <path...>: <reason>``, with no traceback."""
+    last = err.strip().splitlines()[-1]
+    return (
+        "Traceback" not in err
+        and last.startswith(f"sap {command}: {path}")
+        and last.endswith(f": {reason}")
+    )
+
+
+def test_disk_full_while_preprocessing_leaves_no_half_cache_and_rerun_repairs(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    cache = tmp_path / "cache"
+    crash_on(monkeypatch, os, "replace", lambda src, dst, *rest: Path(dst).name == "case003")
+    capsys.readouterr()
+    assert main(["preprocess", str(data["lesion"]), "--out", str(cache)]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert one_os_error_line(
+        err, "preprocess", cache / "cases" / "case003", "No space left on device"
+    )
+    assert hidden_files(cache / "cases") == []  # no temporary case folder left
+    assert not (cache / "cache.json").exists()  # cannot be opened half-built
+    with pytest.raises(DatasetError, match="preprocessing never finished"):
+        open_cache(cache)
+
+    assert main(["preprocess", str(data["lesion"]), "--out", str(cache)]) == 0
+    assert_same_cache(cache, data["root"] / "cache" / data["lesion"].name)
+
+
+def test_disk_full_while_writing_splits_leaves_none_and_rerun_writes_them(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    out = tmp_path / SPLITS_JSON
+    argv = ["split", str(data["lesion"]), "--folds", "3", "--out", str(out)]
+    crash_on(monkeypatch, os, "replace", lambda src, dst, *rest: Path(dst).name == SPLITS_JSON)
+    capsys.readouterr()
+    assert main(argv) == 1
+    monkeypatch.undo()
+    assert one_os_error_line(capsys.readouterr().err, "split", out, "No space left on device")
+    assert hidden_files(tmp_path) == [f".{SPLITS_JSON}.lock"]  # the lock, no temporary file
+    assert not out.exists()
+
+    assert main(argv) == 0
+    assert read_json(out) == read_json(data["lesion"] / SPLITS_JSON)  # as training wrote them
+
+
+def test_disk_full_before_the_first_checkpoint_leaves_no_run_folder_in_the_way(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    run_dir = tmp_path / "run"
+    args = _finetune(data, run_dir, *RESUME_OVERRIDES, "trainer.max_epochs=1", "logger=csv")
+    crash_on(monkeypatch, os, "replace", lambda src, dst, *rest: str(dst).endswith(".ckpt"))
+    capsys.readouterr()
+    assert main(args) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert one_os_error_line(err, "finetune", run_dir / "checkpoints", "No space left on device")
+    assert not run_dir.exists()  # nothing to resume, so nothing that blocks the rerun
+
+    assert main(args) == 0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("command", ["predict", "preprocess", "split", "finetune"])
+def test_read_only_output_folder_is_one_line_naming_it(
+    data, tmp_path: Path, capsys, command: str
+) -> None:
+    with read_only_folder(tmp_path / "ro") as read_only:
+        if not read_only:
+            pytest.skip("mounting a read-only tmpfs needs root")
+        out = tmp_path / "ro" / "out"
+        argv = {
+            "predict": [
+                *("predict", "--checkpoint", str(data["lesion_model"])),
+                *("--input", str(data["lesion"]), "--out", str(out), "--no-progress"),
+            ],
+            "preprocess": ["preprocess", str(data["lesion"]), "--out", str(out)],
+            "split": ["split", str(data["lesion"]), "--folds", "3", "--out", str(out)],
+            "finetune": _finetune(data, out, *RESUME_OVERRIDES, "trainer.max_epochs=1"),
+        }[command]
+        capsys.readouterr()
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert one_os_error_line(err, command, out, "Read-only file system"), err
+        assert not out.exists()
+
+
+def test_read_only_dataset_trains_with_cache_and_splits_under_sap_preprocessed(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    preprocessed = tmp_path / "preprocessed"
+    monkeypatch.setenv(PREPROCESSED_ENV, str(preprocessed))
+    with read_only_folder(tmp_path / "ro", data["lesion"]) as read_only:
+        dataset = tmp_path / "ro" / data["lesion"].name
+        before = snapshot(tmp_path / "ro")
+        run_dir = tmp_path / "run"
+        overrides = [*RESUME_OVERRIDES, "trainer.max_epochs=1"]
+        assert main(_finetune({"lesion": dataset}, run_dir, *overrides)) == 0
+        assert snapshot(tmp_path / "ro") == before  # also checked where it is not read-only
+        assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == [dataset.name]
+    where = preprocessed / dataset.name
+    assert open_cache(where / "cache").dataset == dataset.resolve()
+    assert read_json(where / SPLITS_JSON) == read_json(data["lesion"] / SPLITS_JSON)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if not read_only:
+        pytest.skip("trained, but the dataset was writable: mounting needs root")
+
+
+def test_read_only_dataset_without_sap_preprocessed_falls_back_to_the_user_cache(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    monkeypatch.delenv(PREPROCESSED_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with read_only_folder(tmp_path / "ro", data["lesion"]) as read_only:
+        dataset = tmp_path / "ro" / data["lesion"].name
+        if not read_only:  # as a read-only mount would answer
+            real = layout._is_writable
+            monkeypatch.setattr(
+                layout, "_is_writable", lambda p: real(p) and "ro" not in Path(p).parts
+            )
+        with caplog.at_level(logging.INFO, logger=layout.__name__):
+            assert main(["preprocess", str(dataset)]) == 0
+            assert main(["split", str(dataset), "--folds", "3"]) == 0
+    where = tmp_path / "xdg" / "sap_lightning" / dataset.name
+    assert_same_cache(where / "cache", data["root"] / "cache" / dataset.name, copied_dataset=True)
+    assert read_json(where / SPLITS_JSON) == read_json(data["lesion"] / SPLITS_JSON)
+    assert any("is not writable: using" in r.getMessage() for r in caplog.records)
 
 
 # ================================================================================== secrets

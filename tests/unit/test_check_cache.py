@@ -51,7 +51,8 @@ def dataset(tmp_path: Path) -> Path:
 def test_second_check_reads_no_voxels(dataset: Path, reads: list[str]) -> None:
     assert check_dataset(dataset) == []
     assert len(reads) == 9  # 3 cases x (2 channels + label)
-    assert (dataset / check_cache.CHECKS_FILE).is_file()
+    assert check_cache.results_location(dataset).is_file()
+    assert not list(dataset.glob(".*"))  # nothing is written into the dataset
     reads.clear()
     assert check_dataset(dataset) == []
     info = require_valid_dataset(dataset)
@@ -125,22 +126,13 @@ def test_freshly_written_files_are_not_remembered(tmp_path: Path, reads: list[st
     assert len(reads) == 3
 
 
-def test_an_unwritable_dataset_uses_the_user_cache_and_never_fails(
+def test_results_go_to_the_user_cache_and_an_unwritable_one_never_fails(
     dataset: Path, tmp_path: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(check_cache.CACHE_DIR_ENV, str(tmp_path / "user_cache"))
-    write = check_cache.write_json
-
-    def read_only_dataset(path: Path, obj):
-        if Path(path).parent == dataset:
-            raise PermissionError(13, "Permission denied", str(path))
-        return write(path, obj)
-
-    monkeypatch.setattr(check_cache, "write_json", read_only_dataset)
     assert check_dataset(dataset) == []
-    assert not (dataset / check_cache.CHECKS_FILE).exists()
-    assert check_cache.fallback_location(dataset).is_file()
-    assert check_cache.fallback_location(dataset).is_relative_to(tmp_path / "user_cache")
+    assert check_cache.results_location(dataset).is_file()
+    assert check_cache.results_location(dataset).is_relative_to(tmp_path / "user_cache")
     reads.clear()
     assert check_dataset(dataset) == [] and reads == []
 
@@ -148,14 +140,14 @@ def test_an_unwritable_dataset_uses_the_user_cache_and_never_fails(
         raise OSError(30, "Read-only file system", str(path))
 
     monkeypatch.setattr(check_cache, "write_json", nowhere)
-    check_cache.fallback_location(dataset).unlink()
+    check_cache.results_location(dataset).unlink()
     reads.clear()
     assert check_dataset(dataset) == [] and len(reads) == 9  # nothing remembered, no failure
 
 
 def test_a_corrupt_results_file_is_ignored(dataset: Path, reads: list[str]) -> None:
     check_dataset(dataset)
-    (dataset / check_cache.CHECKS_FILE).write_text("{not json")
+    check_cache.results_location(dataset).write_text("{not json")
     reads.clear()
     assert check_dataset(dataset) == [] and len(reads) == 9
     reads.clear()

@@ -89,3 +89,70 @@ def test_pretrained_follows_init_unless_given() -> None:
     assert load_config(None, [runs, "model.init=scratch"]).model.pretrained is None
     given = load_config(None, [runs, "model.init=sap", "model.pretrained=x.ckpt"])
     assert given.model.pretrained == "x.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "validation.threshold=nan",
+            "'validation.threshold' is nan; it must be a finite number in (0, 1]",
+        ),
+        ("validation.threshold=1.01", "in (0, 1]"),
+        (
+            "validation.overlap=1.0",
+            "'validation.overlap' is 1.0; it must be a finite number in [0, 1)",
+        ),
+        (
+            "validation.every_n_epochs=0",
+            "'validation.every_n_epochs' is 0; it must be a finite number >= 1",
+        ),
+        (
+            "validation.tolerance_mm=-2",
+            "'validation.tolerance_mm' is -2.0; it must be a finite number > 0",
+        ),
+        ("optim.lr=-1", "'optim.lr' is -1.0; it must be a finite number > 0"),
+        ("optim.lr=inf", "'optim.lr' is inf"),
+        ("optim.encoder_lr=nan", "'optim.encoder_lr' is nan"),
+        (
+            "optim.min_lr_ratio=2",
+            "'optim.min_lr_ratio' is 2.0; it must be a finite number in [0, 1]",
+        ),
+        ("trainer.max_epochs=0", "'trainer.max_epochs' is 0"),
+        ("data.val_fraction=1", "'data.val_fraction' is 1.0; it must be a finite number in (0, 1)"),
+        ("data.target_spacing=[1,0,1]", "'data.target_spacing' is 0.0"),
+        ("data.tuning_fold=9", "'data.tuning_fold' must be in 0..6"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_key_and_range(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "validation.threshold=1",  # the closed end of (0, 1]
+        "validation.overlap=0",  # the closed end of [0, 1)
+        "optim.warmup_epochs=0",
+        "optim.encoder_lr=2e-6",
+        "data.num_workers=0",
+        "trainer.gradient_clip_val=0",
+    ],
+)
+def test_values_on_the_edge_of_their_range_are_accepted(override: str) -> None:
+    key, value = override.split("=")
+    cfg = load_config(None, [override])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == float(value)
+
+
+def test_study_values_are_range_checked() -> None:
+    from sap_lightning.config import load_study_config
+
+    with pytest.raises(ConfigError, match=r"'predict_overlap' is 1\.0; .*\[0, 1\)"):
+        load_study_config(None, ["predict_overlap=1"])
+    with pytest.raises(ConfigError, match="'patients' is 0"):
+        load_study_config(None, ["patients=0"])

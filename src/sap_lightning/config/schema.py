@@ -100,7 +100,11 @@ class OptimConfig:
     decoder_lr: float | None = None
     weight_decay: float = 1e-5
     warmup_epochs: int = 10
-    """Linear warm-up epochs, then cosine decay to ``min_lr_ratio`` x lr at ``max_epochs``."""
+    """Linear warm-up epochs, then cosine decay to ``min_lr_ratio`` x lr at ``max_epochs``
+    (the paper's epoch-based schedule; used when ``trainer.max_steps`` is not set)."""
+    warmup_steps: int = 0
+    """With ``trainer.max_steps`` > 0: linear warm-up optimiser steps, then cosine decay to
+    ``min_lr_ratio`` x lr at ``max_steps``; the schedule then steps every optimiser step."""
     min_lr_ratio: float = 0.0
 
 
@@ -154,6 +158,10 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     max_epochs: int = 400
+    max_steps: int = -1
+    """Optimiser steps of the run; when > 0 it ends training and drives the schedule, so every
+    arm and every fold gets the same budget whatever its epoch length (an instance-balanced
+    epoch has one step per lesion). ``max_epochs`` then only caps the run."""
     limit_train_batches: Any = None
     limit_val_batches: Any = None
     log_every_n_steps: int = 10

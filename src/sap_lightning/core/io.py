@@ -71,7 +71,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as err:
         raise _name_destination(err, path, tmp) from err
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        # A missing file, or a read-only folder (EROFS even for a missing one), must not hide
+        # the error that got here.
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 

@@ -11,10 +11,10 @@ reported from memory after the file was fixed (or hidden after it broke). Result
 modified less than ``RACY_MARGIN_NS`` before the check started are not stored either: a file
 system with coarse timestamps could give a later change the same ``mtime``.
 
-The results live in ``<dataset>/.sap_checks.json`` (hidden, so the dataset listing ignores it)
-or, when the dataset cannot be written, in ``$SAP_CACHE_DIR/checks/`` (default
-``~/.cache/sap_lightning/checks/``) under a hash of the dataset's path. Writing is atomic and
-never fails a command: when neither place is writable the results are simply not kept.
+The results live outside the dataset, which the library never writes into (it may be
+read-only or shared): in ``$SAP_CACHE_DIR/checks/`` (default ``~/.cache/sap_lightning/checks/``),
+one file per dataset, named by a hash of the dataset's path. Writing is atomic and never fails a
+command: when that folder is not writable the results are simply not kept.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from sap_lightning.core.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-CHECKS_FILE = ".sap_checks.json"
 CACHE_DIR_ENV = "SAP_CACHE_DIR"
 RACY_MARGIN_NS = 1_000_000_000
 """Results of files modified this shortly before a check are not stored (coarse mtimes)."""
@@ -44,8 +43,8 @@ _OTHER_HEADER_BYTES = 4096
 """NRRD and MetaImage headers are text at the start of the file, well under 4 KiB."""
 
 
-def fallback_location(root: Path) -> Path:
-    """Where the results of a read-only dataset are kept: one file per dataset path."""
+def results_location(root: Path) -> Path:
+    """Where the check results of the dataset at ``root`` are kept: one file per dataset path."""
     base = os.environ.get(CACHE_DIR_ENV)
     folder = Path(base) if base else Path.home() / ".cache" / "sap_lightning"
     digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:20]
@@ -130,8 +129,7 @@ class CheckCache:
         self.version = version
         self.started_ns = time.time_ns()
         self._stored: dict[str, dict[str, Any]] = {}
-        for location in (root / CHECKS_FILE, fallback_location(root)):
-            self._stored.update(self._read(location))
+        self._stored.update(self._read(results_location(root)))
         self._kept: dict[str, dict[str, Any]] = {}
 
     def _read(self, location: Path) -> dict[str, dict[str, Any]]:
@@ -180,9 +178,8 @@ class CheckCache:
             return
         payload = {"version": self.version, "dataset": str(self.root.resolve()), "files": {}}
         payload["files"] = dict(sorted(self._kept.items()))
-        for location in (self.root / CHECKS_FILE, fallback_location(self.root)):
-            try:
-                write_json(location, payload)
-                return
-            except OSError as err:
-                log.debug("check cache: cannot write %s (%s)", location, err)
+        location = results_location(self.root)
+        try:
+            write_json(location, payload)
+        except OSError as err:
+            log.debug("check cache: cannot write %s (%s)", location, err)

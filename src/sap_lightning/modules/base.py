@@ -68,7 +68,7 @@ def data_info_from(datamodule: Any) -> dict[str, Any]:
 def warmup_cosine_factor(
     epoch: int, warmup_epochs: int, max_epochs: int, min_lr_ratio: float = 0.0
 ) -> float:
-    """Learning-rate multiplier of (0-based) ``epoch``.
+    """Learning-rate multiplier of (0-based) ``epoch`` (or optimiser step, with a step budget).
 
     Warm-up: ``(epoch + 1) / (warmup_epochs + 1)`` for the first ``warmup_epochs`` epochs, so the
     rate rises linearly and reaches the base rate at epoch ``warmup_epochs``; then a half cosine
@@ -283,16 +283,20 @@ class SapModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.cfg.optim
         optimizer = create_optimizer(self.parameter_groups(), optim)
+        max_steps = self.cfg.trainer.max_steps
+        # A step budget schedules per optimiser step; the paper's files schedule per epoch.
+        by_steps = max_steps > 0
         factor = partial(
             warmup_cosine_factor,
-            warmup_epochs=optim.warmup_epochs,
-            max_epochs=self.cfg.trainer.max_epochs,
+            warmup_epochs=optim.warmup_steps if by_steps else optim.warmup_epochs,
+            max_epochs=max_steps if by_steps else self.cfg.trainer.max_epochs,
             min_lr_ratio=optim.min_lr_ratio,
         )
         scheduler = LambdaLR(optimizer, lr_lambda=factor)
+        interval = "step" if by_steps else "epoch"
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "frequency": 1},
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval, "frequency": 1},
         }
 
     def check_finite(self, loss: torch.Tensor, batch: Mapping[str, Any], batch_idx: int) -> None:

@@ -304,6 +304,7 @@ def build_trainer(
         strategy=t.strategy,
         precision=t.precision,
         max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
         check_val_every_n_epoch=cfg.validation.every_n_epochs,
@@ -462,7 +463,12 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
             report_path = write_json(run_dir / TRANSFER_REPORT, report)
 
     logger = build_logger(cfg, run_dir, primary)
-    callbacks = build_callbacks(module, run_dir, datamodule, logger) + list(extra_callbacks)
+    last_validation = LastValidation()
+    callbacks = [
+        *build_callbacks(module, run_dir, datamodule, logger),
+        last_validation,
+        *extra_callbacks,
+    ]
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     try:
         with warnings.catch_warnings():
@@ -473,7 +479,7 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
             if isinstance(logger, WandbLogger) and report is not None and primary:
                 wandb_log.log_transfer_report(logger, report)
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-            if _final_epoch_unvalidated(cfg, trainer):
+            if _final_model_unvalidated(cfg, trainer, last_validation):
                 # The last epoch's model is the one used (docs/method.md): always score it.
                 trainer.validate(module, datamodule=datamodule, verbose=False)
         backbone = None
@@ -522,11 +528,25 @@ def write_validation_evaluation(module: LesionSegmentation, out_dir: Path) -> No
         write_evaluation(evaluation, out_dir)
 
 
-def _final_epoch_unvalidated(cfg: ExperimentConfig, trainer: L.Trainer) -> bool:
-    """True when fit ended normally on an epoch that ``validation.every_n_epochs`` skipped."""
+class LastValidation(Callback):
+    """Remembers the optimiser step of the last (non sanity-check) validation."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
+def _final_model_unvalidated(
+    cfg: ExperimentConfig, trainer: L.Trainer, last: LastValidation
+) -> bool:
+    """True when fit ended normally after steps no validation has seen (``every_n_epochs``
+    skipped the last epoch, or a step budget ended training inside an epoch)."""
     if trainer.interrupted or cfg.trainer.fast_dev_run or cfg.task == "ssl":
         return False
-    return trainer.current_epoch % cfg.validation.every_n_epochs != 0
+    return last.step != trainer.global_step
 
 
 def _existing(path: Path) -> Path | None:
