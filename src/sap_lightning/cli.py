@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from sap_lightning import __version__
 from sap_lightning.core.errors import SapError
+from sap_lightning.core.threads import configure_threads
 
 # command name -> (module under sap_lightning.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -67,6 +68,8 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(f"sap_lightning.commands.{module_name}")
     parser = _OneLineParser(prog=f"sap {name}", description=help_text)
+    # Accepted after the command as well as before it (``sap predict ... -v``).
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     getattr(module, f"add_arguments_{name.replace('-', '_')}")(parser)
     parser.set_defaults(_run=getattr(module, f"run_{name.replace('-', '_')}"))
     return parser
@@ -76,14 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = build_parser()
     top_args, rest = top.parse_known_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if top_args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
     if top_args.command is None:
         top.print_help()
         return 0 if not argv else 2
     args = _command_parser(top_args.command).parse_args(rest)
+    configure_logging(verbose=top_args.verbose or args.verbose)
+    configure_threads()
     try:
         return int(args._run(args) or 0)
     except SapError as err:
@@ -92,6 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"sap {top_args.command}: {describe_os_error(err)}", file=sys.stderr)
         return 1
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """One line per message. The ``lightning`` package attaches its own console handler when
+    imported; its records stop there instead of reaching the root handler a second time."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("lightning").propagate = False
 
 
 def describe_os_error(err: OSError) -> str:

@@ -39,3 +39,25 @@ def test_python_dash_m_runs_the_same_cli() -> None:
         [sys.executable, "-m", "sap_lightning", "--version"], capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stdout.startswith("sap_lightning ")
+
+
+def test_verbose_is_accepted_after_the_command(tmp_path, capsys) -> None:
+    missing = tmp_path / "missing"
+    # Parsed (no SystemExit from argparse); the command itself then refuses the folder.
+    assert main(["check-data", str(missing), "-v"]) != 0
+    captured = capsys.readouterr()
+    assert str(missing) in captured.out + captured.err
+    assert "unrecognized arguments" not in captured.err
+
+
+def test_lightning_log_lines_are_printed_once() -> None:
+    code = (
+        "from sap_lightning.cli import configure_logging; configure_logging(); "
+        "import logging, lightning.pytorch; "
+        "logging.getLogger('lightning.pytorch.utilities.rank_zero').info('only-once'); "
+        "logging.getLogger('sap_lightning.x').info('ours-once')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("only-once") == 1
+    assert done.stderr.count("ours-once") == 1
