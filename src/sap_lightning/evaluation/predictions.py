@@ -45,10 +45,12 @@ from sap_lightning.inference.outputs import (
     output_cases,
     require_single_model,
 )
+from sap_lightning.metrics.functional import binarize
 from sap_lightning.metrics.lesion import (
     DEFAULT_THRESHOLDS,
     FROC_MAX_FP_ALL,
     FROC_MAX_FP_LARGE,
+    MAX_PLAUSIBLE_VOLUME_RATIO,
     LesionDetection,
     make_lesion_metrics,
 )
@@ -303,7 +305,17 @@ def tune_on_predictions(
     settings: EvaluationSettings = EvaluationSettings(),
     progress: Callable[[str], None] | None = None,
 ) -> ThresholdChoice:
-    """Choose the threshold maximising the median patient F2 on these cases' probability maps."""
+    """Choose the threshold maximising the median patient F2 on these cases' probability maps.
+
+    Two rules keep the choice on what the paper measures (docs/evaluation.md):
+
+    - only patients with lesions decide (the paper's cohort has no lesion-free patient; a clean
+      lesion-free patient scores F2 = 1 at any high threshold and would pull the choice up);
+      lesion-free patients are used only when no tuning patient has a lesion;
+    - thresholds whose predictions cover an implausible lesion volume (median predicted / true
+      volume above ``MAX_PLAUSIBLE_VOLUME_RATIO``) are not eligible: under any-overlap counting
+      a whole-body blob scores F2 = 1.
+    """
     if check_prediction_folder(predictions_dir, dataset_dir, case_ids) != "probability":
         raise SapError(
             f"--tune needs probability maps (probabilities/<case>{layout.FILE_ENDING}) for "
@@ -315,19 +327,42 @@ def tune_on_predictions(
         connectivity=settings.connectivity,  # type: ignore[arg-type]
         min_volume_ml=settings.min_volume_ml,
     )
+    volume_ratios: dict[str, np.ndarray] = {}
     for case_id in case_ids:
         if progress:
             progress(case_id)
         prob, label, spacing = load_case(predictions_dir, dataset_dir, case_id, "probability")
         detection.update(prob, label, spacing, case_id)
+        true_voxels = int(np.count_nonzero(label))
+        if true_voxels:
+            predicted = [np.count_nonzero(binarize(prob, t)) for t in detection.thresholds]
+            volume_ratios[case_id] = np.asarray(predicted, dtype=np.float64) / true_voxels
+    table = detection.case_table()
+    f2 = detection.rates()["f2"]
+    with_lesions = table["n_gt"].to_numpy() > 0
+    deciding = with_lesions if with_lesions.any() else np.ones_like(with_lesions)
+    f2 = f2[deciding].copy()
+    implausible: list[float] = []
+    if volume_ratios:
+        median_ratio = np.median(np.stack(list(volume_ratios.values())), axis=0)
+        blocked = median_ratio > MAX_PLAUSIBLE_VOLUME_RATIO
+        if not blocked.all():
+            f2[:, blocked] = np.nan
+            implausible = [float(t) for t in detection.thresholds[blocked]]
+    used = table["case_id"][deciding].tolist()
     return tune_threshold(
         detection.thresholds,
-        detection.rates()["f2"],
-        cases=list(case_ids),
+        f2,
+        cases=used,
         settings={
             "connectivity": settings.connectivity,
             "predictions": _describe(predictions_dir),
             "dataset": str(dataset_dir),
+            "deciding_patients": "patients with lesions"
+            if with_lesions.any()
+            else "all (no tuning patient has a lesion)",
+            "lesion_free_patients_left_out": table["case_id"][~deciding].tolist(),
+            "thresholds_with_implausible_volume": implausible,
         },
     )
 

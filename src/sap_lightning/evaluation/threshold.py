@@ -1,9 +1,10 @@
 """Binarisation threshold: chosen on the tuning fold, stored with the run, reused unchanged.
 
 The criterion is the paper's: the threshold of a grid that maximises the median over patients
-of the per-patient F2 (patients whose F2 is undefined, with neither lesions nor predictions, are
-left out). Ties go to the **lowest** threshold: it detects at least as many lesions, which is
-what F2's weighting of sensitivity over precision asks for.
+of the per-patient F2. Which patients decide, and which thresholds are eligible, is chosen by
+the caller (``evaluation.predictions.tune_on_predictions``: patients with lesions, thresholds
+with a plausible predicted volume). Ties go to the **lowest** threshold: it detects at least as
+many lesions, which is what F2's weighting of sensitivity over precision asks for.
 """
 
 from __future__ import annotations

@@ -29,11 +29,12 @@ from sap_lightning.cache.reader import open_cache
 from sap_lightning.cache.splits import Splits, cache_lesion_counts, split_dataset
 from sap_lightning.config import StudyConfig, load_config, to_yaml
 from sap_lightning.core.errors import SapError
-from sap_lightning.core.io import write_json, write_text
+from sap_lightning.core.io import read_json, write_json, write_text
 from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.core.windows import DEFAULT_THRESHOLD
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import require_valid_dataset
+from sap_lightning.evaluation.diagnostics import diagnose, diagnostics_markdown, plot_curves
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
     evaluate_predictions,
@@ -47,12 +48,14 @@ from sap_lightning.evaluation.report import (
     write_comparison,
 )
 from sap_lightning.evaluation.threshold import load_threshold, save_threshold
+from sap_lightning.inference.outputs import PREDICTION_JSON
 from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
 from sap_lightning.pipeline.train import run_training
 from sap_lightning.synthetic import make_phantom_cohort
 
 log = logging.getLogger(__name__)
 
+CURVES_PNG = "curves.png"
 DONE_FILE = "study_step.json"
 """Written into a step's folder when the step completed; a folder without it is redone."""
 
@@ -292,7 +295,8 @@ def run_study(study: StudyConfig) -> StudyResult:
     write_comparison(comparison, report_dir, n_resamples=study.n_resamples)
     report = report_dir / "report.md"
     header = _study_header(study, splits, clock, comparison)
-    write_text(report, header + report.read_text())
+    learning = _learning_section(study, runs, pretrain_run, ssl_run, splits, report_dir)
+    write_text(report, header + learning + report.read_text())
     write_text(report_dir / "study.yaml", to_yaml(study))
     return StudyResult(report=report, arms=arms, seconds=clock.seconds)
 
@@ -337,6 +341,51 @@ def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch")
         cells = comparison.cells[row]
         lines.append(f"| {row} | " + " | ".join(cells[n].format() for n in comparison.names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _learning_section(
+    study: StudyConfig,
+    runs: Path,
+    pretrain_run: Path,
+    ssl_run: Path,
+    splits: Splits,
+    report_dir: Path,
+) -> str:
+    """Did every network learn? The learning metric of each run, its curves, and the inference
+    window validation, tuning and prediction used."""
+    named: dict[str, tuple[str, Path]] = {
+        "skeleton pretraining": ("skeleton", pretrain_run),
+        "SSL pretraining": ("ssl", ssl_run),
+    }
+    for arm in study.finetune_configs:
+        for fold in splits.test_folds:
+            named[f"{arm} fold {fold}"] = ("lesion", runs / arm / f"fold{fold}")
+    diagnostics = [diagnose(name, task, run) for name, (task, run) in named.items()]
+    plot_curves(named, report_dir / CURVES_PNG)
+    window = _inference_window(runs / next(iter(study.finetune_configs)) / "tuning")
+    return "\n".join(
+        [
+            "## Did the networks learn?",
+            "",
+            "Last logged values of the metric that shows learning (validation at the run's "
+            "validation threshold; SSL terms with their chance level in brackets). Curves: "
+            f"[{CURVES_PNG}]({CURVES_PNG}).",
+            "",
+            diagnostics_markdown(diagnostics),
+            f"Inference window (validation, threshold tuning and prediction alike): {window}.",
+            "",
+            "",
+        ]
+    )
+
+
+def _inference_window(prediction_dir: Path) -> str:
+    """The sliding-window size recorded by ``sap predict`` in a prediction folder."""
+    try:
+        record = read_json(prediction_dir / PREDICTION_JSON)
+    except (OSError, ValueError):
+        return "not recorded"
+    return f"{record.get('window')} voxels, overlap {record.get('overlap')}"
 
 
 def _study_header(
