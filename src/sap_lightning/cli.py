@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-phantoms": ("phantoms", "Generate the synthetic WB-MRI cohort (healthy + patients)."),
     "import-folder": ("data", "Convert a per-case folder layout into the nnU-Net v2 raw format."),
     "check-data": ("data", "Validate a dataset and report every problem found."),
+    "skeleton-labels": ("labels", "Stage-1 skeleton labels from public MRI segmenters' maps."),
     "preprocess": ("data", "Build the normalised, memory-mappable preprocessing cache."),
     "split": ("data", "Write cross-validation splits (splits.json)."),
     "export": ("weights", "Export a checkpoint's backbone with its metadata."),

@@ -23,6 +23,7 @@ from sap_lightning.config import load_config
 from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.inference.predict import load_trained_model
 from sap_lightning.metrics import make_lesion_metrics
+from sap_lightning.metrics.lesion import guarded_f2
 from tests.datasets import write_tiny_dataset
 from tests.training import EXPERIMENTS, TINY_TRAINING, last_logged_validation
 
@@ -89,6 +90,7 @@ def test_two_process_finetune_logs_global_validation_metrics(tmp_path: Path) -> 
                 case_id=case["case_id"][0],
             )
     expected = {k: float(v) for k, v in reference.compute().items()}
+    expected["val/f2_guarded"] = guarded_f2(expected["val/f2"], expected["val/volume_ratio"])
     assert logged["val/n_cases"] == 3
     assert set(logged) == set(expected)
     for name, value in expected.items():

@@ -30,15 +30,36 @@ SMALL_KWARGS = {
     },
     "segresnet": {"init_filters": 8, "blocks_down": (1, 1, 1), "blocks_up": (1, 1)},
     "unet_tiny": {},
+    # ResEnc with the preset's rule (2x width per stage) at tiny widths, two blocks in the
+    # second stage so the residual projection of a strided block exists.
+    "resenc_unet": {
+        "features_per_stage": (4, 8, 16, 32),
+        "n_blocks_per_stage": (1, 2, 1, 1),
+        "n_conv_per_stage_decoder": (1, 1, 1),
+        "kernel_sizes": (3, 3, 3, 3),
+        "strides": (1, 2, 2, 2),
+    },
 }
 IN_CHANNELS, OUT_CHANNELS = 2, 3
+
+try:
+    import dynamic_network_architectures  # noqa: F401
+
+    HAS_DNA = True
+except ImportError:  # the ResEnc U-Net's package is installed separately (--no-deps)
+    HAS_DNA = False
+needs_dna = pytest.mark.skipif(not HAS_DNA, reason="dynamic-network-architectures not installed")
+BACKBONES = [
+    pytest.param(name, marks=needs_dna) if name == "resenc_unet" else name
+    for name in list_backbones()
+]
 
 
 def test_builtins_are_registered():
     assert set(list_backbones()) >= {"swin_unetr", "dynunet", "segresnet", "unet_tiny"}
 
 
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_contract(name):
     torch.manual_seed(0)
     kwargs = SMALL_KWARGS.get(name, {})
@@ -106,7 +127,7 @@ def test_unet_tiny_is_tiny():
     assert get_spec("unet_tiny").input_multiple() in (8, 16)
 
 
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", BACKBONES)
 def test_kwargs_survive_a_json_round_trip(name):
     """Configs and checkpoint metadata hold lists, not tuples; the build must not care."""
     spec = get_spec(name)
@@ -172,3 +193,92 @@ def test_spec_is_frozen():
     assert isinstance(spec, BackboneSpec)
     with pytest.raises(AttributeError):
         spec.head_keys = ()
+
+
+# --------------------------------------------------------------------------- ResEnc U-Net
+
+
+@needs_dna
+def test_resenc_defaults_are_nnunets_resenc_ml_3d_preset():
+    """The same tensors as nnU-Net's planner builds for ResEnc-M/L on an isotropic 3D patch
+    (reference: ResidualEncoderUNet called with the planner's arch_kwargs directly)."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+    from torch import nn
+
+    spec = get_spec("resenc_unet")
+    assert spec.bottleneck_channels() == 320 and spec.input_multiple() == 32
+    ours = create_backbone("resenc_unet", 2, 10).state_dict()
+    reference_net = ResidualEncoderUNet(
+        input_channels=2,
+        n_stages=6,
+        features_per_stage=[min(320, 32 * 2**i) for i in range(6)],
+        conv_op=nn.Conv3d,
+        kernel_sizes=[[3, 3, 3]] * 6,
+        strides=[[1, 1, 1]] + [[2, 2, 2]] * 5,
+        n_blocks_per_stage=(1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)[:6],
+        num_classes=10,
+        n_conv_per_stage_decoder=(1,) * 5,
+        conv_bias=True,
+        norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+        deep_supervision=True,
+    )
+    reference = reference_net.state_dict()
+    # Without deep supervision only the last segmentation layer exists (also as ``head``).
+    unused = {f"decoder.seg_layers.{i}.{p}" for i in range(4) for p in ("weight", "bias")}
+    expected = {k: v.shape for k, v in reference.items() if k not in unused}
+    expected |= {"head.weight": reference["decoder.seg_layers.4.weight"].shape}
+    expected |= {"head.bias": reference["decoder.seg_layers.4.bias"].shape}
+    assert {k: v.shape for k, v in ours.items()} == expected
+    n_params = sum(p.numel() for p in reference_net.parameters())
+    assert 95e6 < n_params < 110e6  # ResEnc-L/M 3D: about 102 M parameters
+
+
+@needs_dna
+def test_resenc_deep_supervision_stacks_full_size_outputs():
+    kwargs = {**SMALL_KWARGS["resenc_unet"], "deep_supervision": True}
+    spec = get_spec("resenc_unet")
+    model = create_backbone("resenc_unet", 1, 4, **kwargs)
+    x = torch.randn(1, 1, 8, 8, 16)
+    model.train()
+    out = model(x)
+    assert out.shape == (1, 3, 4, 8, 8, 16)  # one output per decoder stage, full size
+    aux = [k for k in model.state_dict() if k.startswith("decoder.seg_layers.")]
+    assert len(aux) == 6 and all(spec.is_head_key(k) for k in aux)
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (1, 4, 8, 8, 16)
+
+
+@needs_dna
+def test_resenc_loads_an_nnunet_trained_state_dict():
+    """An nnU-Net checkpoint (deep supervision on during training) transfers all but the head."""
+    from sap_lightning.backbones.transfer import transfer_weights
+
+    kwargs = SMALL_KWARGS["resenc_unet"]
+    nnunet = create_backbone("resenc_unet", 2, 5, **kwargs, deep_supervision=True)
+    state = {k: v for k, v in nnunet.state_dict().items() if not k.startswith("head.")}
+    model = create_backbone("resenc_unet", 2, 3, **kwargs)
+    report = transfer_weights(model, state, mode="all_but_head", spec="resenc_unet")
+    for key in (
+        "encoder.stages.1.blocks.0.conv1.conv.weight",
+        "decoder.stages.0.convs.0.conv.weight",
+    ):
+        assert key in report.loaded
+        assert torch.equal(model.state_dict()[key], state[key])
+    assert not report.missing and not report.mismatched
+    assert not any(k.startswith("decoder.seg_layers.") for k in report.loaded)
+    assert {"decoder.seg_layers.0.weight", "decoder.seg_layers.2.weight"} <= set(
+        report.unused_source_keys
+    )
+
+
+def test_resenc_refuses_mismatched_stage_lists():
+    if not HAS_DNA:
+        pytest.skip("dynamic-network-architectures not installed")
+    with pytest.raises(ConfigError, match="n_blocks_per_stage has 2 entries, needs 4"):
+        create_backbone(
+            "resenc_unet", 1, 2, **{**SMALL_KWARGS["resenc_unet"], "n_blocks_per_stage": (1, 1)}
+        )

@@ -6,10 +6,10 @@
 768
 
 Importing this package registers the built-ins: ``swin_unetr``, ``dynunet``, ``segresnet`` and
-``unet_tiny``.
+``unet_tiny``, and ``resenc_unet`` (built with dynamic-network-architectures when installed).
 """
 
-from sap_lightning.backbones import dynunet, segresnet, swin_unetr, unet_tiny  # noqa: F401
+from sap_lightning.backbones import dynunet, resenc, segresnet, swin_unetr, unet_tiny  # noqa: F401
 from sap_lightning.backbones.registry import (
     BackboneSpec,
     create_backbone,

@@ -21,6 +21,7 @@ number of steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -320,11 +321,17 @@ class SapDataModule(L.LightningDataModule):
         multiple = self.world_size * data.batch_size
         planner = self._planner(cases, self.cfg.seed, count, multiple)
         self.plan = EpochPlan(planner, epoch=0)
+        augment = data.augment
+        if self.task == "ssl":
+            # The pretext's own rotations and cut-outs are the only geometric transforms of SSL
+            # views: a flip or quarter turn before them would make the rotation label
+            # unidentifiable. Intensity augmentation stays.
+            augment = dataclasses.replace(augment, flip_p=0.0, rot90_p=0.0)
         dataset = PatchDataset(
             self.store,
             self.plan,
             self.patch_size,
-            build_augmentation(data.augment),
+            build_augmentation(augment),
             with_label=self.task != "ssl",
             seed=self.cfg.seed,
             rank=self.rank,

@@ -93,7 +93,12 @@ class PatchDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.plan.set_epoch(epoch)
 
-    def __getitem__(self, index: int) -> tio.Subject:
+    def __getitem__(self, index: int | tuple[int, ...]) -> tio.Subject:
+        """Task ``index`` of the current plan, or of epoch ``e`` for ``(e, index, ...)`` (what
+        the queue's persistent workers receive: their copy of the plan follows the tasks)."""
+        if isinstance(index, tuple):
+            epoch, index = index[0], index[1]
+            self.plan.set_epoch(epoch)
         task = self.plan[index]
         case = self.store.get(task.case_id)
         shape = np.asarray(case.image.shape[1:])

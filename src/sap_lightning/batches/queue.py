@@ -13,6 +13,15 @@ for the training loader. Under DDP (docs/data_flow.md, "TorchIO Queue under DDP"
   does it): Lightning never reaches a sampler hidden inside a dataset;
 - the plan length is a multiple of ``world size x batch size`` and the outer loader drops
   incomplete batches, so every rank runs the same number of steps.
+
+Loader workers are started once and kept (``persistent_workers``): each epoch restart of the
+stock queue forked them again, which cost more than loading the patches. A worker's copy of the
+plan is brought to the right epoch by the task itself: the sampler yields ``(epoch, index,
+slot)`` (:class:`EpochTaggedSampler`) and ``PatchDataset`` draws that epoch's plan (a function
+of the seed and epoch only) before cutting the patch. Workers write each patch into ``slot`` of
+a shared-memory ring allocated once (:class:`PatchRing`) and send back only its small entries:
+pickling a patch instead made a new shared-memory segment per tensor and passed its file
+descriptor over a socket, which cost more than cutting the patch.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from sap_lightning.batches.patches import CASE_ID, IMAGE, LABEL, LOCATION, TASK_INDEX, PatchDataset
@@ -50,6 +59,93 @@ class PrecutPatchSampler(tio.data.PatchSampler):
         yield subject
 
 
+class EpochTaggedSampler(Sampler):
+    """This rank's share of the plan as ``(epoch, index, slot)``, the epoch read when the
+    iteration starts: persistent loader workers hold their own copy of the plan, and each task
+    tells them which epoch's plan it belongs to. ``slot`` counts on across iterations, modulo
+    the ring size, so a slot is reused only after ``slots`` later tasks."""
+
+    def __init__(self, inner: DistributedSampler, dataset: PatchDataset, slots: int) -> None:
+        self.inner = inner
+        self.dataset = dataset
+        self.slots = max(1, int(slots))
+        self._next = 0
+
+    def __iter__(self):
+        epoch = int(self.dataset.plan.epoch)
+        for index in self.inner:
+            slot, self._next = self._next, (self._next + 1) % self.slots
+            yield epoch, int(index), slot
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class PatchRing:
+    """Shared-memory slots that loader workers write patches into (image, and label when the
+    patches carry one); allocated in the main process before the workers start.
+
+    A patch in the queue is a view of its slot until its batch is collated (a copy), so the ring
+    holds every patch that can be alive at once: the queue, a batch being popped and the tasks
+    in flight in the workers (:meth:`EpochQueue._ring_size`).
+    """
+
+    def __init__(
+        self, slots: int, image: np.ndarray, label: np.ndarray | None, patch: Sequence[int]
+    ) -> None:
+        size = tuple(int(n) for n in patch)
+        image_dtype = torch.from_numpy(np.empty(0, dtype=image.dtype)).dtype
+        self.image = torch.empty((slots, image.shape[0], *size), dtype=image_dtype)
+        self.image.share_memory_()
+        self.label: torch.Tensor | None = None
+        if label is not None:
+            label_dtype = torch.from_numpy(np.empty(0, dtype=label.dtype)).dtype
+            self.label = torch.empty((slots, 1, *size), dtype=label_dtype).share_memory_()
+
+    def put(self, slot: int, subject: tio.Subject) -> dict[str, Any]:
+        """Copy a worker's patch into ``slot``; returns what is left to send: small entries
+        (tensors as numpy arrays, which pickle as bytes rather than as shared memory)."""
+        self.image[slot].copy_(subject[IMAGE].data)
+        has_label = LABEL in subject
+        if has_label:
+            assert self.label is not None
+            self.label[slot].copy_(subject[LABEL].data)
+        rest = {
+            key: value.numpy() if isinstance(value, torch.Tensor) else value
+            for key, value in subject.items()
+            if key not in (IMAGE, LABEL)
+        }
+        return {"slot": slot, "has_label": has_label, "rest": rest}
+
+    def take(self, sent: dict[str, Any]) -> tio.Subject:
+        """The patch of a slot as a ``tio.Subject`` whose images are views of the slot."""
+        slot = sent["slot"]
+        rest = {
+            key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+            for key, value in sent["rest"].items()
+        }
+        entries = {IMAGE: tio.ScalarImage(tensor=self.image[slot]), **rest}
+        if sent["has_label"]:
+            assert self.label is not None
+            entries[LABEL] = tio.LabelMap(tensor=self.label[slot])
+        return tio.Subject(entries)
+
+
+class _RingDataset(Dataset):
+    """The worker side: cut task ``(epoch, index)``'s patch and put it into ``slot``."""
+
+    def __init__(self, dataset: PatchDataset, ring: PatchRing) -> None:
+        self.dataset = dataset
+        self.ring = ring
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        epoch, index, slot = item
+        return self.ring.put(slot, self.dataset[(epoch, index)])
+
+
 class EpochQueue(tio.Queue):
     """A ``tio.Queue`` that can be restarted at an epoch boundary.
 
@@ -70,6 +166,44 @@ class EpochQueue(tio.Queue):
         self._incomplete_subject = None
         self._num_patches_incomplete = 0
         self._num_sampled_subjects = 0
+
+    _subjects_loader: DataLoader | None = None
+    _ring: PatchRing | None = None
+    consumer_batch_size: int | None = None
+    """Patches the outer loader pops per batch (``build_patch_loader`` sets it; sizes the ring)."""
+
+    def _ring_size(self) -> int:
+        """Patches alive at once: the queue, a batch being popped, the tasks in flight."""
+        batch = self.consumer_batch_size or self.max_length
+        return int(self.max_length + batch + int(self.num_workers) * LOADER_PREFETCH + 1)
+
+    def _get_subjects_iterable(self):
+        """tio.Queue's subject loader, created once with persistent workers (each new iterator
+        of it resumes the same workers, dropping what an abandoned iterator had in flight).
+        Without workers the patches are cut in this process and nothing is copied."""
+        workers = int(self.num_workers)
+        if self._subjects_loader is None:
+            patches = self.subjects_dataset
+            slots = self._ring_size()
+            dataset: Dataset = patches
+            if workers > 0:
+                case = patches.store.get(patches.plan[0].case_id)
+                label = case.label if patches.with_label else None
+                self._ring = PatchRing(slots, case.image, label, patches.patch)
+                dataset = _RingDataset(patches, self._ring)
+            self._subjects_loader = DataLoader(
+                dataset,
+                num_workers=workers,
+                batch_size=1,
+                collate_fn=self._get_first_item,
+                sampler=EpochTaggedSampler(self.subject_sampler, patches, slots),
+                persistent_workers=workers > 0,
+                prefetch_factor=LOADER_PREFETCH if workers > 0 else None,
+            )
+        self._num_sampled_subjects = 0
+        if self._ring is None:
+            return iter(self._subjects_loader)
+        return map(self._ring.take, self._subjects_loader)
 
 
 @dataclass(frozen=True)
@@ -156,6 +290,7 @@ def collate_patches(patches: Sequence[tio.Subject]) -> dict[str, Any]:
 def build_patch_loader(queue: EpochQueue, batch_size: int) -> DataLoader:
     """The training loader: batches popped from the queue in the main process (the queue's own
     workers do the loading; TorchIO requires ``num_workers=0`` here), incomplete batches dropped."""
+    queue.consumer_batch_size = int(batch_size)
     return DataLoader(
         queue,
         batch_size=batch_size,

@@ -32,6 +32,7 @@ from sap_lightning.cache.reader import (
 from sap_lightning.core.errors import ConfigError, DatasetError
 from sap_lightning.core.io import atomic_dir, file_lock, read_json, write_json, writer_pid
 from sap_lightning.core.lesions import bounding_box, check_connectivity, lesion_components
+from sap_lightning.core.threads import single_threaded_children, worker_processes
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import (
     CaseFiles,
@@ -364,7 +365,12 @@ def _update_cache(
             report.written.append(build_case(*job))
             log.info("preprocessed %s (%d/%d)", job[0].case_id, number, len(jobs))
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        # One single-threaded process per usable CPU: more would only oversubscribe them.
+        processes = worker_processes(min(workers, len(jobs)))
+        with (
+            single_threaded_children(),
+            ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn")) as pool,
+        ):
             for case_id in pool.map(build_case, *zip(*jobs)):
                 report.written.append(case_id)
                 log.info("preprocessed %s (%d/%d)", case_id, len(report.written), len(jobs))

@@ -141,6 +141,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("data.positive_margin", data.positive_margin, 0),
         ("data.n_folds", data.n_folds, 2),
         ("optim.warmup_epochs", optim.warmup_epochs, 0),
+        ("optim.warmup_steps", optim.warmup_steps, 0),
         ("validation.sw_batch_size", val.sw_batch_size, 1),
         ("validation.every_n_epochs", val.every_n_epochs, 1),
         ("trainer.max_epochs", trainer.max_epochs, 1),
@@ -149,6 +150,13 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, 1),
     ):
         _check_range(value, key, low)
+    if trainer.max_steps != -1:
+        _check_range(trainer.max_steps, "trainer.max_steps", 1)  # or -1: no step budget
+        if optim.warmup_steps >= trainer.max_steps:
+            raise ConfigError(
+                f"'optim.warmup_steps' ({optim.warmup_steps}) must be below 'trainer.max_steps' "
+                f"({trainer.max_steps})"
+            )
     _check_range(data.val_fraction, "data.val_fraction", 0, 1, low_open=True, high_open=True)
     _check_range(data.positive_min_scale, "data.positive_min_scale", 1)
     for key, value in (
@@ -210,7 +218,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"'data.tuning_fold' must be in 0..{cfg.data.n_folds - 1}")
 
 
-OPEN_KEYS = ("model.kwargs", "model.pretrained_by_init", "finetune_configs")
+OPEN_KEYS = ("model.kwargs", "model.pretrained_by_init", "finetune_configs", "pretrain_runs")
 """Free-form mappings inside the schema (backbone factory arguments, checked when it is built)."""
 
 

@@ -14,7 +14,7 @@ from sap_lightning.core.tasks import TASKS as _TASK_TABLE
 from sap_lightning.core.windows import DEFAULT_THRESHOLD
 
 TASKS = tuple(_TASK_TABLE)
-INIT_MODES = ("scratch", "sap", "ssl")
+INIT_MODES = ("scratch", "sap", "ssl", "mae")
 LOGGERS = ("wandb", "csv", "none")
 
 
@@ -132,6 +132,22 @@ class SSLConfig:
     projection_dim: int = 512
     cutout_fraction: float = 0.3
     """Fraction of the patch volume masked out in each view before reconstruction."""
+    head_input: str = "flatten"
+    """What the rotation and contrastive heads read from the bottleneck: ``flatten`` (every
+    bottleneck voxel, in order), ``tokens`` (Tang et al.: voxel 0 for rotation, voxel 1 for the
+    contrastive projection) or ``pool`` (global mean, which collapses after instance norm)."""
+
+
+@dataclass
+class MAEConfig:
+    """Masked-autoencoder pretraining (Wald et al., CVPR 2025; nnssl's BaseMAETrainer), an SSL
+    recipe: with ``enabled`` a ``task: ssl`` run trains ``modules/mae.py`` instead of Tang et al."""
+
+    enabled: bool = False
+    mask_ratio: float = 0.75
+    """Fraction of the coarse grid's blocks set to 0 in the input (nnssl: 0.75)."""
+    block_size: int = 16
+    """Edge of a masked block in voxels (nnssl: 16 on 160^3 patches); divides the patch size."""
 
 
 @dataclass
@@ -161,7 +177,8 @@ class TrainerConfig:
     max_steps: int = -1
     """Optimiser steps of the run; when > 0 it ends training and drives the schedule, so every
     arm and every fold gets the same budget whatever its epoch length (an instance-balanced
-    epoch has one step per lesion). ``max_epochs`` then only caps the run."""
+    epoch has one step per lesion). Training stops at whichever of ``max_steps`` and
+    ``max_epochs`` comes first, so a pure step budget sets ``max_epochs`` high."""
     limit_train_batches: Any = None
     limit_val_batches: Any = None
     log_every_n_steps: int = 10
@@ -199,6 +216,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -224,6 +242,9 @@ class StudyConfig:
     phantom_spacing: list[float] | None = None
     n_folds: int = 3
     tuning_fold: int = 0
+    skeleton_val_fraction: float = 0.2
+    """Healthy scans held out to validate the skeleton network, by subject (0.2 of the demo's
+    10 scans of 6 volunteers holds out two scans)."""
     runs_dir: str = "runs/demo"
     report_dir: str = "reports/demo"
     pretrain_config: str = "experiments/cpu/pretrain.yaml"
@@ -236,6 +257,9 @@ class StudyConfig:
         }
     )
     """Arm name -> experiment file; arms appear in the report in this order."""
+    pretrain_runs: dict[str, str] = field(default_factory=dict)
+    """Further pretraining runs on the healthy scans, init name -> experiment file (e.g.
+    ``{mae: experiments/cpu/resenc_mae.yaml}``): the arm of that name starts from it."""
     overrides: list[str] = field(default_factory=list)
     pretrain_overrides: list[str] = field(default_factory=list)
     ssl_overrides: list[str] = field(default_factory=list)

@@ -6,13 +6,17 @@ cgroup CPU quota (Docker ``--cpus``, Kubernetes limits). Oversubscribed threads 
 against each other: a training step ran 6x slower next to one busy process. ``usable_cpus``
 reads both limits; ``configure_threads`` applies them once per process, overridable with
 ``SAP_NUM_THREADS`` (or the standard ``OMP_NUM_THREADS``, which torch honours itself).
+Worker processes run one thread each: ``single_threaded_children`` for process pools, and
+PyTorch's DataLoader workers set one torch thread themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -65,3 +69,34 @@ def configure_threads(requested: int | None = None) -> int:
         torch.set_num_threads(threads)
         log.debug("torch uses %d CPU threads", threads)
     return threads
+
+
+WORKER_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def single_threaded_children() -> Iterator[None]:
+    """Start worker processes inside this block with one thread each.
+
+    Worker pools (preprocessing) already use one process per CPU; a native thread pool per
+    worker on top (OpenMP, MKL, OpenBLAS read these variables when they load, so the child's
+    environment is the only place to set them) would oversubscribe the CPUs. Variables the user
+    has set are kept; the parent's environment is restored on exit.
+    """
+    saved = {name: os.environ.get(name) for name in (*WORKER_THREAD_VARIABLES, ENV_OVERRIDE)}
+    try:
+        for name in (*WORKER_THREAD_VARIABLES, ENV_OVERRIDE):
+            if not os.environ.get(name):
+                os.environ[name] = "1"
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def worker_processes(requested: int) -> int:
+    """Worker processes to start for ``requested``: never more than the usable CPUs."""
+    return max(1, min(int(requested), usable_cpus()))

@@ -41,12 +41,15 @@ def predict_volume(
     overlap: float = 0.25,
     device: torch.device | str | None = None,
     progress: bool = False,
+    channels: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities ``(B, K, X, Y, Z)`` on the CPU for an image ``(B, C, X, Y, Z)``.
 
     Windows of ``roi_size`` run on ``device`` (default: the network's device) and are blended
     with Gaussian weights into a CPU tensor; volumes smaller than a window are padded by MONAI.
-    Mixed precision, when wanted, comes from the caller's autocast context.
+    Mixed precision, when wanted, comes from the caller's autocast context. ``channels`` keeps
+    only those classes (``(B, len(channels), ...)``), so a caller that needs the lesion
+    probability alone does not hold every class of a whole-body volume.
     """
     if device is None:
         device = next(net.parameters()).device
@@ -62,4 +65,17 @@ def predict_volume(
         progress=progress,
     )
     assert isinstance(logits, torch.Tensor)
-    return torch.softmax(logits.float(), dim=1)
+    probs = _softmax_(logits.float())
+    if channels is not None:
+        probs = probs[:, list(channels)].clone()  # a copy: the other classes are freed
+    return probs
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1 in place: the stitched logits are the only whole-volume buffer (a
+    whole-body volume's K-class float32 map is hundreds of MB; ``torch.softmax`` would
+    allocate a second one). Same values as ``torch.softmax`` up to float32 rounding."""
+    logits -= logits.amax(dim=1, keepdim=True)
+    logits.exp_()
+    logits /= logits.sum(dim=1, keepdim=True)
+    return logits

@@ -285,8 +285,10 @@ def _probabilities(
     sw_batch_size,
     overlap,
     progress: bool,
+    channels: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Class probabilities ``(K, X, Y, Z)`` on the input's (canonical) grid.
+    """Class probabilities ``(K, X, Y, Z)`` on the input's (canonical) grid (only the classes
+    in ``channels`` when given: the lesion map needs one class of the whole volume, not K).
 
     Non-finite probabilities are an error naming the case: a NaN map would otherwise threshold
     to an empty mask and report a healthy exam.
@@ -294,6 +296,7 @@ def _probabilities(
     target_spacing = model.meta.get("target_spacing")
     normed, _, _ = prepare_image(image, affine, target_spacing)
     tensor = torch.from_numpy(normed)[None]
+    del normed  # the tensor shares its memory
     probs = predict_volume(
         model.net,
         tensor,
@@ -302,8 +305,14 @@ def _probabilities(
         overlap=overlap,
         device=device,
         progress=progress,
+        channels=channels,
     )[0].numpy()
-    non_finite = int(probs.size - np.count_nonzero(np.isfinite(probs)))
+    del tensor
+    # Softmax of finite logits is finite: NaN/Inf logits leave NaN, which isnan finds (and
+    # torch's reduction is multithreaded, without numpy's whole-volume boolean temporary).
+    non_finite = int(torch.from_numpy(probs).isnan().sum()) + int(
+        torch.from_numpy(probs).isinf().sum()
+    )
     if non_finite:
         raise SapError(
             f"case {case_id}: the {model.task} network of {model.source} output {non_finite} "
@@ -312,6 +321,20 @@ def _probabilities(
     if probs.shape[1:] != image.shape[1:]:  # the model works at another spacing: back to input
         probs = np.stack([resample_volume(p, image.shape[1:], order=1) for p in probs])
     return probs
+
+
+def as_stored(probability: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The probability map as the 16-bit file stores it, and the uint8 mask at ``threshold``.
+
+    Thresholding the stored values makes the mask equal what a reader of the probability file
+    gets at the same threshold. Works in place on ``probability`` (the caller's own float32
+    map): no whole-volume temporaries.
+    """
+    probability = np.ascontiguousarray(probability, dtype=np.float32)
+    probability *= np.float32(layout.PROBABILITY_SCALE)
+    np.rint(probability, out=probability)
+    probability /= np.float32(layout.PROBABILITY_SCALE)
+    return probability, (probability >= threshold).view(np.uint8)
 
 
 def predict_cases(
@@ -404,13 +427,9 @@ def predict_cases(
         image, source = arrays.image, arrays.source
         _check_spacing(lesion_model, case.case_id, arrays.affine)
         lesion_prob = _probabilities(
-            lesion_model, image, arrays.affine, case_id=case.case_id, **settings
-        )[1]
-        lesion_prob = source.from_canonical(lesion_prob)
-        # Threshold the probabilities as stored, so the mask equals what a reader of the
-        # probability file gets at the same threshold.
-        lesion_prob = np.rint(lesion_prob * layout.PROBABILITY_SCALE) / layout.PROBABILITY_SCALE
-        mask = (lesion_prob >= threshold).astype(np.uint8)
+            lesion_model, image, arrays.affine, case_id=case.case_id, channels=[1], **settings
+        )[0]
+        lesion_prob, mask = as_stored(source.from_canonical(lesion_prob), threshold)
         skeleton = None
         if skeleton_model is not None:
             if skeleton_order is not None:

@@ -16,6 +16,7 @@ from sap_lightning.config import ExperimentConfig, to_dict
 from sap_lightning.core.tasks import TASKS
 from sap_lightning.modules.base import SapModule, data_info_from, warmup_cosine_factor
 from sap_lightning.modules.lesion import LesionSegmentation
+from sap_lightning.modules.mae import MaskedAutoencoderPretraining
 from sap_lightning.modules.skeleton import SkeletonSegmentation
 from sap_lightning.modules.ssl import ContrastivePretraining
 
@@ -27,7 +28,10 @@ MODULES: dict[str, type[SapModule]] = {name: _CLASSES[spec.module] for name, spe
 
 
 def build_module(cfg: ExperimentConfig, data_info: Mapping[str, Any]) -> SapModule:
-    """The module for ``cfg.task``, built from plain dicts (see :class:`SapModule`)."""
+    """The module for ``cfg.task``, built from plain dicts (see :class:`SapModule`); an SSL run
+    with ``mae.enabled`` trains the masked autoencoder (``modules/mae.py``)."""
+    if cfg.task == "ssl" and cfg.mae.enabled:
+        return MaskedAutoencoderPretraining(to_dict(cfg), dict(data_info))
     return MODULES[cfg.task](to_dict(cfg), dict(data_info))
 
 
@@ -35,6 +39,7 @@ __all__ = [
     "MODULES",
     "ContrastivePretraining",
     "LesionSegmentation",
+    "MaskedAutoencoderPretraining",
     "SapModule",
     "SkeletonSegmentation",
     "build_module",

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 INIT_TRANSFER: dict[str, tuple[str, str]] = {
     "sap": ("all_but_head", "skeleton"),
     "ssl": ("encoder", "ssl"),
+    "mae": ("encoder", "ssl"),  # masked autoencoder (modules/mae.py): encoder only, as nnssl
 }
 """init mode -> (transfer mode, task the source must have been trained on)."""
 

@@ -23,6 +23,7 @@ module pools the bottleneck instead, which works for every registered backbone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,7 @@ from sap_lightning.modules.losses import (
 )
 
 VALIDATION_TERMS = ("loss", "rotation", "reconstruction")
+SSL_HEAD_INPUTS = ("flatten", "tokens", "pool")
 
 SSL_OUT_CHANNELS = len(LESION_LABELS)
 """The network's own output layer is not used by SSL; it is built with the lesion task's size,
@@ -112,8 +114,15 @@ class ContrastivePretraining(SapModule):
             raise ConfigError(
                 f"'data.patch_size' {patch} must be a multiple of the bottleneck stride {stride}"
             )
-        self.rotation_head = nn.Linear(channels, len(ROTATION_ANGLES_DEG))
-        self.projection_head = nn.Linear(channels, self.cfg.ssl.projection_dim)
+        head_input = self.cfg.ssl.head_input
+        if head_input not in SSL_HEAD_INPUTS:
+            raise ConfigError(f"'ssl.head_input' is {head_input!r}; valid: {SSL_HEAD_INPUTS}")
+        positions = math.prod(size // stride for size in patch)
+        if head_input == "tokens" and positions < 2:
+            raise ConfigError(f"ssl.head_input=tokens needs 2 bottleneck voxels, patch {patch}")
+        width = channels * positions if head_input == "flatten" else channels
+        self.rotation_head = nn.Linear(width, len(ROTATION_ANGLES_DEG))
+        self.projection_head = nn.Linear(width, self.cfg.ssl.projection_dim)
         self.reconstruction_head = ReconstructionDecoder(
             channels, int(self.data_info["in_channels"]), stride
         )
@@ -149,12 +158,33 @@ class ContrastivePretraining(SapModule):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotation logits (B, 4), projections (B, D), reconstruction (B, C, *spatial)."""
         features = self.spec.bottleneck(self.net, image)
-        pooled = features.mean(dim=tuple(range(2, features.dim())))
+        rotation_in, projection_in = self.head_inputs(features)
         return (
-            self.rotation_head(pooled),
-            self.projection_head(pooled),
+            self.rotation_head(rotation_in),
+            self.projection_head(projection_in),
             self.reconstruction_head(features),
         )
+
+    def head_inputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the rotation and contrastive heads read from the bottleneck (B, C, *spatial).
+
+        Not the global mean by default: after a per-channel instance normalisation the spatial
+        mean of every channel is fixed, so a pooled vector hardly depends on the input (cosine
+        similarity >= 0.99 between different patches at initialisation) and both heads sit at
+        chance while the encoder collapses. ``flatten`` keeps every bottleneck voxel in order,
+        so a rotation permutes what the head reads and the rotation label is identifiable;
+        ``tokens`` is Tang et al.'s choice for Swin UNETR (token 0 -> rotation, token 1 ->
+        contrastive projection).
+        """
+        mode = self.cfg.ssl.head_input
+        if mode == "pool":
+            pooled = features.mean(dim=tuple(range(2, features.dim())))
+            return pooled, pooled
+        tokens = features.flatten(2)  # (B, C, N) in voxel order
+        if mode == "tokens":
+            return tokens[:, :, 0], tokens[:, :, 1]
+        flat = tokens.flatten(1)
+        return flat, flat
 
     def ssl_losses(
         self,

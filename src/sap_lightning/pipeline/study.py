@@ -134,7 +134,9 @@ def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
     infos = {dataset: require_valid_dataset(dataset) for dataset in (skeleton, lesion)}
     for dataset, info in infos.items():
         preprocess_dataset(dataset, layout.default_cache_path(dataset), info=info)
-    split_dataset(skeleton, seed=study.seed, info=infos[skeleton])
+    split_dataset(
+        skeleton, seed=study.seed, val_fraction=study.skeleton_val_fraction, info=infos[skeleton]
+    )
     counts = cache_lesion_counts(open_cache(layout.default_cache_path(lesion)))
     _, splits, _ = split_dataset(
         lesion,
@@ -283,6 +285,16 @@ def run_study(study: StudyConfig) -> StudyResult:
         runs / "ssl",
     )
     pretrained = {"sap": pretrain_run, "ssl": ssl_run}
+    for init, config_path in study.pretrain_runs.items():  # e.g. mae: the arm of that name
+        pretrained[init] = clock.step(
+            f"{init} pretraining",
+            lambda config_path=config_path, init=init: _train(
+                config_path,
+                [*study.overrides, *study.ssl_overrides, f"data.dataset={skeleton}", *seed],
+                runs / f"pretrain_{init}",
+            ),
+            runs / f"pretrain_{init}",
+        )
     arms = {
         arm: _arm(study, arm, config_path, splits, lesion, pretrained, clock)
         for arm, config_path in study.finetune_configs.items()

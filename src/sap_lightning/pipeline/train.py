@@ -303,6 +303,7 @@ def build_trainer(
         num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=t.precision,
+        # Both limits apply (whichever comes first); a step budget sets max_epochs high.
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
         limit_train_batches=t.limit_train_batches,
