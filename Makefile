@@ -32,6 +32,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
 	$(VENV)/bin/pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[dev]'
+	# nnU-Net's ResEnc U-Net (backbone resenc_unet): without its timm/torchvision dependencies,
+	# which would replace the CPU torch; the backbone uses none of them.
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps 'dynamic-network-architectures>=0.4.4,<0.5'
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv and install the package (editable) with dev extras

@@ -463,3 +463,21 @@ def test_trainer_callback_moves_the_plan_to_each_epoch(cohort):
     for epoch, plan_epoch, index, case_id in model.seen:
         assert plan_epoch == epoch
         assert plans[epoch][index].case_id == case_id
+
+
+def test_ssl_views_get_no_geometric_augmentation(cohort):
+    """The SSL pretext's own rotation must be the only geometric transform of its views."""
+    import torchio as tio
+
+    from sap_lightning.batches.augment import RandomRot90
+
+    lesion = _datamodule(cohort["lesion"], "lesion")
+    ssl = _datamodule(cohort["skeleton"], "ssl")
+    geometric = (tio.RandomFlip, RandomRot90)
+
+    def kinds(dm) -> set[type]:
+        transform = dm.queue.subjects_dataset.transform  # the PatchDataset behind the queue
+        return {type(t) for t in (transform.transforms if transform is not None else [])}
+
+    assert any(issubclass(k, geometric) for k in kinds(lesion))
+    assert not any(issubclass(k, geometric) for k in kinds(ssl))

@@ -311,3 +311,49 @@ def test_metadata_disagreements_are_reported() -> None:
     }
     assert metadata_warnings(same, DATA["lesion"]) == []
     assert len(metadata_warnings(None, DATA["lesion"])) == 1
+
+
+def _smooth_images(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    """Different smooth, body-like patches (random blobs), not white noise."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 2, 4, 4, 4, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear")
+
+
+def _mean_cosine(vectors: torch.Tensor) -> float:
+    unit = torch.nn.functional.normalize(vectors.flatten(1), dim=1)
+    similarity = unit @ unit.T
+    off_diagonal = ~torch.eye(len(unit), dtype=torch.bool)
+    return float(similarity[off_diagonal].mean())
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "overrides"),
+    [
+        ("unet_tiny", 32, ("model.kwargs.features=[4,4,8,8,16,4]",)),
+        ("swin_unetr", 64, ("model.kwargs.feature_size=12", "model.kwargs.depths=[1,1,1,1]")),
+    ],
+)
+def test_ssl_heads_read_features_that_depend_on_the_input(backbone, size, overrides) -> None:
+    """At initialisation, different patches give clearly different head inputs (the pooled
+    instance-normalised bottleneck of a CNN does not: that made the heads sit at chance)."""
+    images = _smooth_images(6, seed=1, size=size)
+    similarity = {}
+    for head_input in ("flatten", "tokens", "pool"):
+        module = make(
+            "ssl",
+            f"model.backbone={backbone}",
+            *overrides,
+            f"ssl.head_input={head_input}",
+            base=(f"data.patch_size=[{size},{size},{size}]",),
+        )
+        module.eval()
+        with torch.no_grad():
+            features = module.spec.bottleneck(module.net, images)
+            rotation_in, projection_in = module.head_inputs(features)
+        similarity[head_input] = _mean_cosine(torch.cat([rotation_in, projection_in], dim=1))
+    # Position-keeping inputs vary more between patches than the pooled mean does.
+    assert similarity["flatten"] < similarity["pool"]
+    assert similarity["tokens"] < similarity["pool"]
+    if backbone == "unet_tiny":  # instance norm over a 2x2x2 bottleneck: pooling collapses
+        assert similarity["pool"] > 0.99 and similarity["flatten"] < 0.95

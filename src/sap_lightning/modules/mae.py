@@ -155,4 +155,5 @@ class MaskedAutoencoderPretraining(SapModule):
     def on_validation_epoch_end(self) -> None:
         means, _ = self.val_losses.compute()
         self.val_losses.reset()
-        self.log_dict({"val/loss": float(means[0])}, sync_dist=True)
+        # torchmetrics squeezes a one-element result to 0-d.
+        self.log_dict({"val/loss": float(means.reshape(-1)[0])}, sync_dist=True)
