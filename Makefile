@@ -22,7 +22,7 @@ FOLD ?= 1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: finetune-config smoke-paper help install panoptica-venv nnunet-venv test lint format demo data pretrain ssl finetune predict sweep agent bench clean
+.PHONY: finetune-config smoke-paper help install panoptica-venv nnunet-venv test lint format demo data pretrain ssl finetune predict sweep agent bench bench-gpu clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -145,8 +145,11 @@ smoke-paper: install ## Paper configuration end to end for 2 steps per run on th
 demo: install ## The study in miniature: cohort, pretraining, three arms, report (reports/demo)
 	$(SAP) study --config experiments/study/demo.yaml $(ARGS)
 
-bench: install panoptica-venv ## Performance benchmarks (side-by-side ratios against named baselines)
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+bench: install panoptica-venv ## Performance benchmarks: every ratio with its target in one table
+	$(PY) benchmarks/run_all.py
+
+bench-gpu: install ## First-GPU measurements: Swin UNETR steps/s, loader feed, inference, peak memory
+	$(PY) benchmarks/bench_gpu.py
 
 clean: ## Remove generated data, runs and reports (keeps .venv)
 	rm -rf $(DATA) runs reports wandb lightning_logs

@@ -14,8 +14,8 @@ Peak memory per phase is ``torch.cuda.max_memory_allocated`` on a GPU, the proce
 so far on the CPU. Prints one table, then ``feed ratio: R.RRx`` (target >= 1x).
 
 ``--quick`` runs the same phases at sizes a CPU finishes in seconds (feature size 12, batch 1
-of 64^3, the loader on the ``tiny`` 64 x 64 x 128 grid with 32^3 patches, a 64 x 64 x 128
-volume); the tests run it so this script keeps working until a GPU runs it for real.
+of 64^3 for one step, the loader on the ``tiny`` 64 x 64 x 128 grid with 32^3 patches, a
+64^3 volume); the tests run it so this script keeps working until a GPU runs it for real.
 
     python benchmarks/bench_gpu.py [--quick] [--workers N] [--steps 20] [--device cuda]
 """
@@ -52,7 +52,7 @@ class Sizes:
 
 
 FULL = Sizes(48, 96, 2, 20, 5, "large", 96, 4, 96, (192, 192, 384), 4)
-QUICK = Sizes(12, 64, 1, 2, 1, "tiny", 32, 5, 16, (64, 64, 128), 1)
+QUICK = Sizes(12, 64, 1, 1, 0, "tiny", 32, 5, 16, (64, 64, 64), 1)
 """Quick: Swin UNETR needs 64^3 to train (its 1/32 bottleneck must be more than one voxel for
 instance norm); the tiny grid plans only 32^3 patches, so the quick feed ratio is not meaningful."""
 

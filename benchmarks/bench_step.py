@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from sap_lightning.config import load_config
 from sap_lightning.modules import build_module
-from sap_lightning.modules.losses import segmentation_loss
+from sap_lightning.modules.losses import create_loss
 
 DATA_INFO = {
     "in_channels": 2,
@@ -117,7 +117,7 @@ def time_lightning(module: L.LightningModule, loader: DataLoader, args) -> float
 def time_raw(net: torch.nn.Module, loader: Iterable[dict], cfg, device, args) -> float:
     """The plain loop, with the same autocast / gradient scaling as Lightning's precision."""
     net = net.to(device).train()
-    loss_fn = segmentation_loss(cfg.loss)
+    loss_fn = create_loss(cfg.loss)  # as LesionSegmentation builds it (no deep supervision)
     optimizer = torch.optim.Adam(
         net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )

@@ -140,3 +140,30 @@ def test_mixed_orientation_cohort_caches_the_same_canonical_arrays(tmp_path: Pat
         assert b.meta["lesions"] == a.meta["lesions"]
         assert b.meta["source_orientation"] == codes
         assert a.meta["source_orientation"] == "RAS"
+
+
+def test_outputs_keep_the_inputs_header_codes_and_units(tmp_path: Path) -> None:
+    """Scanner-frame codes and units of the input's header carry over to every output image."""
+    dataset = write_tiny_dataset(tmp_path / "ds", n_cases=1, shape=SHAPE)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for channel in range(2):
+        name = f"case000_{channel:04d}.nii.gz"
+        image = nib.load(dataset / "imagesTr" / name)
+        data = np.asanyarray(image.dataobj)
+        header = image.header.copy()
+        header.set_xyzt_units("mm", "sec")
+        header["descrip"] = b"scanner export"
+        stored = nib.Nifti1Image(data, image.affine, header)
+        stored.set_sform(image.affine, code="scanner")
+        stored.set_qform(image.affine, code="aligned")
+        nib.save(stored, folder / name)
+    out = tmp_path / "out"
+    predict(write_lesion_checkpoint(tmp_path / "lesion.ckpt"), folder, out)
+    paths = case_paths(out, "case000")
+    for path in (paths.probability, paths.mask):
+        written = nib.load(path).header
+        assert int(written["sform_code"]) == 1 and int(written["qform_code"]) == 2
+        assert written.get_xyzt_units() == ("mm", "sec")
+        assert written["descrip"].tobytes().rstrip(b"\0") == b"scanner export"
+    assert set(np.unique(np.asanyarray(nib.load(paths.mask).dataobj))) <= {0, 1}

@@ -94,8 +94,8 @@ class PatchRing:
         self, slots: int, image: np.ndarray, label: np.ndarray | None, patch: Sequence[int]
     ) -> None:
         size = tuple(int(n) for n in patch)
-        image_dtype = torch.from_numpy(np.empty(0, dtype=image.dtype)).dtype
-        self.image = torch.empty((slots, image.shape[0], *size), dtype=image_dtype)
+        # float32 as the batches are (augmentations may turn another cache dtype into it).
+        self.image = torch.empty((slots, image.shape[0], *size), dtype=torch.float32)
         self.image.share_memory_()
         self.label: torch.Tensor | None = None
         if label is not None:

@@ -214,20 +214,38 @@ PROBABILITY_SCALE = 65535
 keep 1.5e-5 resolution at half the size of float32."""
 
 
-def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+def _image(
+    array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None
+) -> nib.Nifti1Image:
+    """A NIfTI image of ``array``; with the input's ``header``, its qform/sform codes, units and
+    description carry over (nibabel writes ``affine`` into both forms), its scaling does not."""
+    image = nib.Nifti1Image(
+        array, np.asarray(affine, dtype=np.float64), None if header is None else header.copy()
+    )
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(None, None)
+    return image
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None = None,
+) -> Path:
     """Write ``array`` as NIfTI atomically; the data type of ``array`` is kept."""
-    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
-    image.header.set_data_dtype(np.asarray(array).dtype)
-    return _save_atomic(path, image)
+    return _save_atomic(path, _image(np.asarray(array), affine, header))
 
 
 def save_probability_nifti(
-    path: str | os.PathLike, probability: np.ndarray, affine: np.ndarray
+    path: str | os.PathLike,
+    probability: np.ndarray,
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None = None,
 ) -> Path:
     """Write a probability map in [0, 1] as 16-bit NIfTI (readers get floats via the slope)."""
     scaled = np.rint(np.clip(probability, 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint16)
-    image = nib.Nifti1Image(scaled, np.asarray(affine, dtype=np.float64))
-    image.header.set_data_dtype(np.uint16)
+    image = _image(scaled, affine, header)
     image.header.set_slope_inter(1.0 / PROBABILITY_SCALE, 0.0)
     return _save_atomic(path, image)
 

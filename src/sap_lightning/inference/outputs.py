@@ -300,17 +300,19 @@ def write_case(
     table: pd.DataFrame,
     summary: dict[str, Any],
     skeleton: np.ndarray | None = None,
+    header: Any = None,
 ) -> dict[str, Any]:
     """Write a case's files, each atomically, its old files removed first and its summary last.
+    With the input's NIfTI ``header``, the images keep its qform/sform codes and units.
 
     Returns the summary as written: ``summary`` with the case id, threshold and checkpoint hash.
     """
     paths = case_paths(out_dir, case_id)
     remove_case_outputs(out_dir, case_id)
     if skeleton is not None:
-        layout.save_nifti(paths.skeleton, skeleton, affine)
-    layout.save_probability_nifti(paths.probability, probability, affine)
-    layout.save_nifti(paths.mask, mask, affine)
+        layout.save_nifti(paths.skeleton, skeleton, affine, header)
+    layout.save_probability_nifti(paths.probability, probability, affine, header)
+    layout.save_nifti(paths.mask, mask, affine, header)
     with atomic_path(paths.lesions) as tmp:
         table.to_csv(tmp, index=False)
     written = {

@@ -459,6 +459,7 @@ def predict_cases(
             table=table,
             summary=exam_summary(table),
             skeleton=skeleton,
+            header=source.header,  # None for .mha / .nrrd inputs
         )
         summaries.append(summary)
         log.info(

@@ -303,9 +303,9 @@ def build_trainer(
         num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=t.precision,
-        # Both limits apply (whichever comes first); a step budget sets max_epochs high.
+        # A step budget is enforced by the StepBudget callback, not Lightning's max_steps: with
+        # max_steps set, a run resumed from an end-of-epoch checkpoint redoes that epoch.
         max_epochs=t.max_epochs,
-        max_steps=t.max_steps,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
         check_val_every_n_epoch=cfg.validation.every_n_epochs,
@@ -468,6 +468,7 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
     callbacks = [
         *build_callbacks(module, run_dir, datamodule, logger),
         last_validation,
+        *([StepBudget(cfg.trainer.max_steps)] if cfg.trainer.max_steps > 0 else []),
         *extra_callbacks,
     ]
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
@@ -527,6 +528,18 @@ def write_validation_evaluation(module: LesionSegmentation, out_dir: Path) -> No
     evaluation = summarize_metrics(module.val_metrics, settings, val.threshold, sources)
     if module.trainer.is_global_zero:
         write_evaluation(evaluation, out_dir)
+
+
+class StepBudget(Callback):
+    """Stop training after ``max_steps`` optimiser steps (``trainer.max_steps``), inside an epoch
+    if need be; the epoch-end hooks still run, so ``last.ckpt`` holds the final model."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = int(max_steps)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.max_steps:
+            trainer.should_stop = True
 
 
 class LastValidation(Callback):
