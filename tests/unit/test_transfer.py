@@ -118,9 +118,7 @@ def test_all_but_head_copies_every_tensor_but_the_head(name, tmp_path):
 
     assert tensors(lesion_tensors, report.skipped) == tensors(lesion_tensors, spec.head_keys)
     assert not report.adapted and not report.missing and not report.mismatched
-    assert len(report.loaded) + len(report.skipped) == len(
-        {id(t) for t in lesion_tensors.values()}
-    )
+    assert len(report.loaded) + len(report.skipped) == len({id(t) for t in lesion_tensors.values()})
     assert tensors(skeleton_tensors, report.unused_source_keys) == tensors(
         skeleton_tensors, spec.head_keys
     )
