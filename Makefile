@@ -29,7 +29,7 @@ help: ## Show this help
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip 'setuptools>=70.1'  # builds wheels (tests)
 	$(VENV)/bin/pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[dev]'
 	# nnU-Net's ResEnc U-Net (backbone resenc_unet): without its timm/torchvision dependencies,
