@@ -6,11 +6,12 @@
   ``torch.load(weights_only=True)``.
 - Hyper-parameters are two plain dicts: the resolved experiment config and the values derived
   from the data (channels, classes, label names, spacing).
-- Optimiser (Adam / AdamW) with optional encoder / decoder learning rates, and a schedule
-  stepped once per epoch: linear warm-up for ``optim.warmup_epochs`` epochs, then cosine decay
-  to ``optim.min_lr_ratio`` x lr at ``trainer.max_epochs``. Per epoch, as the paper counts its
-  warm-up and as the Swin UNETR reference scripts step it; it does not depend on the number of
-  steps per epoch (which the sampler and ``limit_train_batches`` change) and resumes exactly.
+- Optimiser (registered by name, ``modules/optim.py``) with optional encoder / decoder learning
+  rates, and a linear warm-up + cosine schedule. With a step budget (``trainer.max_steps``, the
+  CPU files) it is stepped per optimiser step (``optim.warmup_steps``, decay to
+  ``optim.min_lr_ratio`` x lr at ``max_steps``), so every arm and fold gets the same schedule
+  whatever its epoch length; otherwise once per epoch (``optim.warmup_epochs``, decay at
+  ``trainer.max_epochs``), as the paper counts its warm-up. Both resume exactly.
 - A non-finite training loss stops training with an error naming the step and the cases.
 - Whole-case validation batches stay on the CPU; sliding-window inference moves one window batch
   at a time to the module's device and stitches on the CPU.

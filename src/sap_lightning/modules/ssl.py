@@ -2,8 +2,12 @@
 
 Two views of every patch are made on the device inside the step: each is rotated by a random
 multiple of 90 degrees in the axial plane and then cut out / inpainted
-(:func:`~sap_lightning.modules.losses.cutout_views`). Three heads sit on the registered
-backbone's bottleneck (``spec.bottleneck``, pooled globally for the first two):
+(:func:`~sap_lightning.modules.losses.cutout_views`). Patches come from the cache in the
+canonical RAS+ frame (``dataset/images.py``), so the axial plane is array axes 0 and 1 (X-Y)
+whatever voxel order the scanner stored; the training flips and quarter turns are not applied to
+SSL views, so the pretext's rotation is the only geometric transform. Three heads sit on the
+registered backbone's bottleneck (``spec.bottleneck``), reading what ``ssl.head_input`` says
+(:meth:`ContrastivePretraining.head_inputs`):
 
 - rotation prediction, 4 classes, cross-entropy;
 - contrastive projection (``ssl.projection_dim``), NT-Xent at ``ssl.temperature`` with negatives
@@ -17,8 +21,9 @@ Swin UNETR: ``swinViT``; the convolutional skip encoders and the decoder are not
 their initial values); the exported backbone holds the whole ``net`` with task ``ssl``, and
 fine-tuning takes the spec's encoder from it.
 
-Tang et al. take the rotation and contrastive features from two tokens of the last stage; this
-module pools the bottleneck instead, which works for every registered backbone.
+Tang et al. take the rotation and contrastive features from two tokens of the last stage
+(``head_input: tokens``, the paper files); the CPU files read the whole flattened bottleneck
+(``flatten``): a globally pooled, instance-normalised bottleneck hardly depends on the input.
 """
 
 from __future__ import annotations
