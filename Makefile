@@ -133,7 +133,7 @@ SMOKE_ARGS = trainer.max_steps=2 trainer.max_epochs=1 trainer.limit_val_batches=
 SMOKE_LESION = data.dataset=$(SMOKE)/data/lesion data.n_folds=3 data.fold=1
 smoke-paper: install ## Paper configuration end to end for 2 steps per run on the CPU (not in make test)
 	rm -rf $(SMOKE)
-	$(SAP) make-phantoms $(SMOKE)/data --healthy 3 --patients 6 --size small --seed $(SEED)
+	$(SAP) make-phantoms $(SMOKE)/data --healthy 3 --patients 9 --size medium --seed $(SEED)
 	$(SAP) pretrain --config experiments/paper/pretrain.yaml data.dataset=$(SMOKE)/data/skeleton run_dir=$(SMOKE)/pretrain $(SMOKE_ARGS)
 	$(SAP) ssl --config experiments/paper/ssl.yaml data.dataset=$(SMOKE)/data/skeleton run_dir=$(SMOKE)/ssl $(SMOKE_ARGS)
 	$(SAP) finetune --config experiments/paper/finetune_scratch.yaml $(SMOKE_LESION) run_dir=$(SMOKE)/scratch $(SMOKE_ARGS)
