@@ -12,13 +12,6 @@ from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.lesions import CONNECTIVITIES, DEFAULT_CONNECTIVITY
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _add_task_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
