@@ -5,7 +5,8 @@ The tiny U-Net (``unet_tiny``, batch 2 of 2 x 32^3, Adam, cross-entropy: the ste
 
 - **default**: what torch picks by itself (one thread per CPU of the machine);
 - **configured**: ``sap_lightning.core.threads.configure_threads()``, what the ``sap`` command
-  line sets (the CPUs the process may use: affinity mask and cgroup quota);
+  line sets (the CPUs the process may use: affinity mask and cgroup quota, less the CPUs other
+  processes keep busy when it starts);
 - **one**: a single thread;
 - **passive**: configured, with ``OMP_WAIT_POLICY=PASSIVE`` in the environment (OpenMP threads
   sleep instead of spinning while they wait; it must be set before torch is imported).
@@ -112,13 +113,13 @@ def main() -> None:
         f"unet_tiny, batch 2 x 2 x 32^3, median of {args.steps} steps; machine CPUs "
         f"{os.cpu_count()}, usable CPUs {usable_cpus()}; busy = one numpy process spinning"
     )
-    print(f"{'setting':>12}{'threads':>9}{'alone ms':>10}{'busy ms':>10}{'busy/alone':>12}")
+    print(
+        f"{'setting':>12}{'threads alone/busy':>20}{'alone ms':>10}{'busy ms':>10}{'busy/alone':>12}"
+    )
     for setting in SETTINGS:
         a, b = alone[setting], busy[setting]
-        print(
-            f"{setting:>12}{a['threads']:>9}{a['ms']:10.1f}{b['ms']:10.1f}"
-            f"{b['ms'] / a['ms']:11.2f}x"
-        )
+        threads = f"{a['threads']}/{b['threads']}"
+        print(f"{setting:>12}{threads:>20}{a['ms']:10.1f}{b['ms']:10.1f}{b['ms'] / a['ms']:11.2f}x")
     default_ms, one_ms = busy["default"]["ms"], busy["one"]["ms"]
     print(f"default over configured (busy): {default_ms / busy['configured']['ms']:.2f}x")
     print(f"threads ratio: {busy['configured']['ms'] / min(default_ms, one_ms):.2f}x")

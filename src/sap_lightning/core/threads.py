@@ -4,8 +4,13 @@ torch starts one intra-op thread per CPU of the machine. In a container, a clust
 shared machine the process gets fewer: an affinity mask (``taskset``, SLURM's cpu binding) or a
 cgroup CPU quota (Docker ``--cpus``, Kubernetes limits). Oversubscribed threads then spin
 against each other: a training step ran 6x slower next to one busy process. ``usable_cpus``
-reads both limits; ``configure_threads`` applies them once per process, overridable with
-``SAP_NUM_THREADS`` (or the standard ``OMP_NUM_THREADS``, which torch honours itself).
+reads both limits. Neither sees another process busy on the same CPUs (a second job on a shared
+node): torch's spinning OpenMP threads then lose most of their time waiting for the one that was
+preempted (measured by ``benchmarks/bench_threads.py``: 2 threads next to one busy process took
+452 ms per step, 1 thread 163 ms). ``configure_threads`` therefore also samples, for a fifth of a
+second, how much CPU other processes use on the usable CPUs and leaves those to them. Set
+``SAP_NUM_THREADS`` (or the standard ``OMP_NUM_THREADS``) to pin the count, e.g. for bitwise
+reproducible runs: the thread count changes the order of floating-point sums.
 Worker processes run one thread each: ``single_threaded_children`` for process pools, and
 PyTorch's DataLoader workers set one torch thread themselves.
 """
@@ -16,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,9 +60,56 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, count)
 
 
-def configure_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op threads to ``requested``, ``SAP_NUM_THREADS``, ``OMP_NUM_THREADS``
-    or the usable CPUs, in that order; returns the number set."""
+def _cpu_busy_seconds(cpus: set[int], stat: Path = Path("/proc/stat")) -> float | None:
+    """Seconds the given CPUs spent busy since boot (Linux ``/proc/stat``), or None."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        busy += sum(values) - values[3] - values[4]
+    return busy / ticks
+
+
+def competing_cpus(interval: float = 0.2) -> float:
+    """CPUs' worth of work that other processes ran on this process's CPUs during ``interval``.
+
+    0.0 where it cannot be measured (no ``/proc/stat``). Our own CPU time over the interval is
+    subtracted, so a busy parent does not count against itself.
+    """
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except AttributeError:
+        return 0.0
+    start_busy, start_own, start = _cpu_busy_seconds(cpus), time.process_time(), time.monotonic()
+    if start_busy is None:
+        return 0.0
+    time.sleep(interval)
+    end_busy = _cpu_busy_seconds(cpus)
+    own, elapsed = time.process_time() - start_own, time.monotonic() - start
+    if end_busy is None or elapsed <= 0:
+        return 0.0
+    return max(0.0, (end_busy - start_busy - own) / elapsed)
+
+
+def free_cpus(usable: int, competing: float) -> int:
+    """Threads to run on ``usable`` CPUs while other processes keep ``competing`` of them busy.
+
+    A CPU counts as taken once another process uses more than 60% of one: a half-busy CPU still
+    preempts a spinning thread often enough to stall the whole pool.
+    """
+    return max(1, min(usable, usable - math.floor(competing + 0.4)))
+
+
+def configure_threads(requested: int | None = None, sample_load: bool = True) -> int:
+    """Set torch's intra-op threads to ``requested``, ``SAP_NUM_THREADS``, ``OMP_NUM_THREADS``,
+    or else the usable CPUs less those other processes keep busy; returns the number set."""
     import torch
 
     for value in (requested, os.environ.get(ENV_OVERRIDE), os.environ.get("OMP_NUM_THREADS")):
@@ -64,7 +117,18 @@ def configure_threads(requested: int | None = None) -> int:
             threads = max(1, int(value))  # type: ignore[arg-type]
             break
     else:
-        threads = usable_cpus()
+        usable = usable_cpus()
+        competing = competing_cpus() if sample_load and usable > 1 else 0.0
+        threads = free_cpus(usable, competing)
+        if threads < usable:
+            log.info(
+                "torch uses %d of %d CPUs: other processes keep %.1f CPUs busy "
+                "(set %s to pin the count)",
+                threads,
+                usable,
+                competing,
+                ENV_OVERRIDE,
+            )
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
         log.debug("torch uses %d CPU threads", threads)
