@@ -201,6 +201,29 @@ def test_ssl_trains_only_the_parameters_on_the_bottleneck_path() -> None:
     assert group_params == {id(p) for p in module.parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_ssl_views_share_their_rotation_only_when_asked(monkeypatch, shared) -> None:
+    """``ssl.shared_view_rotation``: both views of a patch get the same pretext rotation (the
+    rotation label still differs between patches); Tang et al.'s default draws one per view."""
+    import sap_lightning.modules.ssl as ssl_module
+
+    module = make("ssl", f"ssl.shared_view_rotation={str(shared).lower()}")
+    seen: list[list[int]] = []
+    real_rotate = ssl_module.rotate_axial
+
+    def recording_rotate(x, classes):
+        seen.append(list(classes))
+        return real_rotate(x, classes)
+
+    monkeypatch.setattr(ssl_module, "rotate_axial", recording_rotate)
+    torch.manual_seed(3)
+    image = torch.rand(16, 2, 32, 32, 32)
+    module.ssl_losses(image)
+    first, second = seen
+    assert len(set(first)) > 1  # labels vary between patches either way
+    assert (first == second) is shared  # 16 independent draws agree with probability 4^-16
+
+
 def test_ssl_refuses_a_non_square_axial_patch() -> None:
     with pytest.raises(ConfigError, match="axial"):
         make("ssl", "data.patch_size=[32,64,32]")

@@ -136,6 +136,11 @@ class SSLConfig:
     """What the rotation and contrastive heads read from the bottleneck: ``flatten`` (every
     bottleneck voxel, in order), ``tokens`` (Tang et al.: voxel 0 for rotation, voxel 1 for the
     contrastive projection) or ``pool`` (global mean, which collapses after instance norm)."""
+    shared_view_rotation: bool = False
+    """Give both views of a patch the same pretext rotation (Tang et al.: independent). Needed
+    with ``flatten`` heads: position-keeping features of two differently rotated views are
+    permuted copies of each other, which a linear projection cannot match (the contrastive term
+    stayed at chance); the rotation label is still drawn per patch."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Self-supervised encoder pretraining, the recipe of Tang et al. (CVPR 2022) for Swin UNETR.
 
 Two views of every patch are made on the device inside the step: each is rotated by a random
-multiple of 90 degrees in the axial plane and then cut out / inpainted
+multiple of 90 degrees in the axial plane (both by the same one with
+``ssl.shared_view_rotation``) and then cut out / inpainted
 (:func:`~sap_lightning.modules.losses.cutout_views`). Patches come from the cache in the
 canonical RAS+ frame (``dataset/images.py``), so the axial plane is array axes 0 and 1 (X-Y)
 whatever voxel order the scanner stored; the training flips and quarter turns are not applied to
@@ -24,6 +25,10 @@ fine-tuning takes the spec's encoder from it.
 Tang et al. take the rotation and contrastive features from two tokens of the last stage
 (``head_input: tokens``, the paper files); the CPU files read the whole flattened bottleneck
 (``flatten``): a globally pooled, instance-normalised bottleneck hardly depends on the input.
+Flattened features keep positions, so the CPU files also give both views of a patch the same
+rotation (``ssl.shared_view_rotation``) and use 48^3 patches: the tiny U-Net's 2 x 2 x 2
+bottleneck of a 32^3 patch collapsed to one vector for every input within 20 steps, its
+3 x 3 x 3 bottleneck of a 48^3 patch did not (docs/method.md, "CPU recipe").
 """
 
 from __future__ import annotations
@@ -205,8 +210,10 @@ class ContrastivePretraining(SapModule):
         ssl = self.cfg.ssl
         batch_size = image.shape[0]
         rotated, classes, outputs = [], [], []
-        for _ in range(2):
-            rotation = random_rotations(batch_size, generator)
+        rotation = random_rotations(batch_size, generator)
+        for view in range(2):
+            if view == 1 and not ssl.shared_view_rotation:
+                rotation = random_rotations(batch_size, generator)
             view = rotate_axial(image, rotation)
             rotated.append(view)
             classes.append(torch.tensor(rotation, device=image.device))

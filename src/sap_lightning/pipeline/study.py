@@ -400,6 +400,14 @@ def _inference_window(prediction_dir: Path) -> str:
     return f"{record.get('window')} voxels, overlap {record.get('overlap')}"
 
 
+def _machine_line() -> str:
+    """What decides bitwise results besides the seed: the torch version and its CPU threads
+    (the thread count changes the order of floating-point sums; ``SAP_NUM_THREADS`` pins it)."""
+    import torch
+
+    return f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+
+
 def _study_header(
     study: StudyConfig,
     splits: Splits,
@@ -423,6 +431,7 @@ def _study_header(
         + (f"; overrides `{' '.join(study.overrides)}`" if study.overrides else "")
         + ".",
         f"- Wall time of this invocation: {clock.describe()}.",
+        f"- Machine: {_machine_line()}.",
         "",
         verdict(comparison),
     ]
