@@ -88,8 +88,12 @@ def test_a_rerun_reuses_completed_steps(tiny_study) -> None:
     )
     stamps = {p: os.stat(p).st_mtime_ns for p in checkpoints}
     assert all((p.parents[1] / DONE_FILE).is_file() for p in checkpoints)
+    first_report = first.report.read_text()  # the rerun writes the same path
     second = run_study(config)
     assert {p: os.stat(p).st_mtime_ns for p in checkpoints} == stamps
-    # Same runs, same predictions: the same table (the header's wall times differ).
-    table = lambda text: text[text.index("**Verdict") :]  # noqa: E731
-    assert table(second.report.read_text()) == table(first.report.read_text())
+    # Same runs, same predictions: the same report, byte for byte (wall times live apart).
+    assert second.report.read_text() == first_report
+    assert "[timings.md](timings.md)" in first_report and "Wall time" not in first_report.replace(
+        "Wall time of every step: [timings.md]", ""
+    )
+    assert "reused from an earlier invocation" in (second.report.parent / "timings.md").read_text()

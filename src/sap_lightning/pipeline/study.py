@@ -56,6 +56,8 @@ from sap_lightning.synthetic import make_phantom_cohort
 log = logging.getLogger(__name__)
 
 CURVES_PNG = "curves.png"
+TIMINGS_FILE = "timings.md"
+"""Wall time of every study step, next to the report (not in it: it changes between reruns)."""
 DONE_FILE = "study_step.json"
 """Written into a step's folder when the step completed; a folder without it is redone."""
 
@@ -306,9 +308,12 @@ def run_study(study: StudyConfig) -> StudyResult:
     )
     write_comparison(comparison, report_dir, n_resamples=study.n_resamples)
     report = report_dir / "report.md"
-    header = _study_header(study, splits, clock, comparison)
+    header = _study_header(study, splits, comparison)
     learning = _learning_section(study, runs, pretrain_run, ssl_run, splits, report_dir)
     write_text(report, header + learning + report.read_text())
+    write_text(
+        report_dir / TIMINGS_FILE, f"# Study `{study.name}`: wall time\n\n{clock.describe()}\n"
+    )
     write_text(report_dir / "study.yaml", to_yaml(study))
     return StudyResult(report=report, arms=arms, seconds=clock.seconds)
 
@@ -408,12 +413,7 @@ def _machine_line() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
 
 
-def _study_header(
-    study: StudyConfig,
-    splits: Splits,
-    clock: _Clock,
-    comparison: Comparison,
-) -> str:
+def _study_header(study: StudyConfig, splits: Splits, comparison: Comparison) -> str:
     test_cases = sum(len(splits.test_cases(fold)) for fold in splits.test_folds)
     lines = [
         f"# Study `{study.name}`",
@@ -430,7 +430,8 @@ def _study_header(
         + ", ".join(f"{arm} `{path}`" for arm, path in study.finetune_configs.items())
         + (f"; overrides `{' '.join(study.overrides)}`" if study.overrides else "")
         + ".",
-        f"- Wall time of this invocation: {clock.describe()}.",
+        f"- Wall time of every step: [{TIMINGS_FILE}]({TIMINGS_FILE}) (kept out of this report, so "
+        "that a rerun with the same seed on the same machine writes the same report).",
         f"- Machine: {_machine_line()}.",
         "",
         verdict(comparison),
