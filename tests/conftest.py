@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from sap_lightning.core.threads import usable_cpus
+
 # Keep every run offline and free of secrets: W&B never reaches a server from the tests.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -15,6 +17,10 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 # remembered dataset checks go to a folder of this test session, not the user's cache.
 os.environ.pop("SAP_PREPROCESSED", None)
 os.environ["SAP_CACHE_DIR"] = tempfile.mkdtemp(prefix="sap-test-cache-")
+# The suite's own processes compete with each other by design; letting every in-process
+# ``sap`` call sample the load would drop the whole pytest process to one thread after one busy
+# moment. Pin torch to the CPUs the suite may use (tests of the sampling clear this variable).
+os.environ.setdefault("SAP_NUM_THREADS", str(usable_cpus()))
 
 
 import pytest

@@ -73,6 +73,8 @@ def test_busy_time_is_read_for_the_given_cpus_only(tmp_path) -> None:
         "cpu0 300 0 100 1000 50 0 0 0 0 0\n"  # busy 400 ticks, idle + iowait excluded
         "cpu1 500 0 0 4000 0 0 0 0 0 0\n"
         "intr 12345\n"
+        "\n"
+        "cpufreq_boost 1\n"
     )
     ticks = os.sysconf("SC_CLK_TCK")
     assert _cpu_busy_seconds({0}, stat) == pytest.approx(400 / ticks)

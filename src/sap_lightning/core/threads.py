@@ -69,8 +69,8 @@ def _cpu_busy_seconds(cpus: set[int], stat: Path = Path("/proc/stat")) -> float 
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     busy = 0
     for line in lines:
-        name, *fields = line.split()
-        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+        name, *fields = line.split() or [""]
+        if not name[3:].isdigit() or not name.startswith("cpu") or int(name[3:]) not in cpus:
             continue
         values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
         busy += sum(values) - values[3] - values[4]

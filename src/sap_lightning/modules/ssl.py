@@ -211,8 +211,8 @@ class ContrastivePretraining(SapModule):
         batch_size = image.shape[0]
         rotated, classes, outputs = [], [], []
         rotation = random_rotations(batch_size, generator)
-        for view in range(2):
-            if view == 1 and not ssl.shared_view_rotation:
+        for view_index in range(2):
+            if view_index == 1 and not ssl.shared_view_rotation:
                 rotation = random_rotations(batch_size, generator)
             view = rotate_axial(image, rotation)
             rotated.append(view)
