@@ -237,7 +237,7 @@ def test_each_ssl_term_falls_below_its_chance_level() -> None:
         losses["loss"].backward()
         optimiser.step()
         for name in history:
-            history[name].append(float(losses[name]))
+            history[name].append(losses[name].item())
     last = {name: sum(values[-10:]) / 10 for name, values in history.items()}
     assert last["rotation"] < 0.8 * math.log(4), last
     assert last["contrastive"] < 0.8 * math.log(2 * batch_size - 1), last
