@@ -104,10 +104,10 @@ def free_cpus(usable: int, competing: float) -> int:
     A CPU counts as taken once another process uses more than 60% of one: a half-busy CPU still
     preempts a spinning thread often enough to stall the whole pool.
     """
-    return max(1, min(usable, usable - math.floor(competing + 0.4)))
+    return max(1, usable - math.floor(competing + 0.4))
 
 
-def configure_threads(requested: int | None = None, sample_load: bool = True) -> int:
+def configure_threads(requested: int | None = None) -> int:
     """Set torch's intra-op threads to ``requested``, ``SAP_NUM_THREADS``, ``OMP_NUM_THREADS``,
     or else the usable CPUs less those other processes keep busy; returns the number set."""
     import torch
@@ -118,7 +118,7 @@ def configure_threads(requested: int | None = None, sample_load: bool = True) ->
             break
     else:
         usable = usable_cpus()
-        competing = competing_cpus() if sample_load and usable > 1 else 0.0
+        competing = competing_cpus() if usable > 1 else 0.0
         threads = free_cpus(usable, competing)
         if threads < usable:
             log.info(
