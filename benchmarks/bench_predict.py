@@ -11,8 +11,8 @@ two-channel volume, at the default whole-body shape and at the phantom's ``small
 Each run is its own process so peak memory (max RSS) is its own; it predicts the volume
 ``--repeats`` times, as ``sap predict`` goes from case to case, so the first call's one-off costs
 (kernel selection, first-touch page faults) do not decide a 2-second measurement; the sides
-alternate for ``--rounds`` rounds and the fastest volume counts (the least disturbed on a shared
-machine).
+alternate for ``--rounds`` rounds (each going first in every other round) and the fastest volume
+counts (the least disturbed on a shared machine).
 Memory is the peak RSS above the process's RSS after imports and network (the same on both
 sides). For reference the table also shows the floor of any whole-volume inference (2-channel
 input, 2-class output, network): both sides exceed it by the network's activations on a batch
@@ -21,7 +21,7 @@ shape; target < 2x) and ``predict ratio: R.RRx`` (our time over bare, the worse 
 <= 1.10x).
 
     python benchmarks/bench_predict.py [--shapes 160x160x320 96x96x192] [--backbone unet_tiny]
-        [--rounds 2] [--repeats 3]
+        [--rounds 3] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["160x160x320", "96x96x192"])
     parser.add_argument("--backbone", default="unet_tiny")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="volumes per process")
     parser.add_argument("--worker", choices=["ours", "bare"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -128,8 +128,9 @@ def main() -> None:
     worst_time = worst_memory = 0.0
     for shape in shapes:
         runs: dict[str, list[dict]] = {"bare": [], "ours": []}
-        for _ in range(args.rounds):
-            for side in ("bare", "ours"):
+        for round_index in range(args.rounds):
+            order = ("bare", "ours") if round_index % 2 == 0 else ("ours", "bare")
+            for side in order:  # neither side always runs second (warmer file caches)
                 runs[side].append(_run_side(side, shape, args.backbone, args.repeats))
         bare = min(runs["bare"], key=lambda r: r["seconds"])
         ours = min(runs["ours"], key=lambda r: r["seconds"])

@@ -20,7 +20,7 @@ from sap_lightning.modules.losses import (
     gather_with_grad,
     nt_xent_loss,
     random_rotations,
-    rotate_axial,
+    rotate_in_plane,
 )
 
 
@@ -146,16 +146,22 @@ def test_gather_is_the_identity_without_a_process_group() -> None:
 # ---------------------------------------------------------------------------------- views
 
 
-def test_axial_rotation_turns_x_and_y_only() -> None:
-    volume = torch.arange(2 * 1 * 4 * 4 * 3, dtype=torch.float32).reshape(2, 1, 4, 4, 3)
-    rotated = rotate_axial(volume, [1, 3])
-    np.testing.assert_array_equal(rotated[0].numpy(), np.rot90(volume[0].numpy(), 1, axes=(1, 2)))
-    np.testing.assert_array_equal(rotated[1].numpy(), np.rot90(volume[1].numpy(), 3, axes=(1, 2)))
-    back = rotate_axial(rotated, [3, 1])
+@pytest.mark.parametrize(
+    ("plane", "axes"), [("sagittal", (2, 3)), ("coronal", (1, 3)), ("axial", (1, 2))]
+)
+def test_rotation_turns_the_two_axes_of_its_plane_only(plane, axes) -> None:
+    """Sagittal is Tang et al.'s ``rot90(k, (2, 3))`` of a (C, X, Y, Z) RAS patch."""
+    volume = torch.arange(2 * 1 * 4 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4, 4)
+    rotated = rotate_in_plane(volume, [1, 3], plane)
+    np.testing.assert_array_equal(rotated[0].numpy(), np.rot90(volume[0].numpy(), 1, axes=axes))
+    np.testing.assert_array_equal(rotated[1].numpy(), np.rot90(volume[1].numpy(), 3, axes=axes))
+    back = rotate_in_plane(rotated, [3, 1], plane)
     torch.testing.assert_close(back, volume)
     assert set(random_rotations(64, torch.Generator().manual_seed(0))) == {0, 1, 2, 3}
-    with pytest.raises(ValueError, match="square"):
-        rotate_axial(torch.zeros(1, 1, 4, 5, 3), [1])
+    unequal = [4, 4, 4]
+    unequal[axes[1] - 1] = 5
+    with pytest.raises(ValueError, match=f"{plane} rotation"):
+        rotate_in_plane(torch.zeros(1, 1, *unequal), [1], plane)
 
 
 def test_cutout_covers_the_fraction_and_keeps_the_input() -> None:

@@ -252,13 +252,13 @@ def test_ssl_views_share_their_rotation_only_when_asked(monkeypatch, shared) -> 
 
     module = make("ssl", f"ssl.shared_view_rotation={str(shared).lower()}")
     seen: list[list[int]] = []
-    real_rotate = ssl_module.rotate_axial
+    real_rotate = ssl_module.rotate_in_plane
 
-    def recording_rotate(x, classes):
+    def recording_rotate(x, classes, plane):
         seen.append(list(classes))
-        return real_rotate(x, classes)
+        return real_rotate(x, classes, plane)
 
-    monkeypatch.setattr(ssl_module, "rotate_axial", recording_rotate)
+    monkeypatch.setattr(ssl_module, "rotate_in_plane", recording_rotate)
     torch.manual_seed(3)
     image = torch.rand(16, 2, 32, 32, 32)
     module.ssl_losses(image)
@@ -267,9 +267,25 @@ def test_ssl_views_share_their_rotation_only_when_asked(monkeypatch, shared) -> 
     assert (first == second) is shared  # 16 independent draws agree with probability 4^-16
 
 
-def test_ssl_refuses_a_non_square_axial_patch() -> None:
-    with pytest.raises(ConfigError, match="axial"):
-        make("ssl", "data.patch_size=[32,64,32]")
+@pytest.mark.parametrize(("head_lr", "expected"), [(None, 1e-3), (1e-4, 1e-4)])
+def test_ssl_heads_get_their_own_learning_rate(head_lr, expected) -> None:
+    """``ssl.head_lr`` sets the heads' rate (``optim.lr`` when unset); the network keeps
+    ``optim.lr``, and the schedule scales both from their own start."""
+    overrides = ["optim.lr=1e-3"] + ([] if head_lr is None else [f"ssl.head_lr={head_lr}"])
+    module = make("ssl", *overrides)
+    rates = {group["name"]: group["lr"] for group in module.parameter_groups()}
+    assert rates == {"net": 1e-3, "ssl_heads": expected}
+    heads = {id(p) for h in (module.rotation_head, module.projection_head) for p in h.parameters()}
+    (head_group,) = [g for g in module.parameter_groups() if g["name"] == "ssl_heads"]
+    assert heads <= {id(p) for p in head_group["params"]}
+
+
+@pytest.mark.parametrize(("plane", "patch"), [("sagittal", "[32,32,64]"), ("axial", "[32,64,32]")])
+def test_ssl_refuses_a_patch_its_rotation_cannot_turn(plane, patch) -> None:
+    with pytest.raises(ConfigError, match=f"{plane} plane"):
+        make("ssl", f"ssl.rotation_plane={plane}", f"data.patch_size={patch}")
+    with pytest.raises(ConfigError, match="rotation_plane"):
+        make("ssl", "ssl.rotation_plane=oblique")
 
 
 def test_ssl_validation_scores_are_deterministic_per_patch() -> None:

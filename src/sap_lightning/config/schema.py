@@ -136,6 +136,16 @@ class SSLConfig:
     """What the rotation and contrastive heads read from the bottleneck: ``flatten`` (every
     bottleneck voxel, in order), ``tokens`` (Tang et al.: voxel 0 for rotation, voxel 1 for the
     contrastive projection) or ``pool`` (global mean, which collapses after instance norm)."""
+    head_lr: float | None = None
+    """Learning rate of the three heads (default ``optim.lr``). A linear head over a flattened
+    bottleneck has thousands of inputs: an Adam step of ``lr`` on every weight moves its logits
+    by about ``lr`` x the sum of the inputs, so the CPU files give it a tenth of ``optim.lr``."""
+    rotation_plane: str = "sagittal"
+    """Plane of the pretext's quarter turns: ``sagittal`` (about the left-right axis, Tang et
+    al.'s ``rot90(k, (2, 3))`` of RAS patches), ``coronal`` or ``axial``. A quarter turn in a
+    plane that holds the body's long axis is visible on every patch; in the axial plane a limb's
+    near-round cross-section looks alike under every turn, and the rotation term stayed at
+    chance on the synthetic cohort."""
     shared_view_rotation: bool = False
     """Give both views of a patch the same pretext rotation (Tang et al.: independent). Needed
     with ``flatten`` heads: position-keeping features of two differently rotated views are

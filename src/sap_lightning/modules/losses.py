@@ -29,8 +29,10 @@ from sap_lightning.core.registry import Registry
 
 ROTATION_ANGLES_DEG = (0, 90, 180, 270)
 """Rotation classes of the SSL rotation-prediction task (class k = k x 90 degrees)."""
-AXIAL_DIMS = (-3, -2)
-"""The axial plane of a (..., X, Y, Z) tensor in the NIfTI voxel order used throughout."""
+ROTATION_PLANES = {"sagittal": (-2, -1), "coronal": (-3, -1), "axial": (-3, -2)}
+"""Array axes of each anatomical plane of a (..., X, Y, Z) tensor in the canonical RAS+ frame
+(X left-right, Y posterior-anterior, Z inferior-superior). Tang et al. turn a (C, H, W, D) patch
+of RAS-oriented scans with ``rot90(k, (2, 3))``: about the left-right axis, the sagittal plane."""
 
 
 LossFactory = Callable[[LossConfig], nn.Module]
@@ -143,11 +145,18 @@ def random_rotations(batch_size: int, generator: torch.Generator | None = None) 
     return torch.randint(0, len(ROTATION_ANGLES_DEG), (batch_size,), generator=generator).tolist()
 
 
-def rotate_axial(x: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-    """Rotate sample ``i`` of ``x`` (B, C, X, Y, Z) by ``classes[i]`` x 90 degrees in X-Y."""
-    if x.shape[AXIAL_DIMS[0]] != x.shape[AXIAL_DIMS[1]]:
-        raise ValueError(f"axial rotation needs a square X-Y patch, got {tuple(x.shape[2:])}")
-    return torch.stack([torch.rot90(s, int(k), dims=AXIAL_DIMS) for s, k in zip(x, classes)])
+def rotate_in_plane(
+    x: torch.Tensor, classes: Sequence[int], plane: str = "sagittal"
+) -> torch.Tensor:
+    """Rotate sample ``i`` of ``x`` (B, C, X, Y, Z) by ``classes[i]`` x 90 degrees in ``plane``
+    (a key of :data:`ROTATION_PLANES`)."""
+    dims = ROTATION_PLANES[plane]
+    if x.shape[dims[0]] != x.shape[dims[1]]:
+        raise ValueError(
+            f"a {plane} rotation needs a patch with equal sizes on array axes {dims}, got "
+            f"{tuple(x.shape[2:])}"
+        )
+    return torch.stack([torch.rot90(s, int(k), dims=dims) for s, k in zip(x, classes)])
 
 
 _BOX_DRAW = 64

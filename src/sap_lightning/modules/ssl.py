@@ -1,10 +1,11 @@
 """Self-supervised encoder pretraining, the recipe of Tang et al. (CVPR 2022) for Swin UNETR.
 
 Two views of every patch are made on the device inside the step: each is rotated by a random
-multiple of 90 degrees in the axial plane (both by the same one with
+multiple of 90 degrees in ``ssl.rotation_plane`` (both by the same one with
 ``ssl.shared_view_rotation``) and then cut out / inpainted
-(:func:`~sap_lightning.modules.losses.cutout_views`). Patches come from the cache in the
-canonical RAS+ frame (``dataset/images.py``), so the axial plane is array axes 0 and 1 (X-Y)
+(:func:`~sap_lightning.modules.losses.cutout_views`). Tang et al. turn RAS-oriented patches about
+the left-right axis (the sagittal plane, the default). Patches come from the cache in the
+canonical RAS+ frame (``dataset/images.py``), so the sagittal plane is array axes 1 and 2 (Y-Z)
 whatever voxel order the scanner stored; the training flips and quarter turns are not applied to
 SSL views, so the pretext's rotation is the only geometric transform. Three heads sit on the
 registered backbone's bottleneck (``spec.bottleneck``), reading what ``ssl.head_input`` says
@@ -28,7 +29,8 @@ Tang et al. take the rotation and contrastive features from two tokens of the la
 Flattened features keep positions, so the CPU files also give both views of a patch the same
 rotation (``ssl.shared_view_rotation``) and use 48^3 patches: the tiny U-Net's 2 x 2 x 2
 bottleneck of a 32^3 patch collapsed to one vector for every input within 20 steps, its
-3 x 3 x 3 bottleneck of a 48^3 patch did not (docs/method.md, "CPU recipe").
+3 x 3 x 3 bottleneck of a 48^3 patch did not, and they train the heads at a tenth of the
+network's rate (``ssl.head_lr``; docs/method.md, "CPU recipe").
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ from sap_lightning.dataset.layout import LESION_LABELS
 from sap_lightning.modules.base import CaseScores, SapModule
 from sap_lightning.modules.losses import (
     ROTATION_ANGLES_DEG,
+    ROTATION_PLANES,
     cutout_views,
     nt_xent_loss,
     random_rotations,
     reconstruction_loss,
-    rotate_axial,
+    rotate_in_plane,
     rotation_loss,
 )
 
@@ -113,10 +116,15 @@ class ContrastivePretraining(SapModule):
     def __init__(self, config: Mapping[str, Any], data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
         patch = list(self.cfg.data.patch_size)
-        if patch[0] != patch[1]:
+        plane = self.cfg.ssl.rotation_plane
+        if plane not in ROTATION_PLANES:
+            raise ConfigError(f"'ssl.rotation_plane' is {plane!r}; valid: {tuple(ROTATION_PLANES)}")
+        turned = [patch[axis] for axis in ROTATION_PLANES[plane]]
+        if turned[0] != turned[1]:
+            axes = "".join("XYZ"[axis] for axis in ROTATION_PLANES[plane])
             raise ConfigError(
-                f"SSL rotates patches in the axial plane, so 'data.patch_size' needs equal X and "
-                f"Y sizes, got {patch}"
+                f"SSL rotates patches in the {plane} plane ({axes}), so 'data.patch_size' needs "
+                f"equal {axes[0]} and {axes[1]} sizes, got {patch}"
             )
         channels = self.spec.bottleneck_channels(self.backbone_kwargs)
         stride = self.spec.bottleneck_stride(self.backbone_kwargs)
@@ -163,7 +171,9 @@ class ContrastivePretraining(SapModule):
     def extra_parameter_groups(self) -> list[dict[str, Any]]:
         heads = [self.rotation_head, self.projection_head, self.reconstruction_head]
         params = [p for head in heads for p in head.parameters()]
-        return [{"name": "ssl_heads", "params": params, "lr": self.cfg.optim.lr}]
+        head_lr = self.cfg.ssl.head_lr
+        lr = self.cfg.optim.lr if head_lr is None else head_lr
+        return [{"name": "ssl_heads", "params": params, "lr": lr}]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotation logits (B, 4), projections (B, D), reconstruction (B, C, *spatial)."""
@@ -214,7 +224,7 @@ class ContrastivePretraining(SapModule):
         for view_index in range(2):
             if view_index == 1 and not ssl.shared_view_rotation:
                 rotation = random_rotations(batch_size, generator)
-            view = rotate_axial(image, rotation)
+            view = rotate_in_plane(image, rotation, ssl.rotation_plane)
             rotated.append(view)
             classes.append(torch.tensor(rotation, device=image.device))
             outputs.append(self(cutout_views(view, ssl.cutout_fraction, generator)))
