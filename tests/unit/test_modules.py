@@ -118,6 +118,49 @@ def test_skeleton_step_trains_ten_classes() -> None:
     assert all(p.grad is not None for p in module.net.parameters())
 
 
+@pytest.mark.parametrize(
+    "architecture",
+    [
+        TINY[0],
+        "model.backbone=dynunet model.kwargs.kernel_size=[3,3,3,3] model.kwargs.strides=[1,2,2,2] "
+        "model.kwargs.filters=[4,4,8,8]",
+    ],
+)
+def test_head_prior_starts_the_lesion_probability_at_the_prior(architecture) -> None:
+    """``model.head_prior``: the output bias is (0, logit(prior)); with the output layer's weights
+    zeroed every voxel's lesion probability is exactly the prior, and with the random weights of
+    initialisation its median stays near it (without the prior: near 0.5)."""
+    probabilities = {}
+    for prior in (None, 0.01):
+        overrides = [] if prior is None else [f"model.head_prior={prior}"]
+        base = (*architecture.split(), "data.patch_size=[32,32,32]")
+        module = make("lesion", *overrides, base=base)
+        module.eval()
+        with torch.no_grad():
+            output = module(batch(2)["image"])
+        probabilities[prior] = torch.softmax(output, dim=1)[:, 1].median().item()
+        if prior is not None:
+            weight_key, bias_key = module.spec.head_keys
+            torch.testing.assert_close(
+                module.net.get_parameter(bias_key).detach(),
+                torch.tensor([0.0, math.log(prior / (1 - prior))]),
+            )
+            with torch.no_grad():
+                module.net.get_parameter(weight_key).zero_()
+                output = module(batch(2)["image"])
+            torch.testing.assert_close(
+                torch.softmax(output, dim=1)[:, 1], torch.full_like(output[:, 1], prior)
+            )
+    assert abs(probabilities[None] - 0.5) < 0.2
+    assert probabilities[0.01] < 0.05
+
+
+@pytest.mark.parametrize("prior", ["0", "1", "1.5"])
+def test_head_prior_outside_zero_one_is_refused(prior) -> None:
+    with pytest.raises(ConfigError, match="head_prior"):
+        make("lesion", f"model.head_prior={prior}")
+
+
 def test_non_finite_loss_stops_with_the_step_named() -> None:
     module = make("lesion")
     bad = batch(2)

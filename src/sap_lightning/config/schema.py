@@ -88,6 +88,13 @@ class ModelConfig:
     """Default ``pretrained`` per ``init`` mode (e.g. ``{sap: runs/pretrain, ssl: runs/ssl}``), so
     one experiment file (or a sweep) can switch arms with ``model.init`` alone."""
     in_channel_policy: str = "repeat_mean"
+    head_prior: float | None = None
+    """Lesion task: start the output layer's bias at this lesion probability (Lin et al.'s prior
+    initialisation for a rare foreground; ``None`` keeps the backbone's zero bias, p = 0.5).
+    From p = 0.5 the cross-entropy over patches that are almost all background drives the
+    lesion logits far down in the first steps, where the softmax leaves the Dice term little
+    gradient (the loss plateau). The output layer is never transferred, so every arm starts
+    from the same prior."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ rates of the paper (SAP encoder 2e-6 / decoder 1e-5, SSL 5e-6 / 1e-5, baseline 1
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ class LesionSegmentation(SegmentationModule):
                 f"lesion segmentation needs a binary label set (background, lesion); the data "
                 f"has {self.out_channels} classes: {self.data_info['label_names']}"
             )
+        if self.cfg.model.head_prior is not None:
+            self._set_head_prior(self.cfg.model.head_prior)
         self.validation_writer: Callable[[LesionSegmentation], None] | None = None
         """Called with the module after each validation (before the metrics reset); the training
         pipeline sets it to write the validation as an evaluation folder."""
@@ -123,6 +126,21 @@ class LesionSegmentation(SegmentationModule):
         )
 
     # ------------------------------------------------------------------ initialisation
+
+    def _set_head_prior(self, prior: float) -> None:
+        """Output bias (0, logit(prior)): softmax gives the lesion class ``prior`` wherever the
+        rest of the output layer sums to the same for both classes (at initialisation, nearly)."""
+        if not 0.0 < prior < 1.0:
+            raise ConfigError(f"'model.head_prior' must lie strictly between 0 and 1, got {prior}")
+        biases = [key for key in self.spec.head_keys if key.endswith("bias")]
+        if not biases:
+            raise ConfigError(
+                f"'model.head_prior' needs an output bias; backbone {self.cfg.model.backbone!r} "
+                "has none"
+            )
+        bias = self.net.get_parameter(biases[0])
+        with torch.no_grad():
+            bias.copy_(torch.tensor([0.0, math.log(prior / (1.0 - prior))]))
 
     def initialise_from_pretrained(self) -> dict[str, Any]:
         """Load the ``model.pretrained`` weights as ``model.init`` says; returns the report.

@@ -327,6 +327,10 @@ VERDICT_ROWS = (
 """Table 1 rows the verdict quotes (the paper's headline is the F2 detection score)."""
 
 
+SIGNIFICANCE_LEVEL = 0.05
+"""Family-wise level the verdict applies to the Bonferroni-corrected p-value."""
+
+
 def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch") -> str:
     """Plain-language answer to "did SAP beat the baseline?", from the table's own numbers."""
     if arm not in comparison.names or baseline not in comparison.names:
@@ -344,12 +348,18 @@ def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch")
         outcome = "tied with"
     else:
         outcome = "did not beat"
-    p_text = (
-        "" if p_f2 is None else f", paired Wilcoxon p = {p_f2[0]:.3g} (Bonferroni {p_f2[1]:.3g})"
-    )
+    p_text = significance = ""
+    if p_f2 is not None:
+        p_text = f", paired Wilcoxon p = {p_f2[0]:.3g} (Bonferroni {p_f2[1]:.3g})"
+        # A higher median alone is not a finding: say whether the corrected test supports it.
+        supported = p_f2[1] < SIGNIFICANCE_LEVEL
+        significance = (
+            f" The difference is {'' if supported else 'not '}significant at "
+            f"{SIGNIFICANCE_LEVEL:g} after Bonferroni correction."
+        )
     lines = [
         f"**Verdict: {arm.upper()} {outcome} the {baseline} baseline on the median patient F2 "
-        f"({ours:.3f} vs {theirs:.3f}{p_text}).**",
+        f"({ours:.3f} vs {theirs:.3f}{p_text}).{significance}**",
         "",
         "| metric | " + " | ".join(comparison.names) + " |",
         "|---|" + "---|" * len(comparison.names),
