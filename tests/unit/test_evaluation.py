@@ -19,6 +19,7 @@ from sap_lightning.evaluation import (
     load_threshold,
     mann_whitney,
     paired_wilcoxon,
+    paired_wilcoxon_power,
     save_threshold,
     summarize,
     tune_threshold,
@@ -142,3 +143,28 @@ def test_tests_match_scipy_and_bonferroni_caps():
     assert bonferroni([0.01, 0.2, 0.5], n_comparisons=3) == pytest.approx([0.03, 0.6, 1.0])
     with pytest.raises(ValueError, match="length"):
         paired_wilcoxon(a, b[:-1])
+
+
+def _paired_t_power(n_pairs: int, effect: float, alpha: float) -> float:
+    """Analytic power of the two-sided paired t-test (noncentral t), the Wilcoxon test's
+    parametric counterpart: on normal data the Wilcoxon test is about 95% as efficient."""
+    from scipy import stats as scipy_stats
+
+    critical = scipy_stats.t.ppf(1 - alpha / 2, n_pairs - 1)
+    shift = effect * n_pairs**0.5
+    return float(
+        scipy_stats.nct.sf(critical, n_pairs - 1, shift)
+        + scipy_stats.nct.cdf(-critical, n_pairs - 1, shift)
+    )
+
+
+@pytest.mark.parametrize(("n_pairs", "effect"), [(14, 0.8), (20, 0.8), (14, 1.0)])
+def test_wilcoxon_power_is_just_below_the_paired_t_tests(n_pairs, effect) -> None:
+    alpha = 0.05 / 3
+    power = paired_wilcoxon_power(n_pairs, effect, alpha, draws=2000)
+    assert _paired_t_power(n_pairs, effect, alpha) - 0.08 < power
+    assert power < _paired_t_power(n_pairs, effect, alpha) + 0.03
+
+
+def test_wilcoxon_power_without_an_effect_is_at_most_the_level() -> None:
+    assert paired_wilcoxon_power(14, 0.0, 0.05, draws=4000) <= 0.05 + 0.01

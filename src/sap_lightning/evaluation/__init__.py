@@ -11,6 +11,7 @@ from sap_lightning.evaluation.statistics import (
     bootstrap_ci,
     mann_whitney,
     paired_wilcoxon,
+    paired_wilcoxon_power,
     summarize,
 )
 from sap_lightning.evaluation.threshold import (
@@ -33,6 +34,7 @@ __all__ = [
     "load_threshold",
     "mann_whitney",
     "paired_wilcoxon",
+    "paired_wilcoxon_power",
     "save_threshold",
     "summarize",
     "tune_threshold",
