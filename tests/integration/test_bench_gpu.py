@@ -24,7 +24,7 @@ def test_bench_gpu_quick_prints_every_phase_and_the_feed_ratio() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     rows = {line.split()[0]: line for line in lines if line.split()}
-    assert re.search(r"swin_unetr fs12 64\^3 batch 1 bf16-mixed\s+[0-9.]+ steps/s", rows["train"])
+    assert re.search(r"swin_unetr fs12 64\^3 batch 1 32-true\s+[0-9.]+ steps/s", rows["train"])
     assert re.search(r"1 workers, tiny grid, 32\^3.*\s[0-9.]+ patches/s", rows["loader"])
     # A volume of one window: the whole 64^3 probability map was produced and checked finite.
     assert re.search(r"64x64x64 volume.*\s[0-9.]+ s per volume\s+[0-9]+$", rows["inference"])

@@ -119,6 +119,16 @@ def test_swin_unetr_defaults_are_the_papers():
     n_params = sum(p.numel() for p in model.parameters())
     assert 61.5e6 < n_params < 62.5e6  # the paper: about 62 M
     assert model.swinViT.layers4[0].blocks[0].attn.qkv.in_features == 8 * 48
+    assert tuple(model.swinViT.layers1[0].blocks[0].window_size) == (7, 7, 7)
+
+
+def test_swin_unetr_attention_window_is_configurable():
+    """``window_size`` reaches every Swin block (smaller windows make CPU tests cheaper)."""
+    model = create_backbone("swin_unetr", 2, 2, feature_size=12, depths=(1, 1, 1, 1), window_size=4)
+    layers = [model.swinViT.layers1, model.swinViT.layers2, model.swinViT.layers3]
+    assert all(tuple(layer[0].blocks[0].window_size) == (4, 4, 4) for layer in layers)
+    out = model(torch.zeros(1, 2, 64, 64, 64))
+    assert out.shape == (1, 2, 64, 64, 64)
 
 
 def test_unet_tiny_is_tiny():

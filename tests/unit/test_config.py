@@ -122,6 +122,10 @@ def test_pretrained_follows_init_unless_given() -> None:
         ("data.val_fraction=1", "'data.val_fraction' is 1.0; it must be a finite number in (0, 1)"),
         ("data.target_spacing=[1,0,1]", "'data.target_spacing' is 0.0"),
         ("data.tuning_fold=9", "'data.tuning_fold' must be in 0..6"),
+        (
+            "data.class_fraction=1.5",
+            "'data.class_fraction' is 1.5; it must be a finite number in [0, 1]",
+        ),
     ],
 )
 def test_out_of_range_values_are_refused_naming_key_and_range(override: str, message: str) -> None:
@@ -140,6 +144,7 @@ def test_out_of_range_values_are_refused_naming_key_and_range(override: str, mes
         "optim.encoder_lr=2e-6",
         "data.num_workers=0",
         "trainer.gradient_clip_val=0",
+        "data.class_fraction=0",
     ],
 )
 def test_values_on_the_edge_of_their_range_are_accepted(override: str) -> None:

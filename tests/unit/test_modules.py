@@ -255,8 +255,7 @@ def test_each_ssl_term_falls_below_its_chance_level() -> None:
     """The recipe of the CPU files (flattened heads, views sharing their rotation, temperature
     0.1, 48^3 patches, batches of 4) learns all three pretext tasks where they are learnable:
     rotation below ln 4, contrastive below ln(2B - 1), reconstruction below its first value.
-    (Swin UNETR's smallest SSL patch, 64^3, takes 20 s per step on 2 CPU cores: its check is a
-    GPU run.)"""
+    (Swin UNETR is not covered: docs/method.md, "Swin UNETR SSL on the CPU", has its figures.)"""
     torch.manual_seed(0)
     size = 48
     module = make(

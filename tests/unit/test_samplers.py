@@ -18,6 +18,7 @@ from scipy import ndimage
 from sap_lightning.batches.patches import PatchDataset, read_window
 from sap_lightning.batches.planners import (
     BODY,
+    CLASS,
     NEGATIVE,
     POSITIVE,
     BodyUniformPlanner,
@@ -247,6 +248,35 @@ def test_class_balanced_patches_show_small_classes_far_more_than_uniform(skeleto
     uniform_sternum = fraction_showing(uniform, 9)
     assert balanced_sternum >= 0.25
     assert balanced_sternum > 5 * uniform_sternum
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.33, 1.0])
+def test_class_fraction_mixes_class_and_body_patches(skeleton_store, fraction):
+    """``class_fraction`` of the plan is class-balanced, the rest body-centred (nnU-Net's
+    foreground oversampling); body patches are centred on a body voxel, as uniform ones are."""
+    cases = skeleton_store.cache.case_ids
+    planner = ClassBalancedPlanner(
+        skeleton_store, cases, (6, 6, 6), 0, count=99, class_fraction=fraction
+    )
+    tasks = planner.plan(1)
+    kinds = Counter(task.kind for task in tasks)
+    assert kinds[BODY] == 99 - round(99 * fraction)
+    assert kinds[BODY] + kinds[CLASS] == len(tasks) == 99
+    assert sorted(task.index for task in tasks) == list(range(99))
+    for task in tasks:
+        if task.kind == BODY:
+            centre = task.focus[:3]
+            assert skeleton_store.get(task.case_id).body_mask[centre]
+    if 0 < fraction < 1:  # shuffled together, not one block after the other
+        first_half = Counter(task.kind for task in tasks[:49])
+        assert first_half[BODY] and first_half[CLASS]
+
+
+def test_class_fraction_outside_zero_one_is_refused(skeleton_store):
+    with pytest.raises(DatasetError, match="class_fraction"):
+        ClassBalancedPlanner(
+            skeleton_store, ["case000"], (6, 6, 6), 0, count=10, class_fraction=1.5
+        )
 
 
 def test_class_patch_contains_its_voxel_at_every_offset(skeleton_store):

@@ -159,6 +159,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
             )
     _check_range(data.val_fraction, "data.val_fraction", 0, 1, low_open=True, high_open=True)
     _check_range(data.positive_min_scale, "data.positive_min_scale", 1)
+    _check_range(data.class_fraction, "data.class_fraction", 0, 1)
     for key, value in (
         ("optim.lr", optim.lr),
         ("optim.encoder_lr", optim.encoder_lr),

@@ -62,6 +62,10 @@ class DataConfig:
     sampler: str = "auto"
     """A registered patch planner (``batches/planners.py``); ``auto`` takes the task's default
     from the task table: instance_balanced (lesion), class_balanced (skeleton), uniform (ssl)."""
+    class_fraction: float = 1.0
+    """Class-balanced skeleton sampler: the share of patches that contain a voxel of a
+    foreground class drawn uniformly; the rest are centred uniformly in the body (nnU-Net
+    oversamples foreground in a third of its patches)."""
     samples_per_volume: int = 4
     queue_length: int = 32
     patches_per_epoch: int | None = None
