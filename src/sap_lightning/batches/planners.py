@@ -356,8 +356,8 @@ class ClassBalancedPlanner(PatchPlanner):
     foreground classes present, case uniform among the cases holding it, location uniform among
     the case's stored voxels of that class; the patch contains the location at a uniformly drawn
     offset. The others are centred on a uniformly drawn body voxel: with class-balanced patches
-    only, the skeleton network rarely saw soft tissue far from bone and labelled 1.4 to 4 times
-    the skeleton's volume of it as bone (docs/method.md, "CPU recipe").
+    only, the skeleton network rarely saw soft tissue far from bone and labelled more of it as
+    bone than the skeleton's own volume (docs/method.md, "CPU recipe").
     """
 
     requires = "labels"
