@@ -453,7 +453,7 @@ def test_export_is_plain_and_loadable_with_weights_only(tmp_path):
     assert type(loaded["meta"]["spacing"][0]) is float
     assert type(loaded["meta"]["versions"]["torch"]) is str
     assert loaded["meta"]["label_names"] == ["background", "lesion"]
-    assert loaded["meta"]["backbone_kwargs"]["features"] == [4, 8, 16, 32, 64, 8]
+    assert loaded["meta"]["backbone_kwargs"]["features"] == [8, 16, 32, 64, 64, 16]
     assert json.loads(json.dumps(loaded["meta"])) == loaded["meta"]
     assert all(torch.equal(loaded["state_dict"][k], v) for k, v in net.state_dict().items())
     assert [p.name for p in path.parent.iterdir()] == ["lesion.pt"]  # no temporary left
