@@ -112,14 +112,14 @@ def test_inspect_checkpoint(trained, capsys):
         t.numel() for t in module.state_dict().values() if t.is_floating_point()
     )
     assert summary["head_shapes"] == {
-        "net.final_conv.weight": [10, 8, 1, 1, 1],
+        "net.final_conv.weight": [10, 16, 1, 1, 1],
         "net.final_conv.bias": [10],
     }
     assert summary["meta"]["backbone"] == "unet_tiny"
 
     assert main(["inspect-checkpoint", str(ckpt)]) == 0
     text = capsys.readouterr().out
-    assert "lightning checkpoint" in text and "net.final_conv.weight [10, 8, 1, 1, 1]" in text
+    assert "lightning checkpoint" in text and "net.final_conv.weight [10, 16, 1, 1, 1]" in text
     assert '"task": "skeleton"' in text
 
 

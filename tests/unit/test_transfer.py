@@ -187,15 +187,15 @@ def test_strict_names_missing_and_mismatched_keys():
         source["down_1.convs.conv_0.conv.weight"],
     )
 
-    wider = build("unet_tiny", 1, 2, seed=1, features=(4, 8, 16, 32, 128, 8)).state_dict()
+    wider = build("unet_tiny", 1, 2, seed=1, features=(8, 16, 32, 64, 128, 16)).state_dict()
     with pytest.raises(
-        CheckpointError, match=r"down_4\.convs\.conv_0\.conv\.weight \(source \(128, 32"
+        CheckpointError, match=r"down_4\.convs\.conv_0\.conv\.weight \(source \(128, 64"
     ):
         transfer_weights(target, wider, spec="unet_tiny")
 
 
 def test_full_mode_with_another_label_set_names_the_head():
-    with pytest.raises(CheckpointError, match=r"final_conv\.weight \(source \(10, 8, 1, 1, 1\)"):
+    with pytest.raises(CheckpointError, match=r"final_conv\.weight \(source \(10, 16, 1, 1, 1\)"):
         transfer_weights(build("unet_tiny", 1, 2, 0), build("unet_tiny", 1, 10, 1), mode="full")
 
 
