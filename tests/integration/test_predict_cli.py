@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import ndimage
 
 import sap_lightning
 from sap_lightning.backbones import create_backbone
@@ -18,12 +19,14 @@ from sap_lightning.backbones.transfer import META_KEY, make_backbone_meta
 from sap_lightning.cli import main
 from sap_lightning.dataset.layout import LESION_LABELS, SKELETON_LABELS
 from sap_lightning.inference.burden import OTHER_BONE
-from tests.datasets import write_tiny_dataset
+from tests.datasets import body_of, write_tiny_dataset
 
 SHAPE = (24, 20, 16)
 
 
-def _write_checkpoint(path: Path, task: str, labels: dict[str, int], seed: int) -> Path:
+def _write_checkpoint(
+    path: Path, task: str, labels: dict[str, int], seed: int, body_only: bool = False
+) -> Path:
     """A Lightning-layout checkpoint of an untrained tiny network (weights are random on purpose:
     the test checks the plumbing, not the model)."""
     torch.manual_seed(seed)
@@ -38,7 +41,7 @@ def _write_checkpoint(path: Path, task: str, labels: dict[str, int], seed: int) 
         label_names=labels,
         spacing=[1.5, 1.5, 4.0],
         normalisation="percentile_1_99_clip_rescale",
-        extra={"patch_size": [32, 32, 32]},
+        extra={"patch_size": [32, 32, 32], "body_only": body_only},
     )
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +171,34 @@ def test_threshold_override_and_plain_folder_input(setup, tmp_path: Path) -> Non
     mask = np.asanyarray(nib.load(out / "case001.nii.gz").dataobj)
     np.testing.assert_array_equal(mask, (prob >= 0.99).astype(np.uint8))
     assert json.loads((out / "case001_summary.json").read_text())["threshold"] == 0.99
+
+
+def test_a_body_only_model_predicts_background_outside_the_body(setup, tmp_path: Path) -> None:
+    """A checkpoint trained with ``validation.body_only`` (the same weights as the setup's) on a
+    case whose air is exactly 0: zero lesion probability beyond the body the dataset drew and
+    the mask's 2-voxel margin; the unmasked model's probabilities inside the body."""
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    body = body_of(SHAPE)
+    for f in (setup["dataset"] / "imagesTr").glob("case000_*.nii.gz"):
+        image = nib.load(f)
+        air_free = np.where(body, np.asarray(image.dataobj), 0).astype(np.float32)
+        nib.save(nib.Nifti1Image(air_free, image.affine), folder / f.name)
+    masked_run = tmp_path / "run"
+    _write_checkpoint(masked_run / "checkpoints" / "last.ckpt", "lesion", LESION_LABELS, 0, True)
+    probabilities = {}
+    for name, run in (("free", setup["run"]), ("masked", masked_run)):
+        out = tmp_path / name
+        args = ["predict", "--checkpoint", str(run), "--input", str(folder), "--out", str(out)]
+        assert main([*args, "--no-progress"]) == 0
+        probabilities[name] = nib.load(out / "probabilities" / "case000.nii.gz").get_fdata()
+        provenance = json.loads((out / "prediction.json").read_text())
+        assert provenance["body_only"] is (name == "masked")
+    free, masked = probabilities["free"], probabilities["masked"]
+    far = ~ndimage.binary_dilation(body, iterations=3)
+    assert far.any() and free[far].max() > 0  # the unmasked model does put probability there
+    assert masked[far].max() == 0.0
+    np.testing.assert_array_equal(masked[body], free[body])
 
 
 def test_wrong_task_checkpoint_is_refused(setup, tmp_path: Path, capsys) -> None:

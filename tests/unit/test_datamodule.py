@@ -231,6 +231,8 @@ def test_validation_and_test_batches_are_whole_cases(cohort):
             assert batch["spacing"].dtype == torch.float64
             assert batch["spacing"].tolist() == [list(SPACING)]
             np.testing.assert_array_equal(batch["image"][0].numpy(), case.image)
+            assert batch["body"].dtype == torch.bool  # for validation.body_only
+            np.testing.assert_array_equal(batch["body"][0, 0].numpy(), case.body_mask)
 
 
 def test_validation_cases_are_split_over_ranks(cohort):

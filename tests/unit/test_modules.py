@@ -14,6 +14,7 @@ from sap_lightning.backbones import get_spec
 from sap_lightning.backbones.transfer import load_checkpoint_file
 from sap_lightning.config import load_config, to_dict
 from sap_lightning.core.errors import CheckpointError, ConfigError, SapError
+from sap_lightning.core.windows import predict_volume
 from sap_lightning.metrics.functional import dice as binary_dice
 from sap_lightning.modules import (
     ContrastivePretraining,
@@ -489,3 +490,37 @@ def test_ssl_heads_read_features_that_depend_on_the_input(backbone, size, overri
     assert similarity["tokens"] < similarity["pool"]
     if backbone == "unet_tiny":  # instance norm over a 2x2x2 bottleneck: pooling collapses
         assert similarity["pool"] > 0.99 and similarity["flatten"] < 0.95
+
+
+# ---------------------------------------------------------------------------------- body only
+
+
+def _half_body(size: int = 32) -> torch.Tensor:
+    body = torch.zeros(1, 1, size, size, size, dtype=torch.bool)
+    body[..., 8:24, 4:28, :] = True
+    return body
+
+
+def test_body_only_inference_is_background_outside_the_body_and_unchanged_inside() -> None:
+    """``validation.body_only``: outside the mask class 0 has probability 1 and every other class
+    0; inside, the probabilities are those of the unmasked inference."""
+    module = make("skeleton", "validation.body_only=true").eval()
+    image, body = torch.randn(1, 2, 32, 32, 32), _half_body()
+    free = predict_volume(module.net, image, module.roi_size)
+    masked = module.predict_case(image, body)
+    inside, outside = body[0, 0], ~body[0, 0]
+    assert torch.equal(masked[0][:, inside], free[0][:, inside])
+    assert torch.all(masked[0, 0][outside] == 1.0) and torch.all(masked[0, 1:][:, outside] == 0.0)
+    assert free[0, 1:][:, outside].amax() > 0  # the mask changed something
+    lesion_only = predict_volume(module.net, image, module.roi_size, body=body, channels=[3])
+    assert torch.equal(lesion_only[0, 0], masked[0, 3])
+    assert module.backbone_meta()["body_only"] is True  # sap predict reads it from here
+
+
+def test_body_only_needs_the_mask_and_a_matching_one() -> None:
+    module = make("lesion", "validation.body_only=true").eval()
+    with pytest.raises(ValueError, match="no body mask"):
+        module.predict_case(torch.randn(1, 2, 32, 32, 32))
+    with pytest.raises(ValueError, match="does not match"):
+        module.predict_case(torch.randn(1, 2, 32, 32, 32), _half_body(16))
+    assert make("lesion").backbone_meta()["body_only"] is False  # the paper does not mask

@@ -7,7 +7,8 @@ Batches:
   "case_id": list[str], "task_index": int64 (B,), "location": int64 (B, 6)}``, streamed
   through ``queue.py``;
 - validation / test: whole cases, batch size 1, ``{"image": (1, C, X, Y, Z), "label":
-  (1, 1, X, Y, Z) int64, "case_id": [str], "spacing": float64 (1, 3)}``, split over ranks by a
+  (1, 1, X, Y, Z) int64, "body": bool (1, 1, X, Y, Z), "case_id": [str], "spacing": float64
+  (1, 3)}``, split over ranks by a
   ``DistributedSampler`` without shuffling (its padding repeats a case: metrics drop duplicate
   case ids). SSL validates on a fixed set of un-augmented patches of its validation cases
   (``samples_per_volume`` per case, batches as in training, without labels) so its loss curve

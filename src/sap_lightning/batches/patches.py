@@ -162,7 +162,8 @@ def _random_foreground_voxel(
 
 class WholeCaseDataset(Dataset):
     """Whole cases for validation and test: ``image`` (C, X, Y, Z) float32, ``label``
-    (1, X, Y, Z) int64 (when ``with_label``), ``case_id`` and ``spacing`` (3,) float64."""
+    (1, X, Y, Z) int64 (when ``with_label``), ``body`` (1, X, Y, Z) bool (the cache's body
+    mask, for ``validation.body_only``), ``case_id`` and ``spacing`` (3,) float64."""
 
     def __init__(self, store: CaseStore, case_ids: Sequence[str], with_label: bool) -> None:
         self.store = store
@@ -179,6 +180,7 @@ class WholeCaseDataset(Dataset):
             IMAGE: torch.from_numpy(np.array(case.image, dtype=np.float32)),
             CASE_ID: case_id,
             "spacing": torch.tensor(case.spacing, dtype=torch.float64),
+            "body": torch.from_numpy(np.array(case.body_mask, dtype=bool))[None],
         }
         if self.with_label:
             if case.label is None:

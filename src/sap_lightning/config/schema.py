@@ -188,6 +188,11 @@ class ValidationConfig:
     roi_size: list[int] | None = None
     """Sliding-window size for whole-case inference (validation and ``sap predict``); None: the
     training patch size. Larger windows are faster for convolutional backbones."""
+    body_only: bool = False
+    """Whole-case inference (validation, threshold tuning, ``sap predict``) labels every voxel
+    outside the body mask background (the cache's mask: ``cache.compute_body_mask``). Training
+    patches are centred in the body, so a window of air, where instance normalisation blows
+    noise up to unit variance, is one the network never saw; the paper does not mask."""
 
 
 @dataclass

@@ -42,6 +42,7 @@ def predict_volume(
     device: torch.device | str | None = None,
     progress: bool = False,
     channels: Sequence[int] | None = None,
+    body: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities ``(B, K, X, Y, Z)`` on the CPU for an image ``(B, C, X, Y, Z)``.
 
@@ -49,7 +50,9 @@ def predict_volume(
     with Gaussian weights into a CPU tensor; volumes smaller than a window are padded by MONAI.
     Mixed precision, when wanted, comes from the caller's autocast context. ``channels`` keeps
     only those classes (``(B, len(channels), ...)``), so a caller that needs the lesion
-    probability alone does not hold every class of a whole-body volume.
+    probability alone does not hold every class of a whole-body volume. ``body`` (boolean
+    ``(B, 1, X, Y, Z)``), when given, makes every voxel outside it background (probability 1 of
+    class 0): ``validation.body_only``.
     """
     if device is None:
         device = next(net.parameters()).device
@@ -66,6 +69,8 @@ def predict_volume(
     )
     assert isinstance(logits, torch.Tensor)
     probs = _softmax_(logits.float())
+    if body is not None:
+        keep_inside_body_(probs, body)
     if channels is not None:
         probs = probs[:, list(channels)].clone()  # a copy: the other classes are freed
     return probs
@@ -79,3 +84,17 @@ def _softmax_(logits: torch.Tensor) -> torch.Tensor:
     logits.exp_()
     logits /= logits.sum(dim=1, keepdim=True)
     return logits
+
+
+def keep_inside_body_(probabilities: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+    """In place: class probabilities ``(B, K, X, Y, Z)`` become background (class 0 at 1, the
+    others at 0) wherever the boolean ``body`` ``(B, 1, X, Y, Z)`` is False."""
+    if body.shape[0] != probabilities.shape[0] or body.shape[2:] != probabilities.shape[2:]:
+        raise ValueError(
+            f"body mask of shape {tuple(body.shape)} does not match the probabilities "
+            f"{tuple(probabilities.shape)}"
+        )
+    outside = ~body.to(device=probabilities.device, dtype=torch.bool)
+    probabilities[:, :1].masked_fill_(outside, 1.0)
+    probabilities[:, 1:].masked_fill_(outside, 0.0)
+    return probabilities

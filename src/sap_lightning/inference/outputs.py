@@ -122,8 +122,10 @@ def make_provenance(
     skeleton_checkpoint: str | os.PathLike | None = None,
     skeleton_window: Sequence[int] | None = None,
     connectivity: int = 6,
+    body_only: bool = False,
 ) -> dict[str, Any]:
-    """The ``prediction.json`` record of one ``sap predict`` configuration."""
+    """The ``prediction.json`` record of one ``sap predict`` configuration (``body_only``: the
+    lesion model labels everything outside the body background, ``validation.body_only``)."""
     skeleton = None
     if skeleton_checkpoint is not None:
         skeleton = describe_checkpoint(skeleton_checkpoint, skeleton_window or window)
@@ -135,6 +137,7 @@ def make_provenance(
         "threshold": float(threshold),
         "window": [int(w) for w in window],
         "overlap": float(overlap),
+        "body_only": bool(body_only),
         "connectivity": int(connectivity),
         "input": str(Path(input_path).resolve()),
         "layout": {

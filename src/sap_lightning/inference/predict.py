@@ -38,7 +38,7 @@ from torch import nn
 
 from sap_lightning.backbones import create_backbone, get_spec
 from sap_lightning.backbones.transfer import read_checkpoint, transfer_weights
-from sap_lightning.cache import prepare_image, resample_volume
+from sap_lightning.cache import compute_body_mask, prepare_image, resample_volume
 from sap_lightning.core.errors import CheckpointError, DatasetError, SapError
 from sap_lightning.core.run_layout import THRESHOLD_FILE, last_checkpoint_path, load_threshold
 from sap_lightning.core.windows import DEFAULT_THRESHOLD, predict_volume, sliding_window_size
@@ -294,7 +294,10 @@ def _probabilities(
     to an empty mask and report a healthy exam.
     """
     target_spacing = model.meta.get("target_spacing")
-    normed, _, _ = prepare_image(image, affine, target_spacing)
+    normed, grid_affine, _ = prepare_image(image, affine, target_spacing)
+    body = None
+    if model.meta.get("body_only"):  # validation.body_only: the mask the cache would store
+        body = torch.from_numpy(compute_body_mask(normed, grid_affine))[None, None]
     tensor = torch.from_numpy(normed)[None]
     del normed  # the tensor shares its memory
     probs = predict_volume(
@@ -306,6 +309,7 @@ def _probabilities(
         device=device,
         progress=progress,
         channels=channels,
+        body=body,
     )[0].numpy()
     del tensor
     # Softmax of finite logits is finite: NaN/Inf logits leave NaN, which isnan finds (and
@@ -415,6 +419,7 @@ def predict_cases(
         skeleton_checkpoint=skeleton_checkpoint if skeleton_model is not None else None,
         skeleton_window=skeleton_model.roi_size if skeleton_model is not None else None,
         connectivity=connectivity,
+        body_only=bool(lesion_model.meta.get("body_only")),
     )
     out = prepare_output_folder(out_dir, provenance, overwrite=overwrite)
     settings = dict(

@@ -240,6 +240,7 @@ class SapModule(L.LightningModule):
             extra={
                 "patch_size": list(self.cfg.data.patch_size),
                 "roi_size": self.inference_roi_size,
+                "body_only": self.cfg.validation.body_only,
                 "target_spacing": self.cfg.data.target_spacing,
                 "run_name": self.cfg.name,
             },
@@ -358,9 +359,12 @@ class SegmentationModule(SapModule, ABC):
         )
         return loss
 
-    def predict_case(self, image: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (1, K, X, Y, Z) on the CPU for one whole case."""
+    def predict_case(self, image: torch.Tensor, body: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax probabilities (1, K, X, Y, Z) on the CPU for one whole case; with
+        ``validation.body_only``, background outside ``body`` (boolean (1, 1, X, Y, Z))."""
         val = self.cfg.validation
+        if val.body_only and body is None:
+            raise ValueError("validation.body_only is set but no body mask was given")
         return predict_volume(
             self.net,
             image,
@@ -368,10 +372,11 @@ class SegmentationModule(SapModule, ABC):
             sw_batch_size=val.sw_batch_size,
             overlap=val.overlap,
             device=self.device,
+            body=body if val.body_only else None,
         )
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        probabilities = self.predict_case(batch["image"])
+        probabilities = self.predict_case(batch["image"], batch.get("body"))
         label = batch["label"].cpu()
         spacing = batch["spacing"]
         for index, case_id in enumerate(batch["case_id"]):

@@ -412,7 +412,8 @@ def _inference_window(prediction_dir: Path) -> str:
         record = read_json(prediction_dir / PREDICTION_JSON)
     except (OSError, ValueError):
         return "not recorded"
-    return f"{record.get('window')} voxels, overlap {record.get('overlap')}"
+    outside = "; voxels outside the body are background" if record.get("body_only") else ""
+    return f"{record.get('window')} voxels, overlap {record.get('overlap')}{outside}"
 
 
 def _machine_line() -> str:
