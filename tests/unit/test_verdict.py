@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
+from scipy import stats
 
-from sap_lightning.evaluation.report import Cell, Comparison
+from sap_lightning.evaluation.report import Cell, Comparison, EvaluationRun
 from sap_lightning.pipeline.study import VERDICT_ROWS, verdict
 
 
@@ -37,3 +40,29 @@ def test_verdict_states_whether_the_corrected_test_supports_it(
     supported = p_adjusted < 0.05
     assert ("The difference is significant" in text) is supported
     assert ("The difference is not significant" in text) is not supported
+
+
+def _run(name: str, f2: list[float]) -> EvaluationRun:
+    cases = pd.DataFrame({"case_id": [f"p{i}" for i in range(len(f2))], "f2": f2})
+    return EvaluationRun(name, None, {}, cases, pd.DataFrame(), pd.DataFrame())  # type: ignore[arg-type]
+
+
+def test_a_non_significant_verdict_states_the_power_and_the_observed_effect() -> None:
+    """Not significant: the verdict quotes the test's power for d_z = 0.8 at the corrected level
+    (checked against the paired t-test's exact power) and the paired F2 differences'
+    standardised mean, computed here with numpy."""
+    sap = [0.3, 0.5, 0.1, 0.4, 0.2, 0.6, 0.3, 0.5, 0.1, 0.4, 0.2, 0.6, 0.3, 0.35]
+    scratch = [0.2, 0.6, 0.0, 0.3, 0.3, 0.4, 0.2, 0.6, 0.1, 0.2, 0.3, 0.5, 0.3, 0.30]
+    comparison = _comparison(0.35, 0.30, 0.9)
+    comparison.pvalues["F2 (detection score)"].update({"a vs b": (1, 1, 14), "c vs d": (1, 1, 14)})
+    comparison.runs = [_run("scratch", scratch), _run("sap", sap)]
+    text = verdict(comparison).splitlines()[0]
+    differences = np.subtract(sap, scratch)
+    expected = differences.mean() / differences.std(ddof=1)
+    assert f"d_z = {expected:.2f}" in text
+    power = float(text.split("with probability ")[1].split(" ")[0])
+    # The paired t-test's exact power (noncentral t); the Wilcoxon test is a little weaker.
+    critical, shift = stats.t.ppf(1 - 0.05 / 3 / 2, 13), 0.8 * np.sqrt(14)
+    t_power = stats.nct.sf(critical, 13, shift) + stats.nct.cdf(-critical, 13, shift)
+    assert t_power - 0.08 < power <= t_power + 0.02
+    assert "probability" not in verdict(_comparison(0.052, 0.023, 0.0152)).splitlines()[0]

@@ -47,6 +47,7 @@ from sap_lightning.evaluation.report import (
     load_evaluation,
     write_comparison,
 )
+from sap_lightning.evaluation.statistics import paired_wilcoxon_power
 from sap_lightning.evaluation.threshold import load_threshold, save_threshold
 from sap_lightning.inference.outputs import PREDICTION_JSON
 from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
@@ -357,6 +358,9 @@ def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch")
             f" The difference is {'' if supported else 'not '}significant at "
             f"{SIGNIFICANCE_LEVEL:g} after Bonferroni correction."
         )
+        if not supported:
+            level = SIGNIFICANCE_LEVEL / max(1, len(comparison.pvalues["F2 (detection score)"]))
+            significance += _power_note(comparison, arm, baseline, p_f2[2], level)
     lines = [
         f"**Verdict: {arm.upper()} {outcome} the {baseline} baseline on the median patient F2 "
         f"({ours:.3f} vs {theirs:.3f}{p_text}).{significance}**",
@@ -368,6 +372,33 @@ def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch")
         cells = comparison.cells[row]
         lines.append(f"| {row} | " + " | ".join(cells[n].format() for n in comparison.names) + " |")
     return "\n".join(lines) + "\n"
+
+
+POWER_EFFECT = 0.8
+"""Standardised paired effect (Cohen's d_z) the verdict quotes the test's power for."""
+
+
+def _power_note(comparison: Comparison, arm: str, baseline: str, n_pairs: int, level: float) -> str:
+    """Why a difference can miss significance: what the design can see, and what was seen."""
+    power = paired_wilcoxon_power(n_pairs, POWER_EFFECT, level)
+    text = (
+        f" With {n_pairs} paired patients the test finds a standardised paired effect (Cohen's "
+        f"d_z) of {POWER_EFFECT:g} with probability {power:.2f} at the corrected level"
+    )
+    runs = {run.name: run for run in comparison.runs}
+    if arm in runs and baseline in runs:
+        paired = (
+            runs[arm]
+            .cases[["case_id", "f2"]]
+            .merge(
+                runs[baseline].cases[["case_id", "f2"]], on="case_id", suffixes=("_arm", "_base")
+            )
+        )
+        differences = (paired["f2_arm"] - paired["f2_base"]).dropna().to_numpy(float)
+        if differences.size > 1 and differences.std(ddof=1) > 0:
+            effect = differences.mean() / differences.std(ddof=1)
+            text += f"; the observed F2 differences have d_z = {effect:.2f}"
+    return text + "."
 
 
 def _learning_section(
