@@ -83,6 +83,8 @@ def test_two_process_finetune_logs_global_validation_metrics(tmp_path: Path) -> 
                 mode="gaussian",
             )
             probability = torch.softmax(logits, dim=1)[0, 1]
+            if cfg.validation.body_only:  # the CPU files' setting: no lesion outside the body
+                probability = probability * case["body"][0, 0]
             reference.update(
                 probability,
                 case["label"][0, 0],

@@ -101,6 +101,8 @@ def test_skeleton_validation_with_uneven_cases_counts_each_case_once(tmp_path: P
                 mode="gaussian",
             )
             prediction = logits.argmax(dim=1)[0].numpy()
+            if cfg.validation.body_only:  # the CPU files' setting: background outside the body
+                prediction[~case["body"][0, 0].numpy()] = 0
             label = case["label"][0, 0].numpy()
             per_class = dice_per_class(prediction, label, range(1, len(regions) + 1))
             skeleton = dice_per_class(prediction > 0, label > 0, range(1, 2))
