@@ -70,6 +70,7 @@ def test_two_process_finetune_logs_global_validation_metrics(tmp_path: Path) -> 
         tolerance_mm=cfg.validation.tolerance_mm,
         prefix="val/",
     )
+    assert cfg.validation.body_only  # the CPU files' setting, applied to the reference below
     datamodule = build_datamodule(cfg)
     assert len(datamodule.val_case_ids) == 3
     with torch.no_grad():
@@ -83,8 +84,7 @@ def test_two_process_finetune_logs_global_validation_metrics(tmp_path: Path) -> 
                 mode="gaussian",
             )
             probability = torch.softmax(logits, dim=1)[0, 1]
-            if cfg.validation.body_only:  # the CPU files' setting: no lesion outside the body
-                probability = probability * case["body"][0, 0]
+            probability = probability * case["body"][0, 0]  # no lesion outside the body
             reference.update(
                 probability,
                 case["label"][0, 0],

@@ -86,6 +86,7 @@ def test_skeleton_validation_with_uneven_cases_counts_each_case_once(tmp_path: P
 
     net = load_trained_model(last_checkpoint_path(run_dir)).net
     cfg = load_config(CONFIG, [*overrides, "task=skeleton"])
+    assert cfg.validation.body_only  # the CPU files' setting, applied to the reference below
     datamodule = build_datamodule(cfg)
     assert len(datamodule.val_case_ids) == 3
     regions = list(datamodule.label_names[1:])
@@ -101,8 +102,7 @@ def test_skeleton_validation_with_uneven_cases_counts_each_case_once(tmp_path: P
                 mode="gaussian",
             )
             prediction = logits.argmax(dim=1)[0].numpy()
-            if cfg.validation.body_only:  # the CPU files' setting: background outside the body
-                prediction[~case["body"][0, 0].numpy()] = 0
+            prediction[~case["body"][0, 0].numpy()] = 0  # background outside the body
             label = case["label"][0, 0].numpy()
             per_class = dice_per_class(prediction, label, range(1, len(regions) + 1))
             skeleton = dice_per_class(prediction > 0, label > 0, range(1, 2))
