@@ -517,6 +517,31 @@ def test_body_only_inference_is_background_outside_the_body_and_unchanged_inside
     assert module.backbone_meta()["body_only"] is True  # sap predict reads it from here
 
 
+def test_windows_without_a_body_voxel_are_not_run_and_change_nothing_inside() -> None:
+    """A 32 x 32 x 96 volume in 32^3 windows at overlap 0.25 has windows starting at z = 0, 24,
+    48 and 64 (step 24, the last one moved back to fit). With the body in z < 20 only the first
+    holds a body voxel: the network sees one window, and inside the body the probabilities are
+    those of running every window."""
+    module = make("lesion", "validation.body_only=true").eval()
+    image = torch.randn(1, 2, 32, 32, 96, generator=torch.Generator().manual_seed(3))
+    body = torch.zeros(1, 1, 32, 32, 96, dtype=torch.bool)
+    body[..., 4:28, 6:26, :20] = True
+    seen: list[int] = []
+    hook = module.net.register_forward_hook(lambda _m, args, _o: seen.append(len(args[0])))
+    masked = predict_volume(module.net, image, module.roi_size, body=body, sw_batch_size=1)
+    assert sum(seen) == 1
+    seen.clear()
+    free = predict_volume(module.net, image, module.roi_size, sw_batch_size=1)
+    hook.remove()
+    assert sum(seen) == 4
+    inside = body[0, 0]
+    torch.testing.assert_close(masked[0][:, inside], free[0][:, inside], rtol=0, atol=1e-6)
+    assert torch.all(masked[0, 0][~inside] == 1.0)
+    # No body voxel at all: every voxel is background (one window runs to learn the output).
+    empty = predict_volume(module.net, image, module.roi_size, body=torch.zeros_like(body))
+    assert torch.all(empty[:, 0] == 1.0) and torch.all(empty[:, 1] == 0.0)
+
+
 def test_body_only_needs_the_mask_and_a_matching_one() -> None:
     module = make("lesion", "validation.body_only=true").eval()
     with pytest.raises(ValueError, match="no body mask"):

@@ -34,6 +34,7 @@ from sap_lightning.cache.build import (
 from sap_lightning.cache.normalize import (
     compute_body_mask,
     normalize_channels,
+    otsu_threshold,
     prepare_image,
     resample_volume,
     resampled_grid,
@@ -69,6 +70,7 @@ __all__ = [
     "compute_body_mask",
     "normalize_channels",
     "open_cache",
+    "otsu_threshold",
     "prepare_image",
     "preprocess_dataset",
     "resample_volume",

@@ -52,8 +52,9 @@ class PreprocessParams:
     """Resample to this spacing (mm, array axis order); ``None`` keeps the native grid."""
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
-    body_threshold: float = 0.1
-    """Threshold on the mean normalised channel that separates body from air."""
+    body_threshold: float | None = None
+    """Threshold on the smoothed mean normalised channel that separates body from air; ``None``:
+    Otsu's threshold of each image (``compute_body_mask``)."""
     body_dilation: int = 2
     """Voxels added around the body so skin and thin structures stay inside the mask."""
     connectivity: int = 6
