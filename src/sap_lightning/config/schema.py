@@ -159,9 +159,10 @@ class SSLConfig:
     chance on the synthetic cohort."""
     shared_view_rotation: bool = False
     """Give both views of a patch the same pretext rotation (Tang et al.: independent). Needed
-    with ``flatten`` heads: position-keeping features of two differently rotated views are
-    permuted copies of each other, which a linear projection cannot match (the contrastive term
-    stayed at chance); the rotation label is still drawn per patch."""
+    with ``flatten`` and ``tokens`` heads: position-keeping features of two differently rotated
+    views are permuted copies of each other (a token reads different places), which a linear
+    projection cannot match (the contrastive term stayed at chance for the tiny U-Net and for
+    Swin UNETR); the rotation label is still drawn per patch. On in the CPU and paper files."""
 
 
 @dataclass

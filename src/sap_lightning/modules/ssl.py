@@ -26,8 +26,8 @@ fine-tuning takes the spec's encoder from it.
 Tang et al. take the rotation and contrastive features from two tokens of the last stage
 (``head_input: tokens``, the paper files); the CPU files read the whole flattened bottleneck
 (``flatten``): a globally pooled, instance-normalised bottleneck hardly depends on the input.
-Flattened features keep positions, so the CPU files also give both views of a patch the same
-rotation (``ssl.shared_view_rotation``) and use 48^3 patches: the tiny U-Net's 2 x 2 x 2
+Flattened features and tokens keep positions, so the CPU and paper files give both views of a
+patch the same rotation (``ssl.shared_view_rotation``); the CPU files use 48^3 patches: the tiny U-Net's 2 x 2 x 2
 bottleneck of a 32^3 patch collapsed to one vector for every input within 20 steps, its
 3 x 3 x 3 bottleneck of a 48^3 patch did not, and they train the heads at a tenth of the
 network's rate (``ssl.head_lr``; docs/method.md, "CPU recipe").
