@@ -11,7 +11,8 @@ import nibabel as nib
 from sap_lightning.cache.splits import load_splits
 from sap_lightning.config import load_config
 from sap_lightning.dataset import layout
-from sap_lightning.pipeline.study import DONE_FILE, run_study
+from sap_lightning.pipeline.steps import DONE_FILE
+from sap_lightning.pipeline.study import run_study
 
 
 def _splits(config):

@@ -26,7 +26,7 @@ def run_study(args: argparse.Namespace) -> int:
     from sap_lightning.pipeline.study import run_study as run
 
     result = run(load_study_config(args.config, args.overrides))
-    minutes = sum(result.seconds.values()) / 60
+    minutes = result.wall_seconds / 60
     print(f"study finished in {minutes:.1f} min; report: {result.report}")
     return 0
 

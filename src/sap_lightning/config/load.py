@@ -147,6 +147,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("trainer.max_epochs", trainer.max_epochs, 1),
         ("trainer.num_nodes", trainer.num_nodes, 1),
         ("trainer.log_every_n_steps", trainer.log_every_n_steps, 1),
+        ("trainer.num_sanity_val_steps", trainer.num_sanity_val_steps, -1),  # -1: every case
         ("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, 1),
     ):
         _check_range(value, key, low)
@@ -284,6 +285,7 @@ def load_study_config(
     for key, value in (("healthy", result.healthy), ("patients", result.patients)):
         _check_range(value, key, 1)
     _check_range(result.n_resamples, "n_resamples", 1)
+    _check_range(result.workers, "workers", 1)
     _check_range(result.predict_overlap, "predict_overlap", 0, 1, high_open=True)
     _check_sizes(result.phantom_shape, "phantom_shape")
     if result.phantom_spacing is not None:

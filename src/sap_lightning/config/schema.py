@@ -213,6 +213,9 @@ class TrainerConfig:
     ``max_epochs`` comes first, so a pure step budget sets ``max_epochs`` high."""
     limit_train_batches: Any = None
     limit_val_batches: Any = None
+    num_sanity_val_steps: int = 2
+    """Validation cases run before training to catch a broken validation early (Lightning's
+    default); the CPU files skip it: their only validation comes minutes later, at the end."""
     log_every_n_steps: int = 10
     deterministic: bool = False
     fast_dev_run: Any = False
@@ -298,3 +301,9 @@ class StudyConfig:
     finetune_overrides: list[str] = field(default_factory=list)
     predict_overlap: float = 0.25
     n_resamples: int = 1000
+    workers: int = 1
+    """Study steps run at once, each in its own process with ``usable CPUs // workers`` torch
+    threads (``SAP_NUM_THREADS`` pins it). Runs that do not depend on each other (stage 1 and
+    SSL, the arms and folds) then overlap: on 2 CPUs two 1-thread processes trained 1.2-1.4x
+    faster than one 2-thread process (docs/method.md, "CPU recipe"). 1 runs every step in this
+    process, one after the other. Results depend on the threads per run, not on ``workers``."""

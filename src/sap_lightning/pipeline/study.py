@@ -18,19 +18,19 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 from sap_lightning.cache import preprocess_dataset
 from sap_lightning.cache.reader import open_cache
 from sap_lightning.cache.splits import Splits, cache_lesion_counts, split_dataset
 from sap_lightning.config import StudyConfig, load_config, to_yaml
 from sap_lightning.core.errors import SapError
-from sap_lightning.core.io import read_json, write_json, write_text
+from sap_lightning.core.io import read_json, write_text
 from sap_lightning.core.run_layout import last_checkpoint_path
+from sap_lightning.core.threads import usable_cpus
 from sap_lightning.core.windows import DEFAULT_THRESHOLD
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import require_valid_dataset
@@ -51,6 +51,14 @@ from sap_lightning.evaluation.statistics import paired_wilcoxon_power
 from sap_lightning.evaluation.threshold import load_threshold, save_threshold
 from sap_lightning.inference.outputs import PREDICTION_JSON
 from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
+from sap_lightning.pipeline.steps import (
+    Clock,
+    Step,
+    is_done,
+    mark_done,
+    run_steps,
+    threads_per_worker,
+)
 from sap_lightning.pipeline.train import run_training
 from sap_lightning.synthetic import make_phantom_cohort
 
@@ -59,8 +67,6 @@ log = logging.getLogger(__name__)
 CURVES_PNG = "curves.png"
 TIMINGS_FILE = "timings.md"
 """Wall time of every study step, next to the report (not in it: it changes between reruns)."""
-DONE_FILE = "study_step.json"
-"""Written into a step's folder when the step completed; a folder without it is redone."""
 
 
 @dataclass
@@ -69,49 +75,17 @@ class StudyResult:
     arms: dict[str, Path] = field(default_factory=dict)
     """Arm name -> evaluation folder."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time per step."""
-
-
-def _done(folder: Path) -> bool:
-    return (folder / DONE_FILE).is_file()
-
-
-def _mark_done(folder: Path, **info: Any) -> None:
-    write_json(folder / DONE_FILE, info)
+    """Wall time per step (steps overlap when several workers run them)."""
+    wall_seconds: float = 0.0
+    """Wall time of the whole study."""
 
 
 def _fresh(folder: Path) -> Path:
     """Clear an incomplete step folder left by an interrupted study (never a completed one)."""
-    if folder.exists() and not _done(folder):
+    if folder.exists() and not is_done(folder):
         log.info("redoing incomplete step %s", folder)
         shutil.rmtree(folder)
     return folder
-
-
-class _Clock:
-    """Wall time per step; a step whose folder was already complete is reported as reused."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.reused: list[str] = []
-
-    def step(self, name: str, action: Callable[[], Any], folder: Path | None = None) -> Any:
-        if folder is not None and _done(folder):
-            log.info("study: %s (reusing %s)", name, folder)
-            self.reused.append(name)
-            return action()
-        start = time.perf_counter()
-        log.info("study: %s", name)
-        result = action()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        return result
-
-    def describe(self) -> str:
-        steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
-        text = f"{sum(self.seconds.values()) / 60:.1f} min ({steps})"
-        if self.reused:
-            text += f"; reused from an earlier invocation: {', '.join(self.reused)}"
-        return text
 
 
 def _cohort(study: StudyConfig) -> tuple[Path, Path]:
@@ -152,11 +126,9 @@ def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
     return splits
 
 
-def _train(config_path: str, overrides: Sequence[str], run_dir: Path) -> Path:
-    """One training run into ``run_dir``: skipped when complete, resumed from its last
-    checkpoint when an earlier invocation was interrupted, started afresh otherwise."""
-    if _done(run_dir):
-        return run_dir
+def _train(config_path: str, overrides: Sequence[str], run_dir: Path) -> None:
+    """One training run into ``run_dir``: resumed from its last checkpoint when an earlier
+    invocation was interrupted, started afresh otherwise."""
     if last_checkpoint_path(run_dir).is_file():
         log.info("resuming interrupted run %s", run_dir)
         extra = [f"run_dir={run_dir}", "resume=true"]
@@ -166,22 +138,64 @@ def _train(config_path: str, overrides: Sequence[str], run_dir: Path) -> Path:
     result = run_training(cfg)
     if result.interrupted:
         raise SapError(f"training in {run_dir} was interrupted; run the study again to resume")
-    _mark_done(run_dir, config=config_path, metrics=result.metrics)
-    return run_dir
+    mark_done(run_dir, config=config_path, metrics=result.metrics)
 
 
-def _arm(
-    study: StudyConfig,
-    arm: str,
-    config_path: str,
-    splits: Splits,
-    lesion: Path,
-    pretrained: dict[str, Path],
-    clock: _Clock,
-) -> Path:
-    """Fine-tune one arm on every test fold, tune its threshold, predict and evaluate."""
+def _tune(run: Path, lesion: Path, cases: list[str], tuning_dir: Path, overlap: float) -> None:
+    """Predict the tuning fold with one fold model and choose the arm's threshold on it."""
+    predict_cases(
+        run,
+        lesion,
+        _fresh(tuning_dir),
+        case_ids=cases,
+        threshold=DEFAULT_THRESHOLD,  # masks unused: tuning reads the probabilities
+        validate_input=False,  # checked in _prepare
+        overlap=overlap,
+        progress=False,
+    )
+    choice = tune_on_predictions(tuning_dir, lesion, cases, EvaluationSettings())
+    save_threshold(tuning_dir / THRESHOLD_FILE, choice)
+    mark_done(tuning_dir, threshold=choice.threshold)
+
+
+def _predict_fold(
+    run: Path, lesion: Path, cases: list[str], tuning_dir: Path, out: Path, overlap: float
+) -> None:
+    """Predict a test fold with its fold model at the arm's tuned threshold: one ``sap
+    predict`` folder per fold model."""
+    threshold = load_threshold(tuning_dir / THRESHOLD_FILE)
+    # The run folder keeps the threshold it is used with (sap predict reads it).
+    write_text(run / THRESHOLD_FILE, (tuning_dir / THRESHOLD_FILE).read_text())
+    predict_cases(
+        run,
+        lesion,
+        _fresh(out),
+        case_ids=cases,
+        threshold=threshold,
+        validate_input=False,  # checked in _prepare
+        overlap=overlap,
+        progress=False,
+    )
+    mark_done(out, threshold=threshold)
+
+
+def _training_step(
+    name: str, config_path: str, overrides: Sequence[str], run_dir: Path, needs: tuple[str, ...]
+) -> Step:
+    return Step(name, partial(_train, config_path, list(overrides), run_dir), run_dir, needs)
+
+
+def _arm_steps(
+    study: StudyConfig, arm: str, config_path: str, splits: Splits, lesion: Path
+) -> list[Step]:
+    """Fine-tune one arm on every test fold, tune its threshold on the tuning fold with the
+    first fold's model, and predict each test fold with its own model."""
     arm_dir = Path(study.runs_dir) / arm
-    init_overrides = [f"model.pretrained={pretrained[arm]}"] if arm in pretrained else []
+    init_overrides = []
+    needs: tuple[str, ...] = ()
+    if arm in _pretraining_runs(study):
+        step_name, run_dir = _pretraining_runs(study)[arm]
+        init_overrides, needs = [f"model.pretrained={run_dir}"], (step_name,)
     common = [
         *study.overrides,
         *study.finetune_overrides,
@@ -191,116 +205,111 @@ def _arm(
         f"seed={study.seed}",
         *init_overrides,
     ]
-    fold_runs = {
-        fold: clock.step(
+    steps = [
+        _training_step(
             f"fine-tune {arm} fold {fold}",
-            lambda fold=fold: _train(
-                config_path, [*common, f"data.fold={fold}"], arm_dir / f"fold{fold}"
-            ),
+            config_path,
+            [*common, f"data.fold={fold}"],
             arm_dir / f"fold{fold}",
+            needs,
         )
         for fold in splits.test_folds
-    }
-    settings = EvaluationSettings()
+    ]
     tuning_dir = arm_dir / "tuning"
-    first_run = fold_runs[splits.test_folds[0]]
-    if not _done(tuning_dir):
-
-        def tune() -> None:
-            predict_cases(
-                first_run,
+    first = splits.test_folds[0]
+    tune = f"tune threshold {arm}"
+    steps.append(
+        Step(
+            tune,
+            partial(
+                _tune,
+                arm_dir / f"fold{first}",
                 lesion,
-                _fresh(tuning_dir),
-                case_ids=splits.tuning_cases(),
-                threshold=DEFAULT_THRESHOLD,  # masks unused: tuning reads the probabilities
-                validate_input=False,  # checked in _prepare
-                overlap=study.predict_overlap,
-                progress=False,
-            )
-            choice = tune_on_predictions(tuning_dir, lesion, splits.tuning_cases(), settings)
-            save_threshold(tuning_dir / THRESHOLD_FILE, choice)
-            _mark_done(tuning_dir, threshold=choice.threshold)
-
-        clock.step(f"tune threshold {arm}", tune)
-    threshold = load_threshold(tuning_dir / THRESHOLD_FILE)
-    predictions = arm_dir / "predictions"
-    # one sap predict folder per fold model: a prediction folder holds one model's outputs
-    fold_predictions = [predictions / f"fold{fold}" for fold in fold_runs]
-    if not _done(predictions):
-
-        def predict() -> None:
-            _fresh(predictions)
-            for fold, run in fold_runs.items():
-                # The run folder keeps the threshold it is used with (sap predict reads it).
-                write_text(run / THRESHOLD_FILE, (tuning_dir / THRESHOLD_FILE).read_text())
-                predict_cases(
-                    run,
-                    lesion,
-                    predictions / f"fold{fold}",
-                    case_ids=splits.test_cases(fold),
-                    threshold=threshold,
-                    validate_input=False,  # checked in _prepare
-                    overlap=study.predict_overlap,
-                    progress=False,
-                )
-            _mark_done(predictions, threshold=threshold)
-
-        clock.step(f"predict {arm}", predict)
-    evaluation = arm_dir / "evaluation"
-    test_cases = [case for fold in splits.test_folds for case in splits.test_cases(fold)]
-
-    def evaluate() -> None:
-        result = evaluate_predictions(
-            fold_predictions,
-            lesion,
-            test_cases,
-            EvaluationSettings(threshold=threshold, thresholds=settings.thresholds),
+                splits.tuning_cases(),
+                tuning_dir,
+                study.predict_overlap,
+            ),
+            tuning_dir,
+            (f"fine-tune {arm} fold {first}",),
         )
-        write_evaluation(result, evaluation)
+    )
+    for fold in splits.test_folds:
+        out = arm_dir / "predictions" / f"fold{fold}"
+        steps.append(
+            Step(
+                f"predict {arm} fold {fold}",
+                partial(
+                    _predict_fold,
+                    arm_dir / f"fold{fold}",
+                    lesion,
+                    splits.test_cases(fold),
+                    tuning_dir,
+                    out,
+                    study.predict_overlap,
+                ),
+                out,
+                (tune, f"fine-tune {arm} fold {fold}"),
+            )
+        )
+    return steps
 
-    clock.step(f"evaluate {arm}", evaluate)
+
+def _pretraining_runs(study: StudyConfig) -> dict[str, tuple[str, Path]]:
+    """Init name -> (step name, run folder) of every pretraining run on the healthy scans."""
+    runs = Path(study.runs_dir)
+    named = {
+        "sap": ("skeleton pretraining", runs / "pretrain"),
+        "ssl": ("SSL pretraining", runs / "ssl"),
+    }
+    for init in study.pretrain_runs:  # e.g. mae: the arm of that name
+        named[init] = (f"{init} pretraining", runs / f"pretrain_{init}")
+    return named
+
+
+def _evaluate(study: StudyConfig, arm: str, splits: Splits, lesion: Path) -> Path:
+    """Score an arm's test predictions lesion-wise at its tuned threshold."""
+    arm_dir = Path(study.runs_dir) / arm
+    threshold = load_threshold(arm_dir / "tuning" / THRESHOLD_FILE)
+    evaluation = arm_dir / "evaluation"
+    result = evaluate_predictions(
+        [arm_dir / "predictions" / f"fold{fold}" for fold in splits.test_folds],
+        lesion,
+        [case for fold in splits.test_folds for case in splits.test_cases(fold)],
+        EvaluationSettings(threshold=threshold, thresholds=EvaluationSettings().thresholds),
+    )
+    write_evaluation(result, evaluation)
     return evaluation
 
 
 def run_study(study: StudyConfig) -> StudyResult:
     """Run every step of the study and write the comparison report."""
-    clock = _Clock()
-    runs = Path(study.runs_dir)
+    clock = Clock()
     skeleton, lesion = clock.step("cohort", lambda: _cohort(study))
     splits = clock.step("check, preprocess, split", lambda: _prepare(study, skeleton, lesion))
     seed = [f"seed={study.seed}"]
-    pretrain_run = clock.step(
-        "skeleton pretraining",
-        lambda: _train(
-            study.pretrain_config,
-            [*study.overrides, *study.pretrain_overrides, f"data.dataset={skeleton}", *seed],
-            runs / "pretrain",
-        ),
-        runs / "pretrain",
-    )
-    ssl_run = clock.step(
-        "SSL pretraining",
-        lambda: _train(
-            study.ssl_config,
-            [*study.overrides, *study.ssl_overrides, f"data.dataset={skeleton}", *seed],
-            runs / "ssl",
-        ),
-        runs / "ssl",
-    )
-    pretrained = {"sap": pretrain_run, "ssl": ssl_run}
-    for init, config_path in study.pretrain_runs.items():  # e.g. mae: the arm of that name
-        pretrained[init] = clock.step(
-            f"{init} pretraining",
-            lambda config_path=config_path, init=init: _train(
-                config_path,
-                [*study.overrides, *study.ssl_overrides, f"data.dataset={skeleton}", *seed],
-                runs / f"pretrain_{init}",
-            ),
-            runs / f"pretrain_{init}",
+    pretraining = _pretraining_runs(study)
+    configs = {
+        "sap": (study.pretrain_config, study.pretrain_overrides),
+        "ssl": (study.ssl_config, study.ssl_overrides),
+        **{init: (path, study.ssl_overrides) for init, path in study.pretrain_runs.items()},
+    }
+    steps = [
+        _training_step(
+            name,
+            configs[init][0],
+            [*study.overrides, *configs[init][1], f"data.dataset={skeleton}", *seed],
+            run_dir,
+            (),
         )
+        for init, (name, run_dir) in pretraining.items()
+    ]
+    for arm, config_path in study.finetune_configs.items():
+        steps += _arm_steps(study, arm, config_path, splits, lesion)
+    threads = threads_per_worker(study.workers, usable_cpus())
+    run_steps(steps, clock, study.workers, threads)
     arms = {
-        arm: _arm(study, arm, config_path, splits, lesion, pretrained, clock)
-        for arm, config_path in study.finetune_configs.items()
+        arm: clock.step(f"evaluate {arm}", partial(_evaluate, study, arm, splits, lesion))
+        for arm in study.finetune_configs
     }
     report_dir = Path(study.report_dir)
     evaluations = [load_evaluation(path, name=arm) for arm, path in arms.items()]
@@ -309,14 +318,20 @@ def run_study(study: StudyConfig) -> StudyResult:
     )
     write_comparison(comparison, report_dir, n_resamples=study.n_resamples)
     report = report_dir / "report.md"
-    header = _study_header(study, splits, comparison)
-    learning = _learning_section(study, runs, pretrain_run, ssl_run, splits, report_dir)
+    run_threads = threads if study.workers > 1 else None
+    header = _study_header(study, splits, comparison, run_threads)
+    learning = _learning_section(
+        study, pretraining["sap"][1], pretraining["ssl"][1], splits, report_dir
+    )
     write_text(report, header + learning + report.read_text())
     write_text(
-        report_dir / TIMINGS_FILE, f"# Study `{study.name}`: wall time\n\n{clock.describe()}\n"
+        report_dir / TIMINGS_FILE,
+        f"# Study `{study.name}`: wall time\n\n{clock.describe(study.workers, threads)}\n",
     )
     write_text(report_dir / "study.yaml", to_yaml(study))
-    return StudyResult(report=report, arms=arms, seconds=clock.seconds)
+    return StudyResult(
+        report=report, arms=arms, seconds=clock.seconds, wall_seconds=clock.wall_seconds
+    )
 
 
 VERDICT_ROWS = (
@@ -402,12 +417,7 @@ def _power_note(comparison: Comparison, arm: str, baseline: str, n_pairs: int, l
 
 
 def _learning_section(
-    study: StudyConfig,
-    runs: Path,
-    pretrain_run: Path,
-    ssl_run: Path,
-    splits: Splits,
-    report_dir: Path,
+    study: StudyConfig, pretrain_run: Path, ssl_run: Path, splits: Splits, report_dir: Path
 ) -> str:
     """Did every network learn? The learning metric of each run, its curves, and the inference
     window validation, tuning and prediction used."""
@@ -415,6 +425,7 @@ def _learning_section(
         "skeleton pretraining": ("skeleton", pretrain_run),
         "SSL pretraining": ("ssl", ssl_run),
     }
+    runs = Path(study.runs_dir)
     for arm in study.finetune_configs:
         for fold in splits.test_folds:
             named[f"{arm} fold {fold}"] = ("lesion", runs / arm / f"fold{fold}")
@@ -447,15 +458,19 @@ def _inference_window(prediction_dir: Path) -> str:
     return f"{record.get('window')} voxels, overlap {record.get('overlap')}{outside}"
 
 
-def _machine_line() -> str:
-    """What decides bitwise results besides the seed: the torch version and its CPU threads
-    (the thread count changes the order of floating-point sums; ``SAP_NUM_THREADS`` pins it)."""
+def _machine_line(run_threads: int | None = None) -> str:
+    """What decides bitwise results besides the seed: the torch version and the CPU threads of
+    each run (the thread count changes the order of floating-point sums; ``SAP_NUM_THREADS``
+    pins it). ``run_threads``: the worker processes' count, else this process's."""
     import torch
 
-    return f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    threads = run_threads or torch.get_num_threads()
+    return f"torch {torch.__version__}, {threads} CPU threads per run"
 
 
-def _study_header(study: StudyConfig, splits: Splits, comparison: Comparison) -> str:
+def _study_header(
+    study: StudyConfig, splits: Splits, comparison: Comparison, run_threads: int | None = None
+) -> str:
     test_cases = sum(len(splits.test_cases(fold)) for fold in splits.test_folds)
     lines = [
         f"# Study `{study.name}`",
@@ -474,7 +489,7 @@ def _study_header(study: StudyConfig, splits: Splits, comparison: Comparison) ->
         + ".",
         f"- Wall time of every step: [{TIMINGS_FILE}]({TIMINGS_FILE}) (kept out of this report, so "
         "that a rerun with the same seed on the same machine writes the same report).",
-        f"- Machine: {_machine_line()}.",
+        f"- Machine: {_machine_line(run_threads)}.",
         "",
         verdict(comparison),
     ]

@@ -308,6 +308,7 @@ def build_trainer(
         max_epochs=t.max_epochs,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
         check_val_every_n_epoch=cfg.validation.every_n_epochs,
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,

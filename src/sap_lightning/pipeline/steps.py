@@ -1,0 +1,189 @@
+"""Run a study's steps in dependency order: one after the other in this process, or several at
+once in worker processes.
+
+A step that completed in an earlier invocation (its folder holds ``study_step.json``) is reused,
+not rerun, so an interrupted study continues where it stopped. With ``workers > 1`` each step
+runs in a spawned process with a fixed number of torch threads. Every step seeds itself and
+writes only its own folder, so the outputs depend on the threads per step, not on which steps
+happened to overlap.
+
+``concurrent.futures`` is used rather than a workflow engine (Snakemake, Luigi): a study has a
+dozen steps whose dependencies are known up front, and the step folders already record what is
+done.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sap_lightning.core.io import write_json
+from sap_lightning.core.threads import ENV_OVERRIDE, configure_threads
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "study_step.json"
+"""Written into a step's folder when the step completed; a folder without it is redone."""
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / DONE_FILE).is_file()
+
+
+def mark_done(folder: Path, **info: Any) -> None:
+    write_json(folder / DONE_FILE, info)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of the study. ``action`` must pickle (a ``functools.partial`` of a module-level
+    function) when steps run in worker processes."""
+
+    name: str
+    action: Callable[[], Any]
+    folder: Path | None = None
+    """Where the step writes; complete (``study_step.json``) means reused, not rerun."""
+    needs: tuple[str, ...] = ()
+    """Names of the steps whose outputs this one reads."""
+
+
+class Clock:
+    """Wall time of the whole study and of every step (steps overlap when workers run them)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.reused: list[str] = []
+
+    def record(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def step(self, name: str, action: Callable[[], Any]) -> Any:
+        """Run ``action`` here and record its wall time."""
+        start = time.perf_counter()
+        log.info("study: %s", name)
+        result = action()
+        self.record(name, time.perf_counter() - start)
+        return result
+
+    def reuse(self, name: str, folder: Path) -> None:
+        log.info("study: %s (reusing %s)", name, folder)
+        self.reused.append(name)
+
+    @property
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def describe(self, workers: int = 1, threads: int | None = None) -> str:
+        steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
+        how = f"{workers} workers of {threads} torch threads each, steps overlapping; " * (
+            workers > 1
+        )
+        text = f"{self.wall_seconds / 60:.1f} min ({how}{steps})"
+        if self.reused:
+            text += f"; reused from an earlier invocation: {', '.join(self.reused)}"
+        return text
+
+
+def threads_per_worker(workers: int, usable: int) -> int:
+    """Torch threads of each worker process: ``SAP_NUM_THREADS`` when set, else an equal share
+    of the usable CPUs (at least one)."""
+    pinned = os.environ.get(ENV_OVERRIDE)
+    if pinned not in (None, ""):
+        return max(1, int(pinned))  # type: ignore[arg-type]
+    return max(1, usable // workers)
+
+
+def run_steps(
+    steps: Sequence[Step], clock: Clock, workers: int = 1, threads: int | None = None
+) -> None:
+    """Run ``steps`` (listed in an order where each comes after the steps it needs).
+
+    With ``workers > 1`` ready steps start in list order as workers free up. When a step fails,
+    no further step starts; the running ones finish (their outputs are kept for the rerun) and
+    the first error is raised.
+    """
+    _check_order(steps)
+    if workers <= 1:
+        for step in steps:
+            if step.folder is not None and is_done(step.folder):
+                clock.reuse(step.name, step.folder)
+            else:
+                clock.step(step.name, step.action)
+        return
+    _run_in_workers(steps, clock, workers, threads or 1)
+
+
+def _check_order(steps: Sequence[Step]) -> None:
+    seen: set[str] = set()
+    for step in steps:
+        missing = [need for need in step.needs if need not in seen]
+        if missing:
+            raise ValueError(f"step {step.name!r} needs {missing}, which do not come before it")
+        if step.name in seen:
+            raise ValueError(f"two steps are named {step.name!r}")
+        seen.add(step.name)
+
+
+def _run_in_workers(steps: Sequence[Step], clock: Clock, workers: int, threads: int) -> None:
+    waiting = list(steps)
+    finished: set[str] = set()
+    running: dict[Future[float], Step] = {}
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    # spawn, not fork: a forked child inherits torch's thread pools and any open handles.
+    context = multiprocessing.get_context("spawn")
+    log.info("study: %d workers, %d torch threads each", workers, threads)
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(threads, verbose)
+    ) as pool:
+        while waiting or running:
+            ready = [step for step in waiting if set(step.needs) <= finished]
+            complete = [s for s in ready if s.folder is not None and is_done(s.folder)]
+            for step in complete:
+                waiting.remove(step)
+                clock.reuse(step.name, step.folder)  # type: ignore[arg-type]
+                finished.add(step.name)
+            if complete:
+                continue  # they may make further steps ready
+            for step in ready[: workers - len(running)]:
+                waiting.remove(step)
+                log.info("study: %s", step.name)
+                running[pool.submit(_timed, step.action)] = step
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                step = running.pop(future)
+                error = future.exception()
+                if error is not None:
+                    if running:
+                        log.error(
+                            "study: %s failed; waiting for %s to finish (kept for the rerun)",
+                            step.name,
+                            ", ".join(s.name for s in running.values()),
+                        )
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise error
+                clock.record(step.name, future.result())
+                finished.add(step.name)
+
+
+def _start_worker(threads: int, verbose: bool) -> None:
+    """Worker process set-up: the parent's logging, and a pinned torch thread count (also for
+    anything that reads ``SAP_NUM_THREADS`` later)."""
+    from sap_lightning.cli import configure_logging
+
+    os.environ[ENV_OVERRIDE] = str(threads)
+    configure_logging(verbose)
+    configure_threads(threads)
+
+
+def _timed(action: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
