@@ -12,7 +12,11 @@ The tiny U-Net (``unet_tiny``, batch 2 of 2 x 32^3, Adam, cross-entropy: the ste
   sleep instead of spinning while they wait; it must be set before torch is imported).
 
 Each runs alone and then next to a competing process spinning numpy on one core (a shared
-machine, another job on the node). Every setting is its own process, without
+machine, another job on the node). Then, for ``sap study``'s ``workers: 2`` (the demo's), two
+**half** processes (half the usable CPUs as threads each, ``threads_per_worker``) run side by
+side with nothing else: ``workers ratio: R.RRx`` is their steps per second together over one
+configured process's alone (target >= 1.10x: two workers finish a study's independent runs
+sooner than one process running them in turn). Every setting is its own process, without
 ``OMP_NUM_THREADS``/``SAP_NUM_THREADS`` in its environment; the median step counts. Where the
 process may use every CPU of the machine, default and configured coincide; in a container or a
 cluster job with fewer CPUs than the machine, default oversubscribes them. The last line is
@@ -53,6 +57,11 @@ def _worker(setting: str, steps: int, warmup: int) -> dict:
         configure_threads()
     elif setting == "one":
         torch.set_num_threads(1)
+    elif setting == "half":
+        from sap_lightning.core.threads import usable_cpus
+        from sap_lightning.pipeline.steps import threads_per_worker
+
+        torch.set_num_threads(threads_per_worker(2, usable_cpus()))
     torch.manual_seed(0)
     net = create_backbone("unet_tiny", 2, 2)
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -77,22 +86,32 @@ def _clean_env(one_thread: bool = False) -> dict[str, str]:
     return env
 
 
-def _run(setting: str, args: argparse.Namespace) -> dict:
+def _start(setting: str, args: argparse.Namespace) -> subprocess.Popen:
     command = [sys.executable, __file__, "--worker", setting]
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     env = _clean_env()
     env.pop("OMP_WAIT_POLICY", None)
     if setting == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    result = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _result(process: subprocess.Popen) -> dict:
+    out, _ = process.communicate()
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _run(setting: str, args: argparse.Namespace) -> dict:
+    return _result(_start(setting, args))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*SETTINGS, "half"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(args.worker, args.steps, args.warmup)))
@@ -123,6 +142,17 @@ def main() -> None:
     default_ms, one_ms = busy["default"]["ms"], busy["one"]["ms"]
     print(f"default over configured (busy): {default_ms / busy['configured']['ms']:.2f}x")
     print(f"threads ratio: {busy['configured']['ms'] / min(default_ms, one_ms):.2f}x")
+    pair = [_start("half", args) for _ in range(2)]  # side by side, as two study workers
+    halves = [_result(process) for process in pair]
+    together = sum(1000 / half["ms"] for half in halves)  # steps per second of both
+    alone_rate = 1000 / alone["configured"]["ms"]
+    print(
+        f"two workers of {halves[0]['threads']} threads side by side: "
+        + " / ".join(f"{half['ms']:.1f}" for half in halves)
+        + f" ms per step ({together:.2f} steps/s) against one configured process alone: "
+        f"{alone['configured']['ms']:.1f} ms ({alone_rate:.2f} steps/s)"
+    )
+    print(f"workers ratio: {together / alone_rate:.2f}x")
 
 
 if __name__ == "__main__":

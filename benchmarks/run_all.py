@@ -32,6 +32,7 @@ TARGETS: dict[str, tuple[str, float] | None] = {
     "predict ratio": ("<=", 1.10),
     "predict memory ratio": ("<", 2.0),
     "threads ratio": ("<=", 1.10),
+    "workers ratio": (">=", 1.10),
     "startup ratio": None,  # informative: first over second dataset check
     "feed ratio": (">=", 1.0),
 }

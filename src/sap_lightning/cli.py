@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from sap_lightning import __version__
 from sap_lightning.core.errors import SapError
+from sap_lightning.core.logs import configure_logging
 from sap_lightning.core.threads import configure_threads
 
 # command name -> (module under sap_lightning.commands, one-line help)
@@ -94,16 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"sap {top_args.command}: {describe_os_error(err)}", file=sys.stderr)
         return 1
-
-
-def configure_logging(verbose: bool = False) -> None:
-    """One line per message. The ``lightning`` package attaches its own console handler when
-    imported; its records stop there instead of reaching the root handler a second time."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("lightning").propagate = False
 
 
 def describe_os_error(err: OSError) -> str:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
+import torch
 
 from sap_lightning.cache.splits import load_splits
-from sap_lightning.config import load_config
+from sap_lightning.config import load_config, to_yaml
 from sap_lightning.dataset import layout
 from sap_lightning.pipeline.steps import DONE_FILE
 from sap_lightning.pipeline.study import run_study
@@ -98,3 +102,26 @@ def test_a_rerun_reuses_completed_steps(tiny_study) -> None:
         "Wall time of every step: [timings.md]", ""
     )
     assert "reused from an earlier invocation" in (second.report.parent / "timings.md").read_text()
+
+
+def test_worker_processes_write_the_same_report(tiny_study, tmp_path: Path) -> None:
+    """``sap study`` with two worker processes (independent steps overlapping) writes the
+    in-process study's report: each step seeds itself and writes only its own folder, so the
+    schedule changes no result when the threads per run are the same."""
+    config, first = tiny_study
+    runs, reports = tmp_path / "runs", tmp_path / "report"
+    study_file = tmp_path / "study.yaml"
+    study = replace(config, runs_dir=str(runs), report_dir=str(reports), workers=2)
+    study_file.write_text(to_yaml(study))
+    env = {**os.environ, "SAP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run(
+        [sys.executable, "-m", "sap_lightning", "study", "--config", str(study_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = first.report.read_text().replace(config.runs_dir, str(runs))
+    assert (reports / "report.md").read_text() == expected
+    assert "2 workers, " in (reports / "timings.md").read_text()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sap_lightning.core.io import write_json
+from sap_lightning.core.logs import configure_logging
 from sap_lightning.core.threads import ENV_OVERRIDE, configure_threads
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Clock:
 
     def describe(self, workers: int = 1, threads: int | None = None) -> str:
         steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
-        how = f"{workers} workers of {threads} torch threads each, steps overlapping; " * (
+        how = f"{workers} workers, {threads} torch threads per worker, steps overlapping; " * (
             workers > 1
         )
         text = f"{self.wall_seconds / 60:.1f} min ({how}{steps})"
@@ -139,7 +140,7 @@ def _run_in_workers(steps: Sequence[Step], clock: Clock, workers: int, threads: 
     verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
     # spawn, not fork: a forked child inherits torch's thread pools and any open handles.
     context = multiprocessing.get_context("spawn")
-    log.info("study: %d workers, %d torch threads each", workers, threads)
+    log.info("study: %d workers, %d torch threads per worker", workers, threads)
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_start_worker, initargs=(threads, verbose)
     ) as pool:
@@ -176,8 +177,6 @@ def _run_in_workers(steps: Sequence[Step], clock: Clock, workers: int, threads: 
 def _start_worker(threads: int, verbose: bool) -> None:
     """Worker process set-up: the parent's logging, and a pinned torch thread count (also for
     anything that reads ``SAP_NUM_THREADS`` later)."""
-    from sap_lightning.cli import configure_logging
-
     os.environ[ENV_OVERRIDE] = str(threads)
     configure_logging(verbose)
     configure_threads(threads)
