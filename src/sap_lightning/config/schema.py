@@ -304,6 +304,7 @@ class StudyConfig:
     workers: int = 1
     """Study steps run at once, each in its own process with ``usable CPUs // workers`` torch
     threads (``SAP_NUM_THREADS`` pins it). Runs that do not depend on each other (stage 1 and
-    SSL, the arms and folds) then overlap: on 2 CPUs two 1-thread processes trained 1.2-1.4x
-    faster than one 2-thread process (docs/method.md, "CPU recipe"). 1 runs every step in this
-    process, one after the other. Results depend on the threads per run, not on ``workers``."""
+    SSL, the arms and folds) then overlap: on 2 CPUs two 1-thread processes ran 1.22x the
+    training steps per second of one 2-thread process (``benchmarks/bench_threads.py``). 1 runs
+    every step in this process, one after the other. Results depend on the threads per run,
+    not on ``workers``."""

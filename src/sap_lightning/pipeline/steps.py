@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sap_lightning.core.errors import SapError
 from sap_lightning.core.io import write_json
 from sap_lightning.core.logs import configure_logging
 from sap_lightning.core.threads import ENV_OVERRIDE, configure_threads
@@ -157,7 +158,16 @@ def _run_in_workers(steps: Sequence[Step], clock: Clock, workers: int, threads: 
                 waiting.remove(step)
                 log.info("study: %s", step.name)
                 running[pool.submit(_timed, step.action)] = step
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            try:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                # Ctrl-C reached the workers too: each interrupted run keeps its last checkpoint.
+                log.error("study: interrupted; waiting for the running steps to stop")
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise SapError(
+                    "study interrupted; run it again to continue where it stopped "
+                    "(completed steps are kept, interrupted runs resume)"
+                ) from None
             for future in done:
                 step = running.pop(future)
                 error = future.exception()

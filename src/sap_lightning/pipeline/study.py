@@ -11,6 +11,10 @@ Steps, each skipped when its output is already complete, so an interrupted study
    saw it) and applied unchanged to every test fold (docs/evaluation.md, the "clean variant");
 5. every test patient is predicted by the model of its fold, evaluated lesion-wise, and the arms
    are compared in ``<report_dir>/report.md`` (Table 1, p-values, FROC and box plots).
+
+With ``workers: N`` the steps of 2-5 that do not depend on each other run N at a time, each in
+its own process (``pipeline/steps.py``); the report is the same as when they run in turn with
+the same torch threads per run.
 """
 
 from __future__ import annotations
@@ -193,8 +197,9 @@ def _arm_steps(
     arm_dir = Path(study.runs_dir) / arm
     init_overrides = []
     needs: tuple[str, ...] = ()
-    if arm in _pretraining_runs(study):
-        step_name, run_dir = _pretraining_runs(study)[arm]
+    pretraining = _pretraining_runs(study)
+    if arm in pretraining:  # the arm starts from the pretraining run of its name
+        step_name, run_dir = pretraining[arm]
         init_overrides, needs = [f"model.pretrained={run_dir}"], (step_name,)
     common = [
         *study.overrides,
