@@ -107,21 +107,24 @@ def test_a_rerun_reuses_completed_steps(tiny_study) -> None:
 def test_worker_processes_write_the_same_report(tiny_study, tmp_path: Path) -> None:
     """``sap study`` with two worker processes (independent steps overlapping) writes the
     in-process study's report: each step seeds itself and writes only its own folder, so the
-    schedule changes no result when the threads per run are the same."""
+    schedule changes no result when the threads per run are the same. Started twice at once on
+    the same folders, the second invocation waits for the first and reuses its steps."""
     config, first = tiny_study
     runs, reports = tmp_path / "runs", tmp_path / "report"
     study_file = tmp_path / "study.yaml"
     study = replace(config, runs_dir=str(runs), report_dir=str(reports), workers=2)
     study_file.write_text(to_yaml(study))
     env = {**os.environ, "SAP_NUM_THREADS": str(torch.get_num_threads())}
-    done = subprocess.run(
-        [sys.executable, "-m", "sap_lightning", "study", "--config", str(study_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    command = [sys.executable, "-m", "sap_lightning", "study", "--config", str(study_file)]
+    processes = [
+        subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    for process in processes:
+        _, stderr = process.communicate()
+        assert process.returncode == 0, stderr.decode()[-3000:]
     expected = first.report.read_text().replace(config.runs_dir, str(runs))
     assert (reports / "report.md").read_text() == expected
-    assert "2 workers, " in (reports / "timings.md").read_text()
+    timings = (reports / "timings.md").read_text()  # the later invocation's
+    assert "2 workers, " in timings
+    assert "reused from an earlier invocation: skeleton pretraining" in timings

@@ -85,9 +85,9 @@ class Clock:
 
     def describe(self, workers: int = 1, threads: int | None = None) -> str:
         steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
-        how = f"{workers} workers, {threads} torch threads per worker, steps overlapping; " * (
-            workers > 1
-        )
+        how = ""
+        if workers > 1:
+            how = f"{workers} workers, {threads} torch threads per worker, steps overlapping; "
         text = f"{self.wall_seconds / 60:.1f} min ({how}{steps})"
         if self.reused:
             text += f"; reused from an earlier invocation: {', '.join(self.reused)}"

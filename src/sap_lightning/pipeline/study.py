@@ -32,7 +32,7 @@ from sap_lightning.cache.reader import open_cache
 from sap_lightning.cache.splits import Splits, cache_lesion_counts, split_dataset
 from sap_lightning.config import StudyConfig, load_config, to_yaml
 from sap_lightning.core.errors import SapError
-from sap_lightning.core.io import read_json, write_text
+from sap_lightning.core.io import file_lock, read_json, write_text
 from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.core.threads import usable_cpus
 from sap_lightning.core.windows import DEFAULT_THRESHOLD
@@ -71,6 +71,10 @@ log = logging.getLogger(__name__)
 CURVES_PNG = "curves.png"
 TIMINGS_FILE = "timings.md"
 """Wall time of every study step, next to the report (not in it: it changes between reruns)."""
+STUDY_LOCK = ".study.lock"
+"""Held in ``runs_dir`` while a study runs there."""
+COHORT_LOCK = ".cohort.lock"
+"""Held in ``data_dir`` while a study generates its synthetic cohort there."""
 
 
 @dataclass
@@ -98,15 +102,17 @@ def _cohort(study: StudyConfig) -> tuple[Path, Path]:
         root = Path(study.dataset_root)
     else:
         root = Path(study.data_dir) / "phantoms"
-        if not (root / "lesion" / "dataset.json").is_file():
-            make_phantom_cohort(
-                root,
-                study.healthy,
-                study.patients,
-                seed=study.seed,
-                shape=study.phantom_shape,
-                spacing=study.phantom_spacing,
-            )
+        # Two studies started at once on one data_dir: the second waits and reuses the cohort.
+        with file_lock(Path(study.data_dir) / COHORT_LOCK):
+            if not (root / "lesion" / "dataset.json").is_file():
+                make_phantom_cohort(
+                    root,
+                    study.healthy,
+                    study.patients,
+                    seed=study.seed,
+                    shape=study.phantom_shape,
+                    spacing=study.phantom_spacing,
+                )
     return root / "skeleton", root / "lesion"
 
 
@@ -280,17 +286,30 @@ def _evaluate(study: StudyConfig, arm: str, splits: Splits, lesion: Path) -> Pat
         [arm_dir / "predictions" / f"fold{fold}" for fold in splits.test_folds],
         lesion,
         [case for fold in splits.test_folds for case in splits.test_cases(fold)],
-        EvaluationSettings(threshold=threshold, thresholds=EvaluationSettings().thresholds),
+        EvaluationSettings(threshold=threshold),
     )
     write_evaluation(result, evaluation)
     return evaluation
 
 
 def run_study(study: StudyConfig) -> StudyResult:
-    """Run every step of the study and write the comparison report."""
+    """Run every step of the study and write the comparison report.
+
+    One invocation at a time per ``runs_dir`` trains and reports: a second one waits for the
+    first (a file lock, taken once the data passed its checks, so a refused study writes
+    nothing there) and then reuses the steps it completed, instead of training into the same
+    run folders. The cohort, cache and split have locks of their own.
+    """
     clock = Clock()
     skeleton, lesion = clock.step("cohort", lambda: _cohort(study))
     splits = clock.step("check, preprocess, split", lambda: _prepare(study, skeleton, lesion))
+    with file_lock(Path(study.runs_dir) / STUDY_LOCK):
+        return _run_steps_and_report(study, clock, skeleton, lesion, splits)
+
+
+def _run_steps_and_report(
+    study: StudyConfig, clock: Clock, skeleton: Path, lesion: Path, splits: Splits
+) -> StudyResult:
     seed = [f"seed={study.seed}"]
     pretraining = _pretraining_runs(study)
     configs = {
