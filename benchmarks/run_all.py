@@ -31,6 +31,7 @@ TARGETS: dict[str, tuple[str, float] | None] = {
     "froc ratio": ("<=", 3.0),
     "predict ratio": ("<=", 1.10),
     "predict memory ratio": ("<", 2.0),
+    "bf16 predict ratio": ("<=", 0.8),
     "threads ratio": ("<=", 1.10),
     "workers ratio": (">=", 1.10),
     "startup ratio": None,  # informative: first over second dataset check

@@ -21,6 +21,7 @@ from monai.inferers import sliding_window_inference
 from sap_lightning.batches.datamodule import build_datamodule
 from sap_lightning.config import load_config
 from sap_lightning.core.run_layout import last_checkpoint_path
+from sap_lightning.core.windows import effective_precision
 from sap_lightning.inference.predict import load_trained_model
 from sap_lightning.metrics import make_lesion_metrics
 from sap_lightning.metrics.lesion import guarded_f2
@@ -70,10 +71,12 @@ def test_two_process_finetune_logs_global_validation_metrics(tmp_path: Path) -> 
         tolerance_mm=cfg.validation.tolerance_mm,
         prefix="val/",
     )
-    assert cfg.validation.body_only  # the CPU files' setting, applied to the reference below
+    assert cfg.validation.body_only  # the CPU files' settings, applied to the reference below
+    assert cfg.validation.precision == "bf16-mixed"  # float32 where the CPU lacks bf16 kernels
+    bf16 = effective_precision(cfg.validation.precision, "cpu") == "bf16-mixed"
     datamodule = build_datamodule(cfg)
     assert len(datamodule.val_case_ids) == 3
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for case in datamodule.val_dataloader():
             logits = sliding_window_inference(
                 case["image"],

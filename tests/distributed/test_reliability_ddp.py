@@ -23,6 +23,7 @@ from monai.inferers import sliding_window_inference
 from sap_lightning.batches.datamodule import build_datamodule
 from sap_lightning.config import load_config
 from sap_lightning.core.run_layout import last_checkpoint_path
+from sap_lightning.core.windows import effective_precision
 from sap_lightning.inference.predict import load_trained_model
 from tests.datasets import write_tiny_dataset
 from tests.training import last_logged_validation
@@ -86,12 +87,14 @@ def test_skeleton_validation_with_uneven_cases_counts_each_case_once(tmp_path: P
 
     net = load_trained_model(last_checkpoint_path(run_dir)).net
     cfg = load_config(CONFIG, [*overrides, "task=skeleton"])
-    assert cfg.validation.body_only  # the CPU files' setting, applied to the reference below
+    assert cfg.validation.body_only  # the CPU files' settings, applied to the reference below
+    assert cfg.validation.precision == "bf16-mixed"  # float32 where the CPU lacks bf16 kernels
+    bf16 = effective_precision(cfg.validation.precision, "cpu") == "bf16-mixed"
     datamodule = build_datamodule(cfg)
     assert len(datamodule.val_case_ids) == 3
     regions = list(datamodule.label_names[1:])
     per_case = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for case in datamodule.val_dataloader():
             logits = sliding_window_inference(
                 case["image"],

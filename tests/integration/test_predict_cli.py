@@ -17,6 +17,7 @@ import sap_lightning
 from sap_lightning.backbones import create_backbone
 from sap_lightning.backbones.transfer import META_KEY, make_backbone_meta
 from sap_lightning.cli import main
+from sap_lightning.core import windows
 from sap_lightning.dataset.layout import LESION_LABELS, SKELETON_LABELS
 from sap_lightning.inference.burden import OTHER_BONE
 from tests.datasets import body_of, write_tiny_dataset
@@ -25,7 +26,12 @@ SHAPE = (24, 20, 16)
 
 
 def _write_checkpoint(
-    path: Path, task: str, labels: dict[str, int], seed: int, body_only: bool = False
+    path: Path,
+    task: str,
+    labels: dict[str, int],
+    seed: int,
+    body_only: bool = False,
+    **meta_extra: object,
 ) -> Path:
     """A Lightning-layout checkpoint of an untrained tiny network (weights are random on purpose:
     the test checks the plumbing, not the model)."""
@@ -41,7 +47,7 @@ def _write_checkpoint(
         label_names=labels,
         spacing=[1.5, 1.5, 4.0],
         normalisation="percentile_1_99_clip_rescale",
-        extra={"patch_size": [32, 32, 32], "body_only": body_only},
+        extra={"patch_size": [32, 32, 32], "body_only": body_only, **meta_extra},
     )
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +205,48 @@ def test_a_body_only_model_predicts_background_outside_the_body(setup, tmp_path:
     assert far.any() and free[far].max() > 0  # the unmasked model does put probability there
     assert masked[far].max() == 0.0
     np.testing.assert_array_equal(masked[body], free[body])
+
+
+def test_the_recorded_inference_precision_is_used_unless_overridden(
+    setup, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A checkpoint recording ``inference_precision: bf16-mixed`` (what the CPU files train
+    with) predicts under bfloat16 autocast, says so in prediction.json and gives maps close to,
+    but not equal to, the float32 maps of the same weights (the setup's); ``--precision
+    32-true`` gives exactly those, and into the bfloat16 folder it is refused, naming the
+    change."""
+    monkeypatch.setattr(windows, "_cpu_supports", lambda dtype: True)  # any CPU
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    _write_checkpoint(ckpt, "lesion", LESION_LABELS, 0, inference_precision="bf16-mixed")
+    (run / "threshold.json").write_text(json.dumps({"threshold": 0.5}))
+    args = ["predict", "--checkpoint", str(run), "--input", str(setup["dataset"]), "--no-progress"]
+
+    def probability(out: Path) -> np.ndarray:
+        return nib.load(out / "probabilities" / "case000.nii.gz").get_fdata()
+
+    assert main([*args, "--out", str(tmp_path / "bf16")]) == 0
+    assert json.loads((tmp_path / "bf16" / "prediction.json").read_text())["precision"] == (
+        "bf16-mixed"
+    )
+    assert main([*args, "--out", str(tmp_path / "fp32"), "--precision", "32-true"]) == 0
+    assert json.loads((tmp_path / "fp32" / "prediction.json").read_text())["precision"] == (
+        "32-true"
+    )
+    float32 = probability(setup["out"])
+    np.testing.assert_array_equal(probability(tmp_path / "fp32"), float32)
+    difference = np.abs(probability(tmp_path / "bf16") - float32).max()
+    assert 0 < difference < 0.05
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bf16"), "--precision", "32-true"]) == 2
+    assert "precision 'bf16-mixed' -> '32-true'" in capsys.readouterr().err
+
+    bogus = tmp_path / "bogus.ckpt"
+    _write_checkpoint(bogus, "lesion", LESION_LABELS, 0, inference_precision="fp8")
+    assert main([*args[:2], str(bogus), *args[3:], "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert str(bogus) in err and "inference precision 'fp8'" in err
+    assert not (tmp_path / "none").exists()
 
 
 def test_wrong_task_checkpoint_is_refused(setup, tmp_path: Path, capsys) -> None:

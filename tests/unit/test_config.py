@@ -123,6 +123,10 @@ def test_pretrained_follows_init_unless_given() -> None:
         ("data.target_spacing=[1,0,1]", "'data.target_spacing' is 0.0"),
         ("data.tuning_fold=9", "'data.tuning_fold' must be in 0..6"),
         (
+            "validation.precision=bf16",
+            "'validation.precision' is 'bf16'; valid choices: 32-true, bf16-mixed, 16-mixed",
+        ),
+        (
             "data.class_fraction=1.5",
             "'data.class_fraction' is 1.5; it must be a finite number in [0, 1]",
         ),

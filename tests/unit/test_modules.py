@@ -13,8 +13,9 @@ from monai.metrics import compute_dice
 from sap_lightning.backbones import get_spec
 from sap_lightning.backbones.transfer import load_checkpoint_file
 from sap_lightning.config import load_config, to_dict
+from sap_lightning.core import windows
 from sap_lightning.core.errors import CheckpointError, ConfigError, SapError
-from sap_lightning.core.windows import predict_volume
+from sap_lightning.core.windows import inference_precision, predict_volume
 from sap_lightning.metrics.functional import dice as binary_dice
 from sap_lightning.modules import (
     ContrastivePretraining,
@@ -575,3 +576,77 @@ def test_body_only_needs_the_mask_and_a_matching_one() -> None:
     with pytest.raises(ValueError, match="does not match"):
         module.predict_case(torch.randn(1, 2, 32, 32, 32), _half_body(16))
     assert make("lesion").backbone_meta()["body_only"] is False  # the paper does not mask
+
+
+# ------------------------------------------------------------------------ inference precision
+
+
+def _conv_output_dtypes(net: torch.nn.Module) -> tuple[list[torch.dtype], list]:
+    seen: list[torch.dtype] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+        for m in net.modules()
+        if isinstance(m, torch.nn.Conv3d)
+    ]
+    return seen, hooks
+
+
+@pytest.mark.parametrize(
+    ("configured", "trainer", "expected"),
+    [
+        (None, "32-true", "32-true"),
+        (None, "16-mixed", "16-mixed"),  # the paper files: validated as trained
+        (None, "bf16-mixed", "bf16-mixed"),
+        (None, "bf16-true", "32-true"),  # not an autocast: whole-case inference in float32
+        ("bf16-mixed", "32-true", "bf16-mixed"),  # the CPU files
+        ("32-true", "16-mixed", "32-true"),
+    ],
+)
+def test_inference_precision_follows_the_trainer_unless_set(configured, trainer, expected) -> None:
+    assert inference_precision(configured, trainer) == expected
+
+
+def test_bf16_inference_runs_the_windows_in_bf16_and_returns_float32_probabilities(
+    monkeypatch,
+) -> None:
+    """Under ``bf16-mixed`` the convolutions compute in bfloat16 (seen by hooks), the stitched
+    probabilities are float32 and close to the float32 inference (bfloat16 keeps 8 bits of
+    mantissa); ``32-true`` keeps float32 even inside an outer autocast (a mixed-precision
+    trainer's validation)."""
+    monkeypatch.setattr(windows, "_cpu_supports", lambda dtype: True)
+    module = make("lesion", "validation.precision=bf16-mixed").eval()
+    assert module.backbone_meta()["inference_precision"] == "bf16-mixed"  # for sap predict
+    image = torch.randn(1, 2, 40, 36, 48, generator=torch.Generator().manual_seed(1))
+    seen, hooks = _conv_output_dtypes(module.net)
+    reduced = module.predict_case(image)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = predict_volume(module.net, image, module.roi_size, precision="32-true")
+    for hook in hooks:
+        hook.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert reduced.dtype == full.dtype == torch.float32
+    torch.testing.assert_close(reduced.sum(1), torch.ones_like(reduced[:, 0]))
+    difference = (reduced - full).abs().max()
+    assert 0 < difference < 0.05
+
+
+def test_a_cpu_without_fast_kernels_runs_float32(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(windows, "_cpu_supports", lambda dtype: False)
+    windows._warn_float32_instead.cache_clear()
+    module = make("lesion", "validation.precision=bf16-mixed").eval()
+    seen, hooks = _conv_output_dtypes(module.net)
+    with caplog.at_level("WARNING"):
+        module.predict_case(torch.randn(1, 2, 32, 32, 32))
+        module.predict_case(torch.randn(1, 2, 32, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    assert set(seen) == {torch.float32}
+    assert [r.getMessage() for r in caplog.records].count(
+        "this CPU has no fast kernels for bf16-mixed: inference runs in float32"
+    ) == 1
+    assert windows.effective_precision("bf16-mixed", "cpu") == "32-true"
+    assert windows.effective_precision("bf16-mixed", "cuda") == "bf16-mixed"  # GPUs: torch checks
+    with pytest.raises(ValueError, match="'bf16' is not one of"):
+        windows.effective_precision("bf16", "cpu")

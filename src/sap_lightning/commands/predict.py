@@ -6,6 +6,7 @@ import argparse
 
 from sap_lightning.commands import _args
 from sap_lightning.config.schema import ValidationConfig
+from sap_lightning.core.windows import INFERENCE_PRECISIONS
 from sap_lightning.inference.predict import predict_cases
 
 
@@ -52,6 +53,13 @@ def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap", type=_args.unit_interval_open, default=ValidationConfig.overlap
     )
+    parser.add_argument(
+        "--precision",
+        choices=list(INFERENCE_PRECISIONS),
+        default=None,
+        help="inference precision (default: the run's validation.precision, as recorded in "
+        "its checkpoint; float32 for older checkpoints)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
         "--overwrite",
@@ -72,6 +80,7 @@ def run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         sw_batch_size=args.sw_batch_size,
         overlap=args.overlap,
+        precision=args.precision,
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )

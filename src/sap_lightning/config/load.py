@@ -28,6 +28,7 @@ from sap_lightning.config.schema import (
 )
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.io import write_text
+from sap_lightning.core.windows import INFERENCE_PRECISIONS
 
 BASE_KEY = "base"
 
@@ -202,6 +203,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _check_choice(cfg.task, TASKS, "task")
     _check_choice(cfg.model.init, INIT_MODES, "model.init")
     _check_choice(cfg.logger, LOGGERS, "logger")
+    if cfg.validation.precision is not None:
+        _check_choice(cfg.validation.precision, list(INFERENCE_PRECISIONS), "validation.precision")
     _check_values(cfg)
     if cfg.task == "lesion":
         if cfg.model.init != "scratch" and not cfg.model.pretrained:

@@ -6,11 +6,16 @@ calls :func:`predict_volume`, so whole-body volumes fit in GPU memory the same w
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from collections.abc import Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
 """Probability threshold used wherever no tuned threshold exists yet (validation, an untuned
@@ -31,6 +36,71 @@ def sliding_window_size(
     return round_up_to_multiple(roi_size or patch_size, input_multiple)
 
 
+INFERENCE_PRECISIONS: dict[str, torch.dtype | None] = {
+    "32-true": None,
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+}
+"""Precisions of whole-case inference (Lightning's names): float32, or the network's windows
+under autocast to bfloat16 / float16 (``validation.precision``)."""
+
+_CPU_SUPPORT = {
+    torch.bfloat16: "_is_mkldnn_bf16_supported",
+    torch.float16: "_is_mkldnn_fp16_supported",
+}
+"""oneDNN's own checks for fast reduced-precision CPU kernels (torch has no public query)."""
+
+
+def inference_precision(configured: str | None, trainer_precision: str) -> str:
+    """``validation.precision`` when set, else the trainer's autocast (16-/bf16-mixed) or
+    float32: a network trained under autocast is validated and predicted under it."""
+    if configured is not None:
+        return configured
+    return trainer_precision if trainer_precision in INFERENCE_PRECISIONS else "32-true"
+
+
+@functools.cache
+def _cpu_supports(dtype: torch.dtype) -> bool:
+    check = getattr(torch.ops.mkldnn, _CPU_SUPPORT[dtype], None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+@functools.cache
+def _warn_float32_instead(precision: str) -> None:
+    log.warning("this CPU has no fast kernels for %s: inference runs in float32", precision)
+
+
+def effective_precision(precision: str, device: torch.device | str) -> str:
+    """The precision whole-case inference runs at on ``device``: ``precision``, except on a CPU
+    without fast kernels for its type (oneDNN's check: AVX512 for bfloat16, AVX512-FP16 or AMX
+    for float16), which runs float32 (warned once): emulated, it would be slower for no gain."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(
+            f"inference precision {precision!r} is not one of {list(INFERENCE_PRECISIONS)}"
+        )
+    dtype = INFERENCE_PRECISIONS[precision]
+    if dtype is not None and torch.device(device).type == "cpu" and not _cpu_supports(dtype):
+        _warn_float32_instead(precision)
+        return "32-true"
+    return precision
+
+
+def inference_autocast(
+    precision: str, device: torch.device | str
+) -> contextlib.AbstractContextManager:
+    """The autocast context of whole-case inference at ``precision`` on ``device``
+    (:func:`effective_precision`); ``32-true`` turns autocast off, also inside a
+    mixed-precision trainer's validation."""
+    device_type = torch.device(device).type
+    dtype = INFERENCE_PRECISIONS[effective_precision(precision, device)]
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
+
 @torch.no_grad()
 def predict_volume(
     net: nn.Module,
@@ -43,12 +113,14 @@ def predict_volume(
     progress: bool = False,
     channels: Sequence[int] | None = None,
     body: torch.Tensor | None = None,
+    precision: str = "32-true",
 ) -> torch.Tensor:
     """Softmax probabilities ``(B, K, X, Y, Z)`` on the CPU for an image ``(B, C, X, Y, Z)``.
 
     Windows of ``roi_size`` run on ``device`` (default: the network's device) and are blended
     with Gaussian weights into a CPU tensor; volumes smaller than a window are padded by MONAI.
-    Mixed precision, when wanted, comes from the caller's autocast context. ``channels`` keeps
+    The windows run at ``precision`` (:func:`inference_autocast`); the stitched logits and the
+    softmax are float32 whatever it is. ``channels`` keeps
     only those classes (``(B, len(channels), ...)``), so a caller that needs the lesion
     probability alone does not hold every class of a whole-body volume. ``body`` (boolean
     ``(B, 1, X, Y, Z)``), when given, makes every voxel outside it background (probability 1 of
@@ -62,18 +134,19 @@ def predict_volume(
     # MONAI pads an image smaller than the window; window coordinates then index the padded
     # image, so windows are skipped only when no padding happens.
     skip = body is not None and all(s >= r for s, r in zip(image.shape[2:], roi_size))
-    logits = sliding_window_inference(
-        image,
-        roi_size=list(roi_size),
-        sw_batch_size=sw_batch_size,
-        predictor=SkipWindowsOutsideBody(net, body) if skip else net,
-        overlap=overlap,
-        mode="gaussian",
-        sw_device=device,
-        device="cpu",
-        progress=progress,
-        with_coord=skip,
-    )
+    with inference_autocast(precision, device):
+        logits = sliding_window_inference(
+            image,
+            roi_size=list(roi_size),
+            sw_batch_size=sw_batch_size,
+            predictor=SkipWindowsOutsideBody(net, body) if skip else net,
+            overlap=overlap,
+            mode="gaussian",
+            sw_device=device,
+            device="cpu",
+            progress=progress,
+            with_coord=skip,
+        )
     assert isinstance(logits, torch.Tensor)
     probs = _softmax_(logits.float())
     if body is not None:

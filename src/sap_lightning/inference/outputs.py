@@ -44,8 +44,16 @@ FORMAT_VERSION = 2
 """Version 1 was the flat layout (``<case>_prob.nii.gz`` next to the mask, no provenance)."""
 LEGACY_SUFFIXES = ("_prob", "_skeleton")
 """Version-1 NIfTI names ``<case>_prob<ending>`` and ``<case>_skeleton<ending>``."""
-IDENTITY_KEYS = ("checkpoint", "skeleton_checkpoint", "threshold", "window", "overlap")
-"""What makes two predictions the same model's: same weights (by hash), threshold and window."""
+IDENTITY_KEYS = (
+    "checkpoint",
+    "skeleton_checkpoint",
+    "threshold",
+    "window",
+    "overlap",
+    "precision",
+)
+"""What makes two predictions the same model's: same weights (by hash), threshold, window
+and inference precision."""
 
 _HASH_CHUNK = 1 << 20
 
@@ -123,12 +131,16 @@ def make_provenance(
     skeleton_window: Sequence[int] | None = None,
     connectivity: int = 6,
     body_only: bool = False,
+    precision: str = "32-true",
+    skeleton_precision: str | None = None,
 ) -> dict[str, Any]:
     """The ``prediction.json`` record of one ``sap predict`` configuration (``body_only``: the
-    lesion model labels everything outside the body background, ``validation.body_only``)."""
+    lesion model labels everything outside the body background, ``validation.body_only``;
+    ``precision``: each network's inference precision, ``validation.precision``)."""
     skeleton = None
     if skeleton_checkpoint is not None:
         skeleton = describe_checkpoint(skeleton_checkpoint, skeleton_window or window)
+        skeleton["precision"] = skeleton_precision or precision
     return {
         "format": FORMAT_VERSION,
         "sap_lightning": sap_lightning.__version__,
@@ -138,6 +150,7 @@ def make_provenance(
         "window": [int(w) for w in window],
         "overlap": float(overlap),
         "body_only": bool(body_only),
+        "precision": precision,
         "connectivity": int(connectivity),
         "input": str(Path(input_path).resolve()),
         "layout": {
@@ -156,7 +169,12 @@ def _identity(provenance: dict[str, Any]) -> dict[str, Any]:
 
     identity = {key: provenance.get(key) for key in IDENTITY_KEYS}
     identity["checkpoint"] = sha(identity["checkpoint"])
-    identity["skeleton_checkpoint"] = sha(identity["skeleton_checkpoint"])
+    skeleton = identity["skeleton_checkpoint"]
+    identity["skeleton_checkpoint"] = sha(skeleton)
+    # Folders written before precision was recorded ran float32.
+    identity["precision"] = identity["precision"] or "32-true"
+    if isinstance(skeleton, dict):
+        identity["skeleton_precision"] = skeleton.get("precision", "32-true")
     return identity
 
 

@@ -39,9 +39,15 @@ from torch import nn
 from sap_lightning.backbones import create_backbone, get_spec
 from sap_lightning.backbones.transfer import read_checkpoint, transfer_weights
 from sap_lightning.cache import compute_body_mask, prepare_image, resample_volume
-from sap_lightning.core.errors import CheckpointError, DatasetError, SapError
+from sap_lightning.core.errors import CheckpointError, ConfigError, DatasetError, SapError
 from sap_lightning.core.run_layout import THRESHOLD_FILE, last_checkpoint_path, load_threshold
-from sap_lightning.core.windows import DEFAULT_THRESHOLD, predict_volume, sliding_window_size
+from sap_lightning.core.windows import (
+    DEFAULT_THRESHOLD,
+    INFERENCE_PRECISIONS,
+    effective_precision,
+    predict_volume,
+    sliding_window_size,
+)
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.images import image_file_ending
 from sap_lightning.dataset.validate import (
@@ -68,6 +74,9 @@ class TrainedModel:
     threshold: float | None
     """The run's tuned threshold (``threshold.json`` in the run folder), if any."""
     source: Path
+    precision: str = "32-true"
+    """Whole-case inference precision: the run's ``validation.precision`` as recorded (older
+    checkpoints: float32), or what the caller asks for."""
 
     @property
     def task(self) -> str:
@@ -128,7 +137,13 @@ def load_trained_model(path: str | os.PathLike, expected_task: str | None = None
     multiple = get_spec(meta["backbone"]).input_multiple(meta["backbone_kwargs"])
     patch = meta.get("patch_size") or [multiple * 4] * 3
     window = sliding_window_size(patch, multiple, meta.get("roi_size"))
-    return TrainedModel(net, dict(meta), window, threshold, path)
+    precision = meta.get("inference_precision") or "32-true"
+    if precision not in INFERENCE_PRECISIONS:
+        raise CheckpointError(
+            f"{checkpoint_path}: metadata names inference precision {precision!r}, not one of "
+            f"{list(INFERENCE_PRECISIONS)}"
+        )
+    return TrainedModel(net, dict(meta), window, threshold, path, precision)
 
 
 SPACING_TOLERANCE = 0.05
@@ -310,6 +325,7 @@ def _probabilities(
         progress=progress,
         channels=channels,
         body=body,
+        precision=model.precision,
     )[0].numpy()
     del tensor
     # Softmax of finite logits is finite: NaN/Inf logits leave NaN, which isnan finds (and
@@ -357,14 +373,18 @@ def predict_cases(
     connectivity: int = 6,
     progress: bool = True,
     overwrite: bool = False,
+    precision: str | None = None,
 ) -> list[dict[str, Any]]:
     """Predict the input cases (all, or ``case_ids``); returns the per-case exam summaries (also
     written as JSON).
 
     ``out_dir`` must be empty, or this model's own folder (same checkpoint hash, threshold and
     window, see ``outputs.prepare_output_folder``); another model's outputs there are refused
-    before anything is written, or cleared first with ``overwrite``.
+    before anything is written, or cleared first with ``overwrite``. ``precision`` (one of
+    ``INFERENCE_PRECISIONS``) overrides the precision each checkpoint records.
     """
+    if precision is not None and precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {list(INFERENCE_PRECISIONS)}")
     lesion_model = load_trained_model(checkpoint, expected_task="lesion")
     skeleton_model = (
         load_trained_model(skeleton_checkpoint, expected_task="skeleton")
@@ -385,6 +405,9 @@ def predict_cases(
     for model in (lesion_model, skeleton_model):
         if model is not None:
             model.net.to(compute_device)
+            # What runs here (and so what prediction.json records): float32 on a CPU
+            # without fast kernels for the recorded type.
+            model.precision = effective_precision(precision or model.precision, compute_device)
             if roi_size is not None:
                 multiple = get_spec(model.meta["backbone"]).input_multiple(
                     model.meta["backbone_kwargs"]
@@ -420,6 +443,8 @@ def predict_cases(
         skeleton_window=skeleton_model.roi_size if skeleton_model is not None else None,
         connectivity=connectivity,
         body_only=bool(lesion_model.meta.get("body_only")),
+        precision=lesion_model.precision,
+        skeleton_precision=skeleton_model.precision if skeleton_model is not None else None,
     )
     out = prepare_output_folder(out_dir, provenance, overwrite=overwrite)
     settings = dict(

@@ -42,7 +42,12 @@ from sap_lightning.backbones.transfer import (
 from sap_lightning.config import ExperimentConfig, from_dict
 from sap_lightning.core.case_keys import case_hash
 from sap_lightning.core.errors import ConfigError, SapError
-from sap_lightning.core.windows import predict_volume, round_up_to_multiple, sliding_window_size
+from sap_lightning.core.windows import (
+    inference_precision,
+    predict_volume,
+    round_up_to_multiple,
+    sliding_window_size,
+)
 from sap_lightning.modules.losses import create_loss, split_deep_supervision
 from sap_lightning.modules.optim import create_optimizer
 
@@ -224,6 +229,12 @@ class SapModule(L.LightningModule):
             self.cfg.data.patch_size, self.input_multiple, self.cfg.validation.roi_size
         )
 
+    @property
+    def inference_precision(self) -> str:
+        """Precision of whole-case inference (``validation.precision``, or the trainer's);
+        recorded in every checkpoint for ``sap predict``."""
+        return inference_precision(self.cfg.validation.precision, self.cfg.trainer.precision)
+
     def backbone_meta(self) -> dict[str, Any]:
         """The ``sap_meta`` block: everything fine-tuning and inference check before use."""
         info = self.data_info
@@ -241,6 +252,7 @@ class SapModule(L.LightningModule):
                 "patch_size": list(self.cfg.data.patch_size),
                 "roi_size": self.inference_roi_size,
                 "body_only": self.cfg.validation.body_only,
+                "inference_precision": self.inference_precision,
                 "target_spacing": self.cfg.data.target_spacing,
                 "run_name": self.cfg.name,
             },
@@ -373,6 +385,7 @@ class SegmentationModule(SapModule, ABC):
             overlap=val.overlap,
             device=self.device,
             body=body if val.body_only else None,
+            precision=self.inference_precision,
         )
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

@@ -112,6 +112,7 @@ def _cohort(study: StudyConfig) -> tuple[Path, Path]:
                     seed=study.seed,
                     shape=study.phantom_shape,
                     spacing=study.phantom_spacing,
+                    workers=study.workers,
                 )
     return root / "skeleton", root / "lesion"
 
@@ -120,7 +121,9 @@ def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
     # Each dataset is validated once, before anything is written; the result is passed down.
     infos = {dataset: require_valid_dataset(dataset) for dataset in (skeleton, lesion)}
     for dataset, info in infos.items():
-        preprocess_dataset(dataset, layout.default_cache_path(dataset), info=info)
+        preprocess_dataset(
+            dataset, layout.default_cache_path(dataset), info=info, workers=study.workers
+        )
     split_dataset(
         skeleton, seed=study.seed, val_fraction=study.skeleton_val_fraction, info=infos[skeleton]
     )
@@ -479,7 +482,16 @@ def _inference_window(prediction_dir: Path) -> str:
     except (OSError, ValueError):
         return "not recorded"
     outside = "; voxels outside the body are background" if record.get("body_only") else ""
-    return f"{record.get('window')} voxels, overlap {record.get('overlap')}{outside}"
+    precision = PRECISION_WORDS.get(record.get("precision") or "32-true", "not recorded")
+    return f"{record.get('window')} voxels, overlap {record.get('overlap')}, {precision}{outside}"
+
+
+PRECISION_WORDS = {
+    "32-true": "float32",
+    "bf16-mixed": "bfloat16 autocast",
+    "16-mixed": "float16 autocast",
+}
+"""How the report names each inference precision (``validation.precision``)."""
 
 
 def _machine_line(run_threads: int | None = None) -> str:
