@@ -378,8 +378,8 @@ def predict_cases(
     """Predict the input cases (all, or ``case_ids``); returns the per-case exam summaries (also
     written as JSON).
 
-    ``out_dir`` must be empty, or this model's own folder (same checkpoint hash, threshold and
-    window, see ``outputs.prepare_output_folder``); another model's outputs there are refused
+    ``out_dir`` must be empty, or this model's own folder (same checkpoint hash, threshold,
+    window and precision, see ``outputs.prepare_output_folder``); another model's outputs there are refused
     before anything is written, or cleared first with ``overwrite``. ``precision`` (one of
     ``INFERENCE_PRECISIONS``) overrides the precision each checkpoint records.
     """
