@@ -108,11 +108,18 @@ def test_worker_processes_write_the_same_report(tiny_study, tmp_path: Path) -> N
     """``sap study`` with two worker processes (independent steps overlapping) writes the
     in-process study's report: each step seeds itself and writes only its own folder, so the
     schedule changes no result when the threads per run are the same. Started twice at once on
-    the same folders, the second invocation waits for the first and reuses its steps."""
+    the same fresh folders, the second invocation waits for the first's cohort and steps and
+    reuses them."""
     config, first = tiny_study
     runs, reports = tmp_path / "runs", tmp_path / "report"
     study_file = tmp_path / "study.yaml"
-    study = replace(config, runs_dir=str(runs), report_dir=str(reports), workers=2)
+    study = replace(
+        config,
+        data_dir=str(tmp_path / "data"),
+        runs_dir=str(runs),
+        report_dir=str(reports),
+        workers=2,
+    )
     study_file.write_text(to_yaml(study))
     env = {**os.environ, "SAP_NUM_THREADS": str(torch.get_num_threads())}
     command = [sys.executable, "-m", "sap_lightning", "study", "--config", str(study_file)]
@@ -120,9 +127,13 @@ def test_worker_processes_write_the_same_report(tiny_study, tmp_path: Path) -> N
         subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
         for _ in range(2)
     ]
+    logs = []
     for process in processes:
         _, stderr = process.communicate()
         assert process.returncode == 0, stderr.decode()[-3000:]
+        logs.append(stderr.decode())
+    generated = f"wrote {config.healthy} healthy scans to"
+    assert sum(log.count(generated) for log in logs) == 1, logs  # one cohort, generated once
     expected = first.report.read_text().replace(config.runs_dir, str(runs))
     assert (reports / "report.md").read_text() == expected
     timings = (reports / "timings.md").read_text()  # the later invocation's
