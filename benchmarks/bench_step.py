@@ -17,8 +17,10 @@ round ran about 3% faster), and the step times of all rounds are pooled; the rat
 lower quartile of each pool. On a shared machine another process slows a random subset of
 steps by a random amount: a round's mean moves with that, while the lower quartile of some sixty
 steps is set by the undisturbed ones and still counts every step that is slow on its own (the
-fastest step and the median are printed too). The last line is ``step ratio: R.RRx`` (ours over
-raw; the target is at most 1.05x).
+fastest step and the median are printed too). ``step ratio: R.RRx`` is ours over raw (target
+at most 1.05x). At float32 on a CPU with fast bfloat16 kernels a third side times ours under
+``bf16-mixed``, the CPU files' training precision: ``bf16 step ratio: R.RRx`` (bf16 over
+float32, target at most 0.85x).
 
 Usage: ``python benchmarks/bench_step.py [--backbone unet_tiny] [--patch 32] [--batch 2]
 [--steps 10] [--warmup 3] [--rounds 6] [--precision 32-true]``. On a GPU, e.g.
@@ -41,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sap_lightning.config import load_config
+from sap_lightning.core.windows import cpu_has_fast_kernels
 from sap_lightning.modules import build_module
 from sap_lightning.modules.losses import create_loss
 
@@ -105,12 +108,14 @@ def lower_quartile(values: list[float]) -> float:
     return statistics.quantiles(values, n=4, method="inclusive")[0]
 
 
-def time_lightning(module: L.LightningModule, loader: DataLoader, args) -> list[float]:
+def time_lightning(
+    module: L.LightningModule, loader: DataLoader, args, precision: str | None = None
+) -> list[float]:
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
-        precision=args.precision,
+        precision=precision or args.precision,
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -188,33 +193,62 @@ def main() -> None:
         f"{args.precision}, {args.steps} timed steps after {args.warmup}, on {device.type}"
     )
 
-    ours: list[float] = []
-    raw: list[float] = []
-    for round_index in range(args.rounds):
+    # On a CPU with fast bfloat16 kernels a float32 run also times the module under the CPU
+    # files' bf16-mixed (small convolutions guarded, losses in float32): "bf16 step ratio".
+    with_bf16 = (
+        args.precision == "32-true" and device.type == "cpu" and cpu_has_fast_kernels("bf16-mixed")
+    )
+    times: dict[str, list[float]] = {"ours": [], "raw": [], "ours bf16": []}
+
+    def fresh_module() -> L.LightningModule:
         module = build_module(cfg, DATA_INFO)
         module.load_state_dict(initial_state)
+        return module
+
+    def fresh_net() -> torch.nn.Module:
         net = copy.deepcopy(template.net)
         net.load_state_dict({k[4:]: v for k, v in initial_state.items() if k.startswith("net.")})
-        # The side that runs second in a round ran about 3% faster (warm allocator and caches):
-        # the order alternates between rounds so that neither side always has it.
-        if round_index % 2 == 0:
-            ours_round = time_lightning(module, loader, args)
-            raw_round = time_raw(net, loader, cfg, device, args)
-        else:
-            raw_round = time_raw(net, loader, cfg, device, args)
-            ours_round = time_lightning(module, loader, args)
-        ours += ours_round
-        raw += raw_round
+        return net
+
+    sides = {
+        "ours": lambda: time_lightning(fresh_module(), loader, args),
+        "raw": lambda: time_raw(fresh_net(), loader, cfg, device, args),
+        "ours bf16": lambda: time_lightning(fresh_module(), loader, args, "bf16-mixed"),
+    }
+    if not with_bf16:
+        del sides["ours bf16"]
+
+    order = list(sides)
+    for round_index in range(args.rounds):
+        # The side that runs later in a round ran about 3% faster (warm allocator and caches):
+        # the order rotates between rounds so that no side always has it.
+        shift = round_index % len(order)
+        means = {}
+        for side in order[shift:] + order[:shift]:
+            measured = sides[side]()
+            times[side] += measured
+            means[side] = statistics.mean(measured)
         print(
-            f"round {round_index + 1}: ours {statistics.mean(ours_round) * 1e3:.1f} ms/step, "
-            f"raw {statistics.mean(raw_round) * 1e3:.1f} ms/step (means)"
+            f"round {round_index + 1}: "
+            + ", ".join(f"{side} {means[side] * 1e3:.1f} ms/step" for side in order)
+            + " (means)"
         )
+    ours, raw = times["ours"], times["raw"]
     print(f"{len(ours)} steps each, ms/step:  fastest  lower quartile  median")
-    for label, times in (("ours (Lightning module)", ours), ("raw PyTorch loop", raw)):
+    labels = {
+        "ours": "ours (Lightning module)",
+        "raw": "raw PyTorch loop",
+        "ours bf16": "ours, bf16-mixed",
+    }
+    for side in order:
+        values = times[side]
         print(
-            f"{label + ':':25s}{min(times) * 1e3:8.1f}{lower_quartile(times) * 1e3:16.1f}"
-            f"{statistics.median(times) * 1e3:8.1f}"
+            f"{labels[side] + ':':25s}{min(values) * 1e3:8.1f}"
+            f"{lower_quartile(values) * 1e3:16.1f}{statistics.median(values) * 1e3:8.1f}"
         )
+    if with_bf16:
+        bf16 = lower_quartile(times["ours bf16"]) / lower_quartile(ours)
+        print(f"bf16 step ratio: {bf16:.2f}x")
     print(f"step ratio: {lower_quartile(ours) / lower_quartile(raw):.2f}x")
 
 

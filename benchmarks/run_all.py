@@ -27,6 +27,7 @@ RATIO_LINE = re.compile(r"^(?P<name>[a-z][a-z ]* ratio): (?P<value>[0-9.]+|n/a)x
 TARGETS: dict[str, tuple[str, float] | None] = {
     "loader ratio": (">=", 5.0),
     "step ratio": ("<=", 1.05),
+    "bf16 step ratio": ("<=", 0.85),
     "panoptica ratio": (">=", 3.0),
     "froc ratio": ("<=", 3.0),
     "predict ratio": ("<=", 1.10),

@@ -14,6 +14,7 @@ import torch
 
 from sap_lightning.cache.splits import load_splits
 from sap_lightning.config import load_config, to_yaml
+from sap_lightning.core import windows
 from sap_lightning.dataset import layout
 from sap_lightning.pipeline.steps import DONE_FILE
 from sap_lightning.pipeline.study import run_study
@@ -32,6 +33,9 @@ def test_report_has_every_arm_with_statistics(tiny_study) -> None:
     assert "F2 (detection score)" in report and "p" in report
     for name in ("froc.png", "boxplots.png", "comparison.json"):
         assert (result.report.parent / name).is_file()
+    # The CPU files ask for bf16-mixed training: what ran (per the CPU) is named once for all.
+    trained = "bfloat16 autocast" if windows.cpu_has_fast_kernels("bf16-mixed") else "float32"
+    assert f"Training precision: {trained} (every run)." in report
 
 
 def test_threshold_is_tuned_on_the_tuning_fold_only(tiny_study) -> None:

@@ -81,11 +81,17 @@ def effective_precision(precision: str, device: torch.device | str) -> str:
         raise ValueError(
             f"inference precision {precision!r} is not one of {list(INFERENCE_PRECISIONS)}"
         )
-    dtype = INFERENCE_PRECISIONS[precision]
-    if dtype is not None and torch.device(device).type == "cpu" and not _cpu_supports(dtype):
+    if torch.device(device).type == "cpu" and not cpu_has_fast_kernels(precision):
         _warn_float32_instead(precision)
         return "32-true"
     return precision
+
+
+def cpu_has_fast_kernels(precision: str) -> bool:
+    """Whether this CPU computes ``precision`` (one of :data:`INFERENCE_PRECISIONS`) natively;
+    float32 always."""
+    dtype = INFERENCE_PRECISIONS[precision]
+    return dtype is None or _cpu_supports(dtype)
 
 
 def inference_autocast(

@@ -59,6 +59,9 @@ class RunDiagnostics:
     last_loss: float
     values: dict[str, float] = field(default_factory=dict)
     chance: dict[str, float] = field(default_factory=dict)
+    precision: str | None = None
+    """``trainer.precision`` the run trained at (its ``config.yaml``; a CPU without fast
+    bfloat16 kernels records ``32-true`` there), None when not recorded."""
 
 
 def _config(run_dir: Path) -> dict:
@@ -83,6 +86,7 @@ def diagnose(name: str, task: str, run_dir: str | os.PathLike) -> RunDiagnostics
     curves = read_training_curves(run)
     losses = curves["train/loss"].dropna() if "train/loss" in curves else []
     steps = int(curves["step"].max()) + 1 if "step" in curves and len(curves) else 0
+    config = _config(run)
     return RunDiagnostics(
         name=name,
         task=task,
@@ -90,7 +94,8 @@ def diagnose(name: str, task: str, run_dir: str | os.PathLike) -> RunDiagnostics
         first_loss=float(losses.iloc[0]) if len(losses) else math.nan,
         last_loss=float(losses.iloc[-1]) if len(losses) else math.nan,
         values={key: last_value(curves, key) for key, _ in KEYS[task]},
-        chance=ssl_chance_levels(_config(run)) if task == "ssl" else {},
+        chance=ssl_chance_levels(config) if task == "ssl" else {},
+        precision=config.get("trainer", {}).get("precision"),
     )
 
 

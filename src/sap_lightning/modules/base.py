@@ -42,13 +42,14 @@ from sap_lightning.backbones.transfer import (
 from sap_lightning.config import ExperimentConfig, from_dict
 from sap_lightning.core.case_keys import case_hash
 from sap_lightning.core.errors import ConfigError, SapError
+from sap_lightning.core.mixed_precision import guard_small_convolutions
 from sap_lightning.core.windows import (
     inference_precision,
     predict_volume,
     round_up_to_multiple,
     sliding_window_size,
 )
-from sap_lightning.modules.losses import create_loss, split_deep_supervision
+from sap_lightning.modules.losses import create_loss, loss_in_float32, split_deep_supervision
 from sap_lightning.modules.optim import create_optimizer
 
 NORMALISATION = "percentile_1_99_clip_rescale"
@@ -194,6 +195,7 @@ class SapModule(L.LightningModule):
             self.out_channels,
             **self.backbone_kwargs,
         )
+        guard_small_convolutions(self.net)
 
     # ------------------------------------------------------------------ shape and metadata
 
@@ -355,7 +357,7 @@ class SegmentationModule(SapModule, ABC):
         logits = self.net(batch["image"])
         if self.deep_supervision:
             logits = split_deep_supervision(logits)
-        loss = self.loss_fn(logits, batch["label"])
+        loss = loss_in_float32(self.loss_fn, logits, batch["label"])
         self.check_finite(loss, batch, batch_idx)
         batch_size = batch["image"].shape[0]
         self.log(

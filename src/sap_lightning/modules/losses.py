@@ -86,6 +86,20 @@ def batch_dice_ce(cfg: LossConfig) -> nn.Module:
     return _dice_ce(cfg, batch=True)
 
 
+def loss_in_float32(
+    loss_fn: Callable[..., torch.Tensor],
+    logits: torch.Tensor | list[torch.Tensor],
+    target: torch.Tensor,
+) -> torch.Tensor:
+    """``loss_fn(logits, target)`` on float32 logits: under bfloat16 autocast the network's
+    logits come out in bfloat16 (8 bits of mantissa), and a Dice over a whole batch of patches
+    would sum tens of thousands of them at that precision. (The loss's own operations are not
+    ones autocast lowers: softmax and cross-entropy run in float32 under it.)"""
+    if isinstance(logits, list):
+        return loss_fn([level.float() for level in logits], target)
+    return loss_fn(logits.float(), target)
+
+
 def split_deep_supervision(logits: torch.Tensor) -> list[torch.Tensor]:
     """MONAI DynUNet stacks its deep-supervision outputs on dim 1 in training mode."""
     return list(torch.unbind(logits, dim=1))

@@ -38,7 +38,12 @@ from sap_lightning.core.threads import usable_cpus
 from sap_lightning.core.windows import DEFAULT_THRESHOLD
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import require_valid_dataset
-from sap_lightning.evaluation.diagnostics import diagnose, diagnostics_markdown, plot_curves
+from sap_lightning.evaluation.diagnostics import (
+    RunDiagnostics,
+    diagnose,
+    diagnostics_markdown,
+    plot_curves,
+)
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
     evaluate_predictions,
@@ -468,11 +473,24 @@ def _learning_section(
             f"[{CURVES_PNG}]({CURVES_PNG}).",
             "",
             diagnostics_markdown(diagnostics),
+            f"Training precision: {_training_precisions(diagnostics)}.",
+            "",
             f"Inference window (validation, threshold tuning and prediction alike): {window}.",
             "",
             "",
         ]
     )
+
+
+def _training_precisions(diagnostics: Sequence[RunDiagnostics]) -> str:
+    """The precision every run trained at, or each run's where they differ."""
+    words = {
+        run.name: PRECISION_WORDS.get(run.precision or "", run.precision or "not recorded")
+        for run in diagnostics
+    }
+    if len(set(words.values())) == 1:
+        return f"{next(iter(words.values()))} (every run)"
+    return ", ".join(f"{name} {word}" for name, word in words.items())
 
 
 def _inference_window(prediction_dir: Path) -> str:
@@ -491,7 +509,7 @@ PRECISION_WORDS = {
     "bf16-mixed": "bfloat16 autocast",
     "16-mixed": "float16 autocast",
 }
-"""How the report names each inference precision (``validation.precision``)."""
+"""How the report names each precision (``trainer.precision``, ``validation.precision``)."""
 
 
 def _machine_line(run_threads: int | None = None) -> str:

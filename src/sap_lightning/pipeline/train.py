@@ -49,6 +49,7 @@ from sap_lightning.batches.planners import PLANNERS
 from sap_lightning.config import ExperimentConfig, save_config
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.io import atomic_path, write_json, write_text
+from sap_lightning.core.mixed_precision import training_precision
 from sap_lightning.core.run_layout import (
     BACKBONE_FILE,
     BEST_CHECKPOINT,
@@ -436,7 +437,14 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
     check_registered_choices(cfg)
     primary = is_launching_process()
     run_dir = resolve_run_dir(cfg)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    cfg = dataclasses.replace(
+        cfg,
+        run_dir=str(run_dir),
+        trainer=dataclasses.replace(
+            cfg.trainer,
+            precision=training_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        ),
+    )
     resume_from = (
         check_run_dir(run_dir, cfg.resume)
         if primary
