@@ -69,7 +69,8 @@ def test_guarded_weight_gradients_of_a_two_deep_input_are_finite_and_float32s() 
     """oneDNN's bfloat16 weight gradient for this shape was NaN in about one call in five
     (the module docstring); guarded, every call equals the float32 gradient."""
     generator = torch.Generator().manual_seed(0)
-    conv = guard_small_convolutions_of(nn.Conv3d(64, 64, 3, padding=1))
+    conv = nn.Conv3d(64, 64, 3, padding=1)
+    guard_small_convolutions(conv)
     for _ in range(50):
         x = torch.randn(2, 64, 2, 2, 2, generator=generator)
         upstream = torch.randn(2, 64, 2, 2, 2, generator=generator)
@@ -81,11 +82,6 @@ def test_guarded_weight_gradients_of_a_two_deep_input_are_finite_and_float32s() 
         F.conv3d(x, weight, conv.bias.detach(), padding=1).backward(upstream)
         assert torch.isfinite(conv.weight.grad).all()
         torch.testing.assert_close(conv.weight.grad, weight.grad)
-
-
-def guard_small_convolutions_of(conv: nn.Conv3d) -> nn.Conv3d:
-    guard_small_convolutions(conv)
-    return conv
 
 
 @pytest.mark.parametrize(

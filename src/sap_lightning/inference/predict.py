@@ -379,9 +379,10 @@ def predict_cases(
     written as JSON).
 
     ``out_dir`` must be empty, or this model's own folder (same checkpoint hash, threshold,
-    window and precision, see ``outputs.prepare_output_folder``); another model's outputs there are refused
-    before anything is written, or cleared first with ``overwrite``. ``precision`` (one of
-    ``INFERENCE_PRECISIONS``) overrides the precision each checkpoint records.
+    window and precision, see ``outputs.prepare_output_folder``); another model's outputs there
+    are refused before anything is written, or cleared first with ``overwrite``.
+    ``precision`` (one of ``INFERENCE_PRECISIONS``) overrides the precision each checkpoint
+    records.
     """
     if precision is not None and precision not in INFERENCE_PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {list(INFERENCE_PRECISIONS)}")

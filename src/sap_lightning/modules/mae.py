@@ -59,11 +59,9 @@ def block_mask(
 def masked_mse(
     reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean squared error over the masked voxels (``mask == 0``) and all channels, in float32
-    (under bfloat16 autocast the reconstruction comes out in bfloat16)."""
-    hidden = (1.0 - mask.float()).expand_as(target)
-    error = (reconstruction.float() - target.float()) ** 2
-    return (error * hidden).sum() / hidden.sum().clamp_min(1.0)
+    """Mean squared error over the masked voxels (``mask == 0``) and all channels."""
+    hidden = (1.0 - mask).expand_as(target)
+    return ((reconstruction - target) ** 2 * hidden).sum() / hidden.sum().clamp_min(1.0)
 
 
 class MaskedAutoencoderPretraining(SapModule):
