@@ -15,7 +15,7 @@ from sap_lightning.backbones.transfer import load_checkpoint_file
 from sap_lightning.config import load_config, to_dict
 from sap_lightning.core import windows
 from sap_lightning.core.errors import CheckpointError, ConfigError, SapError
-from sap_lightning.core.windows import inference_precision, predict_volume
+from sap_lightning.core.windows import describe_precision, inference_precision, predict_volume
 from sap_lightning.metrics.functional import dice as binary_dice
 from sap_lightning.modules import (
     ContrastivePretraining,
@@ -604,6 +604,19 @@ def _conv_output_dtypes(net: torch.nn.Module) -> tuple[list[torch.dtype], list]:
 )
 def test_inference_precision_follows_the_trainer_unless_set(configured, trainer, expected) -> None:
     assert inference_precision(configured, trainer) == expected
+
+
+@pytest.mark.parametrize(
+    ("precision", "words"),
+    [
+        ("32-true", "float32"),
+        ("bf16-mixed", "bfloat16 autocast"),
+        ("16-mixed", "float16 autocast"),
+        ("bf16-true", "bf16-true"),  # not an autocast precision: named as configured
+    ],
+)
+def test_reports_name_each_precision(precision, words) -> None:
+    assert describe_precision(precision) == words
 
 
 def test_bf16_inference_runs_the_windows_in_bf16_and_returns_float32_probabilities(

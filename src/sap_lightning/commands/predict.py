@@ -6,7 +6,7 @@ import argparse
 
 from sap_lightning.commands import _args
 from sap_lightning.config.schema import ValidationConfig
-from sap_lightning.core.windows import INFERENCE_PRECISIONS
+from sap_lightning.core.windows import AUTOCAST_PRECISIONS
 from sap_lightning.inference.predict import predict_cases
 
 
@@ -55,7 +55,7 @@ def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=list(INFERENCE_PRECISIONS),
+        choices=list(AUTOCAST_PRECISIONS),
         default=None,
         help="inference precision (default: the run's validation.precision, as recorded in "
         "its checkpoint; float32 for older checkpoints)",

@@ -28,7 +28,7 @@ from sap_lightning.config.schema import (
 )
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.io import write_text
-from sap_lightning.core.windows import INFERENCE_PRECISIONS
+from sap_lightning.core.windows import AUTOCAST_PRECISIONS
 
 BASE_KEY = "base"
 
@@ -204,7 +204,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _check_choice(cfg.model.init, INIT_MODES, "model.init")
     _check_choice(cfg.logger, LOGGERS, "logger")
     if cfg.validation.precision is not None:
-        _check_choice(cfg.validation.precision, list(INFERENCE_PRECISIONS), "validation.precision")
+        _check_choice(cfg.validation.precision, list(AUTOCAST_PRECISIONS), "validation.precision")
     _check_values(cfg)
     if cfg.task == "lesion":
         if cfg.model.init != "scratch" and not cfg.model.pretrained:

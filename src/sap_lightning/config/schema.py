@@ -130,6 +130,8 @@ class LossConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     smooth: float = 1e-5
+    focal_gamma: float = 2.0
+    """Exponent of the focal term of ``batch_dice_focal`` (Lin et al.'s 2)."""
 
 
 @dataclass
@@ -196,7 +198,7 @@ class ValidationConfig:
     noise up to unit variance, is one the network never saw; the paper does not mask."""
     precision: str | None = None
     """Precision of whole-case inference (validation, threshold tuning, ``sap predict``): one
-    of ``core.windows.INFERENCE_PRECISIONS`` (``32-true``, ``bf16-mixed``, ``16-mixed``); None
+    of ``core.windows.AUTOCAST_PRECISIONS`` (``32-true``, ``bf16-mixed``, ``16-mixed``); None
     follows ``trainer.precision`` (its autocast, or float32). Recorded in the checkpoint, so
     ``sap predict`` uses it unless told otherwise; a CPU without fast kernels for the type runs
     float32 (``core.windows.effective_precision``)."""

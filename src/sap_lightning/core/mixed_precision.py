@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from sap_lightning.core.windows import INFERENCE_PRECISIONS, cpu_has_fast_kernels
+from sap_lightning.core.windows import AUTOCAST_PRECISIONS, cpu_has_fast_kernels
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def training_precision(precision: str, accelerator: str) -> str:
     """The precision a run trains at: ``precision``, except bfloat16 / float16 autocast on a CPU
     without fast kernels for the type (oneDNN's check, as for inference), which trains in
     float32 (warned once): emulated, it would be several times slower for no gain."""
-    if precision not in INFERENCE_PRECISIONS or not runs_on_cpu(accelerator):
+    if precision not in AUTOCAST_PRECISIONS or not runs_on_cpu(accelerator):
         return precision
     if cpu_has_fast_kernels(precision):
         return precision

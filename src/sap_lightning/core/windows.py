@@ -36,13 +36,23 @@ def sliding_window_size(
     return round_up_to_multiple(roi_size or patch_size, input_multiple)
 
 
-INFERENCE_PRECISIONS: dict[str, torch.dtype | None] = {
+AUTOCAST_PRECISIONS: dict[str, torch.dtype | None] = {
     "32-true": None,
     "bf16-mixed": torch.bfloat16,
     "16-mixed": torch.float16,
 }
-"""Precisions of whole-case inference (Lightning's names): float32, or the network's windows
-under autocast to bfloat16 / float16 (``validation.precision``)."""
+"""The precisions (Lightning's names) of whole-case inference (``validation.precision``) and
+of CPU training (``core.mixed_precision.training_precision``): float32, or autocast to bfloat16
+/ float16."""
+
+
+def describe_precision(precision: str) -> str:
+    """How reports name a precision: ``float32``, ``bfloat16 autocast``; other names as given."""
+    if precision not in AUTOCAST_PRECISIONS:
+        return precision
+    dtype = AUTOCAST_PRECISIONS[precision]
+    return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+
 
 _CPU_SUPPORT = {
     torch.bfloat16: "_is_mkldnn_bf16_supported",
@@ -56,7 +66,7 @@ def inference_precision(configured: str | None, trainer_precision: str) -> str:
     float32: a network trained under autocast is validated and predicted under it."""
     if configured is not None:
         return configured
-    return trainer_precision if trainer_precision in INFERENCE_PRECISIONS else "32-true"
+    return trainer_precision if trainer_precision in AUTOCAST_PRECISIONS else "32-true"
 
 
 @functools.cache
@@ -77,9 +87,9 @@ def effective_precision(precision: str, device: torch.device | str) -> str:
     """The precision whole-case inference runs at on ``device``: ``precision``, except on a CPU
     without fast kernels for its type (oneDNN's check: AVX512 for bfloat16, AVX512-FP16 or AMX
     for float16), which runs float32 (warned once): emulated, it would be slower for no gain."""
-    if precision not in INFERENCE_PRECISIONS:
+    if precision not in AUTOCAST_PRECISIONS:
         raise ValueError(
-            f"inference precision {precision!r} is not one of {list(INFERENCE_PRECISIONS)}"
+            f"inference precision {precision!r} is not one of {list(AUTOCAST_PRECISIONS)}"
         )
     if torch.device(device).type == "cpu" and not cpu_has_fast_kernels(precision):
         _warn_float32_instead(precision)
@@ -88,9 +98,9 @@ def effective_precision(precision: str, device: torch.device | str) -> str:
 
 
 def cpu_has_fast_kernels(precision: str) -> bool:
-    """Whether this CPU computes ``precision`` (one of :data:`INFERENCE_PRECISIONS`) natively;
+    """Whether this CPU computes ``precision`` (one of :data:`AUTOCAST_PRECISIONS`) natively;
     float32 always."""
-    dtype = INFERENCE_PRECISIONS[precision]
+    dtype = AUTOCAST_PRECISIONS[precision]
     return dtype is None or _cpu_supports(dtype)
 
 
@@ -101,7 +111,7 @@ def inference_autocast(
     (:func:`effective_precision`); ``32-true`` turns autocast off, also inside a
     mixed-precision trainer's validation."""
     device_type = torch.device(device).type
-    dtype = INFERENCE_PRECISIONS[effective_precision(precision, device)]
+    dtype = AUTOCAST_PRECISIONS[effective_precision(precision, device)]
     if dtype is None:
         return torch.autocast(device_type, enabled=False)
     return torch.autocast(device_type, dtype=dtype)

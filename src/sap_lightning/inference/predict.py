@@ -42,8 +42,8 @@ from sap_lightning.cache import compute_body_mask, prepare_image, resample_volum
 from sap_lightning.core.errors import CheckpointError, ConfigError, DatasetError, SapError
 from sap_lightning.core.run_layout import THRESHOLD_FILE, last_checkpoint_path, load_threshold
 from sap_lightning.core.windows import (
+    AUTOCAST_PRECISIONS,
     DEFAULT_THRESHOLD,
-    INFERENCE_PRECISIONS,
     effective_precision,
     predict_volume,
     sliding_window_size,
@@ -138,10 +138,10 @@ def load_trained_model(path: str | os.PathLike, expected_task: str | None = None
     patch = meta.get("patch_size") or [multiple * 4] * 3
     window = sliding_window_size(patch, multiple, meta.get("roi_size"))
     precision = meta.get("inference_precision") or "32-true"
-    if precision not in INFERENCE_PRECISIONS:
+    if precision not in AUTOCAST_PRECISIONS:
         raise CheckpointError(
             f"{checkpoint_path}: metadata names inference precision {precision!r}, not one of "
-            f"{list(INFERENCE_PRECISIONS)}"
+            f"{list(AUTOCAST_PRECISIONS)}"
         )
     return TrainedModel(net, dict(meta), window, threshold, path, precision)
 
@@ -381,11 +381,11 @@ def predict_cases(
     ``out_dir`` must be empty, or this model's own folder (same checkpoint hash, threshold,
     window and precision, see ``outputs.prepare_output_folder``); another model's outputs there
     are refused before anything is written, or cleared first with ``overwrite``.
-    ``precision`` (one of ``INFERENCE_PRECISIONS``) overrides the precision each checkpoint
+    ``precision`` (one of ``AUTOCAST_PRECISIONS``) overrides the precision each checkpoint
     records.
     """
-    if precision is not None and precision not in INFERENCE_PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is not one of {list(INFERENCE_PRECISIONS)}")
+    if precision is not None and precision not in AUTOCAST_PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {list(AUTOCAST_PRECISIONS)}")
     lesion_model = load_trained_model(checkpoint, expected_task="lesion")
     skeleton_model = (
         load_trained_model(skeleton_checkpoint, expected_task="skeleton")

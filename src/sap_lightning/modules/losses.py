@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from monai.losses import ContrastiveLoss, DeepSupervisionLoss, DiceCELoss
+from monai.losses import ContrastiveLoss, DeepSupervisionLoss, DiceCELoss, DiceLoss, FocalLoss
 from torch import nn
 
 from sap_lightning.config.schema import LossConfig
@@ -84,6 +84,42 @@ def batch_dice_ce(cfg: LossConfig) -> nn.Module:
     """Dice over the whole batch + cross-entropy: a lesion-free patch no longer pins its own
     Dice term at 1, so the loss curve shows learning when half the patches have no lesion."""
     return _dice_ce(cfg, batch=True)
+
+
+class BatchDiceFocalLoss(nn.Module):
+    """Dice over the whole batch (background excluded) + softmax focal loss (every class).
+
+    Composed from MONAI's ``DiceLoss`` and ``FocalLoss(use_softmax=True)`` rather than its
+    ``DiceFocalLoss``, whose focal term is a per-channel sigmoid focal loss on softmax logits.
+    """
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.dice = DiceLoss(
+            include_background=False,
+            to_onehot_y=True,
+            softmax=True,
+            smooth_nr=cfg.smooth,
+            smooth_dr=cfg.smooth,
+            batch=True,
+        )
+        self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma)
+        self.dice_weight = cfg.dice_weight
+        self.focal_weight = cfg.ce_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.dice_weight * self.dice(logits, target) + self.focal_weight * self.focal(
+            logits, target
+        )
+
+
+@register_loss("batch_dice_focal")
+def batch_dice_focal(cfg: LossConfig) -> nn.Module:
+    """Dice over the batch + focal loss (Lin et al., the companion of ``model.head_prior``):
+    the focal term down-weights the background voxels the network already gets right, which
+    otherwise outweigh a patch's few lesion voxels and hold the lesion logits down (the loss
+    plateau); ``loss.ce_weight`` weighs it, ``loss.focal_gamma`` is its exponent."""
+    return BatchDiceFocalLoss(cfg)
 
 
 def loss_in_float32(

@@ -35,7 +35,7 @@ from sap_lightning.core.errors import SapError
 from sap_lightning.core.io import file_lock, read_json, write_text
 from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.core.threads import usable_cpus
-from sap_lightning.core.windows import DEFAULT_THRESHOLD
+from sap_lightning.core.windows import DEFAULT_THRESHOLD, describe_precision
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import require_valid_dataset
 from sap_lightning.evaluation.diagnostics import (
@@ -485,7 +485,7 @@ def _learning_section(
 def _training_precisions(diagnostics: Sequence[RunDiagnostics]) -> str:
     """The precision every run trained at, or each run's where they differ."""
     words = {
-        run.name: PRECISION_WORDS.get(run.precision or "", run.precision or "not recorded")
+        run.name: describe_precision(run.precision) if run.precision else "not recorded"
         for run in diagnostics
     }
     if len(set(words.values())) == 1:
@@ -500,16 +500,8 @@ def _inference_window(prediction_dir: Path) -> str:
     except (OSError, ValueError):
         return "not recorded"
     outside = "; voxels outside the body are background" if record.get("body_only") else ""
-    precision = PRECISION_WORDS.get(record.get("precision") or "32-true", "not recorded")
+    precision = describe_precision(record.get("precision") or "32-true")
     return f"{record.get('window')} voxels, overlap {record.get('overlap')}, {precision}{outside}"
-
-
-PRECISION_WORDS = {
-    "32-true": "float32",
-    "bf16-mixed": "bfloat16 autocast",
-    "16-mixed": "float16 autocast",
-}
-"""How the report names each precision (``trainer.precision``, ``validation.precision``)."""
 
 
 def _machine_line(run_threads: int | None = None) -> str:
