@@ -44,6 +44,42 @@ def test_dice_ce_leaves_background_out_of_the_dice_term_only() -> None:
     assert abs(ours.item() - (0.7 * dice_all.item() + 1.3 * ce_all.item())) > 1e-4
 
 
+def test_batch_dice_focal_matches_its_formula() -> None:
+    """Dice over the whole batch on the lesion class plus Lin et al.'s softmax focal loss
+    (mean over voxels and classes, as MONAI reduces it), written out by hand."""
+    logits, labels = _logits_and_labels(classes=2)
+    cfg = LossConfig(name="batch_dice_focal", dice_weight=0.7, ce_weight=1.3, focal_gamma=2.0)
+    ours = create_loss(cfg)(logits, labels).item()
+
+    p = logits.double().softmax(1)
+    g = F.one_hot(labels[:, 0], 2).movedim(-1, 1).double()
+    smooth = cfg.smooth
+    dice = 1 - (2 * (p[:, 1] * g[:, 1]).sum() + smooth) / (p[:, 1].sum() + g[:, 1].sum() + smooth)
+    p_true = (p * g).sum(1)
+    focal = (-((1 - p_true) ** 2) * p_true.log()).mean() / 2  # 2 classes, one of them true
+    assert ours == pytest.approx(0.7 * dice.item() + 1.3 * focal.item(), rel=1e-5)
+
+
+def test_focal_term_leaves_the_lesion_voxels_more_of_the_gradient_than_cross_entropy() -> None:
+    """The loss plateau: a network that predicts background everywhere with confidence. Cross-
+    entropy's gradient then comes mostly from the many background voxels it already gets right;
+    the focal term's comes mostly from the few lesion voxels it misses."""
+    logits = torch.zeros(2, 2, 16, 16, 16)
+    logits[:, 0] = 4.0  # p(background) ~ 0.98 everywhere
+    labels = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+    labels[0, 0, 7:9, 7:9, 7:9] = 1  # 8 lesion voxels of 8192
+    lesion = labels[:, 0].bool()
+
+    def lesion_share(name: str) -> float:
+        x = logits.clone().requires_grad_()
+        create_loss(LossConfig(name=name, dice_weight=0.0))(x, labels).backward()
+        size = x.grad.abs().sum(1)  # type: ignore[union-attr]
+        return (size[lesion].sum() / size.sum()).item()
+
+    cross_entropy, focal = lesion_share("batch_dice_ce"), lesion_share("batch_dice_focal")
+    assert cross_entropy < 0.5 < focal
+
+
 def test_deep_supervision_sums_levels_with_halving_weights() -> None:
     logits, labels = _logits_and_labels()
     coarse = logits.flip(1)
