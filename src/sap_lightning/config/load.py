@@ -187,6 +187,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     for key, value in (
         ("loss.dice_weight", cfg.loss.dice_weight),
         ("loss.ce_weight", cfg.loss.ce_weight),
+        ("loss.focal_gamma", cfg.loss.focal_gamma),
         ("ssl.rotation_weight", cfg.ssl.rotation_weight),
         ("ssl.contrastive_weight", cfg.ssl.contrastive_weight),
         ("ssl.reconstruction_weight", cfg.ssl.reconstruction_weight),
