@@ -249,6 +249,50 @@ def test_the_recorded_inference_precision_is_used_unless_overridden(
     assert not (tmp_path / "none").exists()
 
 
+def test_the_recorded_window_batch_is_used_unless_overridden(
+    setup, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A checkpoint recording ``sw_batch_size: 3`` (its run's ``validation.sw_batch_size``)
+    runs its windows three at a time, ``--sw-batch-size 1`` one at a time, with the same maps as
+    the setup's (the batch is speed, not result); a checkpoint recording no positive whole
+    number is refused naming the file, nothing written."""
+    batches: list[int] = []
+    predict_volume = windows.predict_volume
+
+    def counting(net, image, roi_size, **kwargs):
+        batches.append(kwargs["sw_batch_size"])
+        handle = net.register_forward_pre_hook(lambda _, args: batches.append(len(args[0])))
+        try:
+            return predict_volume(net, image, roi_size, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr("sap_lightning.inference.predict.predict_volume", counting)
+    run = tmp_path / "run"
+    _write_checkpoint(
+        run / "checkpoints" / "last.ckpt", "lesion", LESION_LABELS, 0, sw_batch_size=3
+    )
+    (run / "threshold.json").write_text(json.dumps({"threshold": 0.5}))
+    args = ["predict", "--checkpoint", str(run), "--input", str(setup["dataset"]), "--no-progress"]
+    for out, extra, expected in (("recorded", [], 3), ("one", ["--sw-batch-size", "1"], 1)):
+        batches.clear()
+        assert main([*args, "--out", str(tmp_path / out), *extra]) == 0
+        assert batches[0] == expected and max(batches[1:]) == expected
+        np.testing.assert_allclose(
+            nib.load(tmp_path / out / "probabilities" / "case000.nii.gz").get_fdata(),
+            nib.load(setup["out"] / "probabilities" / "case000.nii.gz").get_fdata(),
+            atol=1e-4,
+        )
+
+    bogus = tmp_path / "bogus.ckpt"
+    _write_checkpoint(bogus, "lesion", LESION_LABELS, 0, sw_batch_size=0)
+    capsys.readouterr()
+    assert main([*args[:2], str(bogus), *args[3:], "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert str(bogus) in err and "sw_batch_size" in err
+    assert not (tmp_path / "none").exists()
+
+
 def test_wrong_task_checkpoint_is_refused(setup, tmp_path: Path, capsys) -> None:
     skeleton = _write_checkpoint(tmp_path / "s.ckpt", "skeleton", SKELETON_LABELS, 2)
     code = main(

@@ -578,6 +578,11 @@ def test_body_only_needs_the_mask_and_a_matching_one() -> None:
     assert make("lesion").backbone_meta()["body_only"] is False  # the paper does not mask
 
 
+def test_the_checkpoint_records_the_validation_window_batch() -> None:
+    """``sap predict`` runs the windows as many at a time as the run's validation did."""
+    assert make("lesion", "validation.sw_batch_size=5").backbone_meta()["sw_batch_size"] == 5
+
+
 # ------------------------------------------------------------------------ inference precision
 
 

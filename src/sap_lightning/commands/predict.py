@@ -48,7 +48,11 @@ def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
         help="sliding-window size (default: the run's validation window)",
     )
     parser.add_argument(
-        "--sw-batch-size", type=_args.positive_int, default=ValidationConfig.sw_batch_size
+        "--sw-batch-size",
+        type=_args.positive_int,
+        default=None,
+        help="windows per forward pass (default: the run's validation.sw_batch_size, as "
+        "recorded in its checkpoint)",
     )
     parser.add_argument(
         "--overlap", type=_args.unit_interval_open, default=ValidationConfig.overlap

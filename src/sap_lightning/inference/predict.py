@@ -39,6 +39,7 @@ from torch import nn
 from sap_lightning.backbones import create_backbone, get_spec
 from sap_lightning.backbones.transfer import read_checkpoint, transfer_weights
 from sap_lightning.cache import compute_body_mask, prepare_image, resample_volume
+from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.core.errors import CheckpointError, ConfigError, DatasetError, SapError
 from sap_lightning.core.run_layout import THRESHOLD_FILE, last_checkpoint_path, load_threshold
 from sap_lightning.core.windows import (
@@ -77,6 +78,9 @@ class TrainedModel:
     precision: str = "32-true"
     """Whole-case inference precision: the run's ``validation.precision`` as recorded (older
     checkpoints: float32), or what the caller asks for."""
+    sw_batch_size: int = ValidationConfig.sw_batch_size
+    """Windows per forward pass: the run's ``validation.sw_batch_size`` as recorded (older
+    checkpoints: the schema default), or what the caller asks for. Speed and memory only."""
 
     @property
     def task(self) -> str:
@@ -143,7 +147,13 @@ def load_trained_model(path: str | os.PathLike, expected_task: str | None = None
             f"{checkpoint_path}: metadata names inference precision {precision!r}, not one of "
             f"{list(AUTOCAST_PRECISIONS)}"
         )
-    return TrainedModel(net, dict(meta), window, threshold, path, precision)
+    sw_batch_size = meta.get("sw_batch_size", ValidationConfig.sw_batch_size)
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise CheckpointError(
+            f"{checkpoint_path}: metadata names {sw_batch_size!r} windows per forward pass "
+            "(sw_batch_size), not a positive whole number"
+        )
+    return TrainedModel(net, dict(meta), window, threshold, path, precision, sw_batch_size)
 
 
 SPACING_TOLERANCE = 0.05
@@ -297,7 +307,6 @@ def _probabilities(
     *,
     case_id: str,
     device,
-    sw_batch_size,
     overlap,
     progress: bool,
     channels: Sequence[int] | None = None,
@@ -319,7 +328,7 @@ def _probabilities(
         model.net,
         tensor,
         model.roi_size,
-        sw_batch_size=sw_batch_size,
+        sw_batch_size=model.sw_batch_size,
         overlap=overlap,
         device=device,
         progress=progress,
@@ -368,7 +377,7 @@ def predict_cases(
     roi_size: Sequence[int] | None = None,
     validate_input: bool = True,
     device: str | None = None,
-    sw_batch_size: int = 2,
+    sw_batch_size: int | None = None,
     overlap: float = 0.25,
     connectivity: int = 6,
     progress: bool = True,
@@ -381,11 +390,13 @@ def predict_cases(
     ``out_dir`` must be empty, or this model's own folder (same checkpoint hash, threshold,
     window and precision, see ``outputs.prepare_output_folder``); another model's outputs there
     are refused before anything is written, or cleared first with ``overwrite``.
-    ``precision`` (one of ``AUTOCAST_PRECISIONS``) overrides the precision each checkpoint
-    records.
+    ``precision`` (one of ``AUTOCAST_PRECISIONS``) and ``sw_batch_size`` override what each
+    checkpoint records (its run's ``validation`` settings).
     """
     if precision is not None and precision not in AUTOCAST_PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {list(AUTOCAST_PRECISIONS)}")
+    if sw_batch_size is not None and sw_batch_size < 1:
+        raise ConfigError(f"sw_batch_size {sw_batch_size} must be >= 1")
     lesion_model = load_trained_model(checkpoint, expected_task="lesion")
     skeleton_model = (
         load_trained_model(skeleton_checkpoint, expected_task="skeleton")
@@ -409,6 +420,8 @@ def predict_cases(
             # What runs here (and so what prediction.json records): float32 on a CPU
             # without fast kernels for the recorded type.
             model.precision = effective_precision(precision or model.precision, compute_device)
+            if sw_batch_size is not None:
+                model.sw_batch_size = sw_batch_size
             if roi_size is not None:
                 multiple = get_spec(model.meta["backbone"]).input_multiple(
                     model.meta["backbone_kwargs"]
@@ -448,9 +461,7 @@ def predict_cases(
         skeleton_precision=skeleton_model.precision if skeleton_model is not None else None,
     )
     out = prepare_output_folder(out_dir, provenance, overwrite=overwrite)
-    settings = dict(
-        device=compute_device, sw_batch_size=sw_batch_size, overlap=overlap, progress=progress
-    )
+    settings = dict(device=compute_device, overlap=overlap, progress=progress)
     summaries = []
     for case in cases:
         # Canonical RAS+ arrays in, probabilities back in the input's own voxel order.

@@ -255,6 +255,7 @@ class SapModule(L.LightningModule):
                 "roi_size": self.inference_roi_size,
                 "body_only": self.cfg.validation.body_only,
                 "inference_precision": self.inference_precision,
+                "sw_batch_size": self.cfg.validation.sw_batch_size,
                 "target_spacing": self.cfg.data.target_spacing,
                 "run_name": self.cfg.name,
             },
