@@ -65,12 +65,12 @@ test: install panoptica-venv nnunet-venv ## Run the whole test suite (unit, inte
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 lint: install ## ruff check and format check
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check src tests benchmarks notebooks
 
 format: install ## Apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix src tests benchmarks
-	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks notebooks
+	$(VENV)/bin/ruff format src tests benchmarks notebooks
 
 $(PHANTOMS)/lesion/dataset.json:
 	$(SAP) make-phantoms $(PHANTOMS) --healthy $(HEALTHY) --patients $(PATIENTS) --seed $(SEED)
