@@ -74,10 +74,12 @@ def _worker(side: str, shape: list[int], backbone: str, repeats: int) -> dict:
         start = time.perf_counter()
         if side in ("ours", "bf16"):
             precision = "bf16-mixed" if side == "bf16" else "32-true"
-            model = TrainedModel(net, {"task": "lesion"}, ROI, THRESHOLD, Path("bench"), precision)
+            model = TrainedModel(
+                net, {"task": "lesion"}, ROI, THRESHOLD, Path("bench"), precision, SW_BATCH
+            )
             lesion = _probabilities(
                 model, raw, np.eye(4), case_id="bench", device=torch.device("cpu"),
-                sw_batch_size=SW_BATCH, overlap=OVERLAP, progress=False, channels=[1],
+                overlap=OVERLAP, progress=False, channels=[1],
             )[0]  # fmt: skip
             as_stored(lesion, THRESHOLD)
         else:
