@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sap_lightning.core.threads import usable_cpus
 
@@ -25,27 +29,42 @@ os.environ.setdefault("SAP_NUM_THREADS", str(usable_cpus()))
 
 import pytest
 
+from tests.tiny import TINY_NETWORK
+
 TINY_STUDY_OVERRIDES = [
     "logger=csv",
     "trainer.enable_progress_bar=false",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
-    "model.kwargs.features=[2,4,4,4,4,2]",
+    TINY_NETWORK,
     "data.samples_per_volume=1",
     "data.queue_length=2",
     "validation.roi_size=[64,64,64]",
 ]
 
 
+TINY_STUDY_ARMS = ("scratch", "ssl", "mae", "sap")
+"""Every built-in arm, so the one study of the suite covers each pretraining and transfer."""
+
+
+@dataclass(frozen=True)
+class TinyStudy:
+    config: Any
+    """The study's ``StudyConfig``."""
+    report: Path
+    logs: list[str]
+    """stderr of the two ``sap study`` processes started at once."""
+
+
 @pytest.fixture(scope="session")
-def tiny_study(tmp_path_factory: pytest.TempPathFactory):
-    """The whole study (``sap study``) on a tiny cohort with one-step trainings, run once per
-    session: used by the study test and by the comparison notebook."""
-    from sap_lightning.config import StudyConfig
-    from sap_lightning.pipeline.study import run_study
+def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> TinyStudy:
+    """The whole study on a tiny cohort with two-step trainings, every built-in arm, run once per
+    session through the real command line: two ``sap study`` processes with two workers each
+    started at once on fresh folders (the second waits for the first's cohort and steps). Used
+    by the study tests and by the comparison notebook."""
+    from sap_lightning.config import StudyConfig, load_study_config, to_yaml
 
     root = tmp_path_factory.mktemp("study")
-    experiments = Path(__file__).resolve().parents[1] / "experiments" / "cpu"
     config = StudyConfig(
         name="tiny",
         data_dir=str(root / "data"),
@@ -57,11 +76,20 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory):
         phantom_shape=[64, 64, 128],
         phantom_spacing=[4.5, 4.5, 9.0],
         n_resamples=50,
-        pretrain_config=str(experiments / "pretrain.yaml"),
-        ssl_config=str(experiments / "ssl.yaml"),
-        finetune_configs={
-            arm: str(experiments / f"finetune_{arm}.yaml") for arm in ("scratch", "ssl", "sap")
-        },
+        arms=list(TINY_STUDY_ARMS),
         overrides=list(TINY_STUDY_OVERRIDES),
+        workers=2,
     )
-    return config, run_study(config)
+    study_file = root / "study.yaml"
+    study_file.write_text(to_yaml(config))
+    command = [sys.executable, "-m", "sap_lightning", "study", "--config", str(study_file)]
+    processes = [
+        subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        for _ in range(2)
+    ]
+    logs = []
+    for process in processes:
+        _, stderr = process.communicate()
+        assert process.returncode == 0, stderr[-3000:]
+        logs.append(stderr)
+    return TinyStudy(load_study_config(study_file), root / "report" / "report.md", logs)

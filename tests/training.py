@@ -9,9 +9,11 @@ from pathlib import Path
 from sap_lightning.batches.datamodule import build_datamodule
 from sap_lightning.config import load_config
 from tests.datasets import write_tiny_dataset
+from tests.tiny import TINY_CONFIG, TINY_NETWORK
+
+__all__ = ["TINY_NETWORK"]
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-TINY_NETWORK = "model.kwargs.features=[2,4,4,4,4,2]"
 TINY_TRAINING = [
     "trainer.enable_progress_bar=false",
     TINY_NETWORK,
@@ -40,6 +42,6 @@ def prepare_tiny_datasets(root: Path) -> dict[str, Path]:
     lesion = write_tiny_dataset(root / "lesion", n_cases=6, shape=(32, 32, 96), seed=1)
     for task, dataset in (("skeleton", skeleton), ("lesion", lesion)):
         build_datamodule(
-            load_config(None, [f"task={task}", f"data.dataset={dataset}", "data.n_folds=3"])
+            load_config(TINY_CONFIG, [f"task={task}", f"data.dataset={dataset}", "data.n_folds=3"])
         ).prepare_data()
     return {"root": root, "skeleton": skeleton, "lesion": lesion}

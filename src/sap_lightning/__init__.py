@@ -9,9 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from sap_lightning import _moved
-
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _API: dict[str, str] = {
     "make_phantom_cohort": "sap_lightning.synthetic.cohort",
@@ -33,8 +31,6 @@ _API: dict[str, str] = {
 }
 
 __all__ = ["__version__", *sorted(_API)]
-
-_moved.install()
 
 
 def __getattr__(name: str) -> Any:

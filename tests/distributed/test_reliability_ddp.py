@@ -26,12 +26,13 @@ from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.core.windows import effective_precision
 from sap_lightning.inference.predict import load_trained_model
 from tests.datasets import write_tiny_dataset
+from tests.tiny import TINY_NETWORK
 from tests.training import last_logged_validation
 
 CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "cpu" / "pretrain.yaml"
 OVERRIDES = [
     "trainer.enable_progress_bar=false",
-    "model.kwargs.features=[2,4,4,4,4,2]",
+    TINY_NETWORK,
     "data.samples_per_volume=1",
     "data.queue_length=4",
     "data.val_fraction=0.5",

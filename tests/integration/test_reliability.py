@@ -55,7 +55,8 @@ from sap_lightning.dataset.layout import PREPROCESSED_ENV, SPLITS_JSON
 from sap_lightning.modules import build_module
 from tests.datasets import save, truncate
 from tests.integration.test_concurrency import assert_same_cache
-from tests.training import EXPERIMENTS, TINY_NETWORK, TINY_TRAINING, prepare_tiny_datasets
+from tests.tiny import TINY_CONFIG, TINY_NETWORK
+from tests.training import EXPERIMENTS, TINY_TRAINING, prepare_tiny_datasets
 
 PAUSING_CLI = Path(__file__).with_name("_pausing_cli.py")
 TINY = TINY_NETWORK
@@ -103,7 +104,7 @@ def _export(path: Path, task: str, backbone: str = "unet_tiny", seed: int = 0, *
                 "ssl": [],
             }[task],
         }
-        return build_module(load_config(None, overrides), info).export_backbone(path)
+        return build_module(load_config(TINY_CONFIG, overrides), info).export_backbone(path)
     net = create_backbone(backbone, 2, 10, **kwargs)
     meta = make_backbone_meta(
         backbone=backbone, backbone_kwargs=kwargs, in_channels=2, out_channels=10, task=task

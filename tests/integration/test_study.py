@@ -1,23 +1,24 @@
-"""``sap study`` end to end on a tiny cohort: protocol, outputs, report and restart."""
+"""``sap study`` end to end on a tiny cohort with every built-in arm: protocol, outputs, report,
+restart and two invocations at once (the suite's one study, ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import torch
 
+from sap_lightning.backbones import get_spec
 from sap_lightning.cache.splits import load_splits
-from sap_lightning.config import load_config, to_yaml
+from sap_lightning.config import load_config
 from sap_lightning.core import windows
+from sap_lightning.core.arms import get_arm
 from sap_lightning.dataset import layout
 from sap_lightning.pipeline.steps import DONE_FILE
 from sap_lightning.pipeline.study import run_study
+from tests.conftest import TINY_STUDY_ARMS
 
 
 def _splits(config):
@@ -25,23 +26,47 @@ def _splits(config):
 
 
 def test_report_has_every_arm_with_statistics(tiny_study) -> None:
-    _, result = tiny_study
-    report = result.report.read_text()
+    report = tiny_study.report.read_text()
     assert "Verdict" in report
-    for arm in ("scratch", "ssl", "sap"):
-        assert f"| {arm}" in report or f" {arm} |" in report
+    for arm in TINY_STUDY_ARMS:
+        assert f" {arm} |" in report.split("## Table 1", 1)[1]
     assert "F2 (detection score)" in report and "p" in report
-    for name in ("froc.png", "boxplots.png", "comparison.json"):
-        assert (result.report.parent / name).is_file()
+    for name in ("froc.png", "boxplots.png", "comparison.json", "curves.png"):
+        assert (tiny_study.report.parent / name).is_file()
     # The CPU files ask for bf16-mixed training: what ran (per the CPU) is named once for all.
     trained = "bfloat16 autocast" if windows.cpu_has_fast_kernels("bf16-mixed") else "float32"
     assert f"Training precision: {trained} (every run)." in report
 
 
+def test_header_and_learning_section_name_every_arm_and_pretraining(tiny_study) -> None:
+    """Derived from the arm registry: each listed arm's experiment file in the header, each
+    pretraining run (MAE included) with its own learning terms, every fine-tune."""
+    report = tiny_study.report.read_text()
+    header = next(line for line in report.splitlines() if line.startswith("- Experiments:"))
+    learning = report.split("## Did the networks learn?", 1)[1].split("**Verdict", 1)[0]
+    for name in TINY_STUDY_ARMS:
+        arm = get_arm(name)
+        assert f"{name} `experiments/cpu/finetune_{name}.yaml`" in header
+        if arm.pretraining is not None:
+            assert (
+                f"{arm.pretraining.label} `experiments/cpu/{arm.pretraining.experiment}.yaml`"
+                in header
+            )
+            row = next(
+                line
+                for line in learning.splitlines()
+                if line.startswith(f"| {arm.pretraining.title} |")
+            )
+            assert row.count("|") == 4 + len(arm.pretraining.learning)
+        for fold in (1, 2):
+            assert f"| {name} fold {fold} |" in learning
+    assert "| MAE pretraining |" in learning and "reconstruction" in learning
+
+
 def test_threshold_is_tuned_on_the_tuning_fold_only(tiny_study) -> None:
-    config, _ = tiny_study
+    config = tiny_study.config
     splits = _splits(config)
-    for arm in ("scratch", "ssl", "sap"):
+    for arm in TINY_STUDY_ARMS:
         choice = json.loads((Path(config.runs_dir) / arm / "tuning" / "threshold.json").read_text())
         assert sorted(choice["cases"]) == sorted(splits.tuning_cases())
         for fold in splits.test_folds:
@@ -64,7 +89,7 @@ def test_threshold_is_tuned_on_the_tuning_fold_only(tiny_study) -> None:
 
 
 def test_every_test_patient_is_predicted_on_its_own_grid(tiny_study) -> None:
-    config, _ = tiny_study
+    config = tiny_study.config
     splits = _splits(config)
     lesion = Path(config.data_dir) / "phantoms" / "lesion"
     test_cases = {c for f in splits.test_folds for c in splits.test_cases(f)}
@@ -79,67 +104,50 @@ def test_every_test_patient_is_predicted_on_its_own_grid(tiny_study) -> None:
 
 
 def test_pretraining_feeds_the_arms(tiny_study) -> None:
-    config, _ = tiny_study
-    runs = Path(config.runs_dir)
-    for arm, source in (("sap", "pretrain"), ("ssl", "ssl")):
-        report = json.loads((runs / arm / "fold1" / "transfer_report.json").read_text())
-        assert report["init"] == arm
-        assert Path(report["pretrained_file"]).parent == runs / source
-    scratch = json.loads((runs / "scratch" / "fold1" / "transfer_report.json").read_text())
-    assert scratch["init"] == "scratch"
+    """Each arm starts from its own pretraining run, copying what its registration says: SAP
+    everything but the output layer, SSL and MAE the encoder only."""
+    runs = Path(tiny_study.config.runs_dir)
+    for name in TINY_STUDY_ARMS:
+        arm = get_arm(name)
+        report = json.loads((runs / name / "fold1" / "transfer_report.json").read_text())
+        assert report["init"] == name
+        if arm.pretraining is None:
+            assert report["pretrained_file"] is None
+            continue
+        assert Path(report["pretrained_file"]).parent == runs / arm.pretraining.experiment
+        assert report["mode"] == arm.transfer
+        assert report["loaded"] and not report["missing"] and not report["mismatched"]
+        spec = get_spec(load_config(runs / name / "fold1" / "config.yaml").model.backbone)
+        encoder_only = all(spec.is_encoder_key(key) for key in report["loaded"])
+        assert encoder_only == (arm.transfer == "encoder"), name
+        exported = torch.load(runs / arm.pretraining.experiment / "backbone.pt", weights_only=True)[
+            "meta"
+        ]
+        assert (exported["task"], exported["recipe"], exported["arm"]) == (
+            arm.pretraining.task,
+            arm.pretraining.recipe,
+            name,
+        )
 
 
 def test_a_rerun_reuses_completed_steps(tiny_study) -> None:
-    config, first = tiny_study
+    """Started twice at once, one invocation generated the cohort; run again in this process,
+    the study reuses every step and writes the same report, byte for byte (wall times live
+    apart)."""
+    config = tiny_study.config
+    generated = f"wrote {config.healthy} healthy scans to"
+    assert sum(log.count(generated) for log in tiny_study.logs) == 1, tiny_study.logs
     runs = Path(config.runs_dir)
     checkpoints = sorted(runs.glob("*/fold*/checkpoints/last.ckpt")) + sorted(
         runs.glob("*/checkpoints/last.ckpt")
     )
     stamps = {p: os.stat(p).st_mtime_ns for p in checkpoints}
     assert all((p.parents[1] / DONE_FILE).is_file() for p in checkpoints)
-    first_report = first.report.read_text()  # the rerun writes the same path
+    first_report = tiny_study.report.read_text()
     second = run_study(config)
     assert {p: os.stat(p).st_mtime_ns for p in checkpoints} == stamps
-    # Same runs, same predictions: the same report, byte for byte (wall times live apart).
     assert second.report.read_text() == first_report
     assert "[timings.md](timings.md)" in first_report and "Wall time" not in first_report.replace(
         "Wall time of every step: [timings.md]", ""
     )
     assert "reused from an earlier invocation" in (second.report.parent / "timings.md").read_text()
-
-
-def test_worker_processes_write_the_same_report(tiny_study, tmp_path: Path) -> None:
-    """``sap study`` with two worker processes (independent steps overlapping) writes the
-    in-process study's report: each step seeds itself and writes only its own folder, so the
-    schedule changes no result when the threads per run are the same. Started twice at once on
-    the same fresh folders, the second invocation waits for the first's cohort and steps and
-    reuses them."""
-    config, first = tiny_study
-    runs, reports = tmp_path / "runs", tmp_path / "report"
-    study_file = tmp_path / "study.yaml"
-    study = replace(
-        config,
-        data_dir=str(tmp_path / "data"),
-        runs_dir=str(runs),
-        report_dir=str(reports),
-        workers=2,
-    )
-    study_file.write_text(to_yaml(study))
-    env = {**os.environ, "SAP_NUM_THREADS": str(torch.get_num_threads())}
-    command = [sys.executable, "-m", "sap_lightning", "study", "--config", str(study_file)]
-    processes = [
-        subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        for _ in range(2)
-    ]
-    logs = []
-    for process in processes:
-        _, stderr = process.communicate()
-        assert process.returncode == 0, stderr.decode()[-3000:]
-        logs.append(stderr.decode())
-    generated = f"wrote {config.healthy} healthy scans to"
-    assert sum(log.count(generated) for log in logs) == 1, logs  # one cohort, generated once
-    expected = first.report.read_text().replace(config.runs_dir, str(runs))
-    assert (reports / "report.md").read_text() == expected
-    timings = (reports / "timings.md").read_text()  # the later invocation's
-    assert "2 workers, " in timings
-    assert "reused from an earlier invocation: skeleton pretraining" in timings

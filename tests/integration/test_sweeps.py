@@ -20,6 +20,7 @@ from sap_lightning.config.sweep import (
 )
 from sap_lightning.core.errors import ConfigError
 from tests.datasets import write_tiny_dataset
+from tests.tiny import TINY_NETWORK
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
@@ -119,7 +120,7 @@ def test_sweep_local_runs_two_points_and_compare_reads_them(tmp_path: Path, caps
                     "data.queue_length=2",
                     "logger=none",
                     "trainer.enable_progress_bar=false",
-                    "model.kwargs.features=[2,4,4,4,4,2]",
+                    TINY_NETWORK,
                     "${args_no_hyphens}",
                 ],
             }

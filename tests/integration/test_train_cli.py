@@ -17,6 +17,7 @@ from sap_lightning.config import load_config, load_study_config
 from sap_lightning.core.io import read_json
 from sap_lightning.modules import LesionSegmentation, build_module
 from tests.datasets import truncate
+from tests.tiny import TINY_CONFIG
 from tests.training import EXPERIMENTS, TINY_TRAINING, prepare_tiny_datasets
 
 SMALL = TINY_TRAINING
@@ -34,7 +35,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # Untrained exported backbones stand in for pretraining runs (the chain test trains them).
     exported = {}
     for task, name in (("skeleton", "skeleton.pt"), ("ssl", "ssl.pt")):
-        cfg = load_config(None, [f"task={task}", "model.kwargs.features=[2,4,4,4,4,2]"])
+        cfg = load_config(TINY_CONFIG, [f"task={task}"])
         info = {
             **DATA_INFO,
             "num_classes": 10 if task == "skeleton" else None,

@@ -13,19 +13,19 @@ from sap_lightning.config import load_config
 from sap_lightning.core.errors import CheckpointError, ConfigError
 from sap_lightning.modules import ContrastivePretraining, MaskedAutoencoderPretraining, build_module
 from sap_lightning.modules.mae import block_mask, masked_mse
+from tests.tiny import TINY_CONFIG
 
 INFO = {"in_channels": 2, "channel_names": ["T1", "b1000"], "spacing": [1.5, 1.5, 4.0]}
 DATA = {
     "ssl": {**INFO, "num_classes": None, "label_names": []},
     "lesion": {**INFO, "num_classes": 2, "label_names": ["background", "lesion"]},
 }
-TINY = ["model.kwargs.features=[2,4,4,4,4,2]", "data.patch_size=[32,32,32]"]
-MAE = ["mae.enabled=true", "mae.block_size=8"]
+MAE = ["pretraining=mae", "mae.block_size=8"]
 
 
 def make(task: str, *overrides: str, seed: int = 0):
     torch.manual_seed(seed)
-    return build_module(load_config(None, [f"task={task}", *TINY, *overrides]), DATA[task])
+    return build_module(load_config(TINY_CONFIG, [f"task={task}", *overrides]), DATA[task])
 
 
 def test_block_mask_hides_the_ratio_of_whole_blocks() -> None:
@@ -63,7 +63,7 @@ def test_mae_module_reconstructs_the_image_channels_and_trains_the_whole_net() -
     loss.backward()
     assert all(p.grad is not None for p in module.net.parameters())
     assert module.backbone_meta()["task"] == "ssl"
-    assert module.backbone_meta()["ssl_recipe"] == "mae"
+    assert module.backbone_meta()["recipe"] == "mae"
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,7 @@ def test_mae_module_reconstructs_the_image_channels_and_trains_the_whole_net() -
 )
 def test_bad_mae_settings_are_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        make("ssl", "mae.enabled=true", *overrides)
+        make("ssl", "pretraining=mae", *overrides)
 
 
 def test_mae_validation_is_deterministic_per_patch() -> None:

@@ -26,7 +26,10 @@ from sap_lightning.modules import (
 )
 from sap_lightning.modules.base import NORMALISATION, CaseScores, confusion_dice
 from sap_lightning.modules.lesion import metadata_warnings, resolve_pretrained
+from tests.tiny import TINY_CONFIG, TINY_FEATURES
 
+DEFAULT_WIDTHS = "backbones/unet_tiny"
+"""The tiny U-Net at its registered widths (the CPU files'), not the tests' minimal ones."""
 SKELETON_NAMES = ["background", *(f"region{i}" for i in range(1, 10))]
 INFO = {
     "in_channels": 2,
@@ -38,12 +41,11 @@ DATA = {
     "lesion": {**INFO, "num_classes": 2, "label_names": ["background", "lesion"]},
     "ssl": {**INFO, "num_classes": None, "label_names": []},
 }
-TINY = ["model.kwargs.features=[2,4,4,4,4,2]", "data.patch_size=[32,32,32]"]
 
 
-def make(task: str, *overrides: str, seed: int = 0, base: tuple[str, ...] = tuple(TINY)):
+def make(task: str, *overrides: str, seed: int = 0, config=TINY_CONFIG):
     torch.manual_seed(seed)
-    cfg = load_config(None, [f"task={task}", *base, *overrides])
+    cfg = load_config(config, [f"task={task}", *overrides])
     return build_module(cfg, DATA[task])
 
 
@@ -123,7 +125,7 @@ def test_skeleton_step_trains_ten_classes() -> None:
 @pytest.mark.parametrize(
     "architecture",
     [
-        TINY[0],
+        "tiny",
         "model.backbone=dynunet model.kwargs.kernel_size=[3,3,3,3] model.kwargs.strides=[1,2,2,2] "
         "model.kwargs.filters=[4,4,8,8]",
     ],
@@ -135,8 +137,11 @@ def test_head_prior_starts_the_lesion_probability_at_the_prior(architecture) -> 
     probabilities = {}
     for prior in (None, 0.01):
         overrides = [] if prior is None else [f"model.head_prior={prior}"]
-        base = (*architecture.split(), "data.patch_size=[32,32,32]")
-        module = make("lesion", *overrides, base=base)
+        if architecture == "tiny":
+            module = make("lesion", *overrides)
+        else:
+            other = (*architecture.split(), "data.patch_size=[32,32,32]")
+            module = make("lesion", *overrides, *other, config=None)
         module.eval()
         with torch.no_grad():
             output = module(batch(2)["image"])
@@ -184,7 +189,7 @@ def test_patch_sizes_the_backbone_cannot_take_are_refused(overrides, message) ->
 
 
 def test_lesion_needs_a_binary_label_set() -> None:
-    cfg = load_config(None, ["task=lesion", *TINY])
+    cfg = load_config(TINY_CONFIG, ["task=lesion"])
     with pytest.raises(ConfigError, match="binary"):
         LesionSegmentation(to_dict(cfg), DATA["skeleton"])
 
@@ -200,7 +205,7 @@ def test_checkpoint_metadata_is_plain_and_complete(tmp_path: Path) -> None:
     assert meta["in_channels"] == 2 and meta["out_channels"] == 10
     assert meta["label_names"] == SKELETON_NAMES
     assert meta["normalisation"] == NORMALISATION
-    assert meta["backbone_kwargs"]["features"] == [2, 4, 4, 4, 4, 2]
+    assert meta["backbone_kwargs"]["features"] == TINY_FEATURES
     assert loaded["hyper_parameters"]["config"]["task"] == "skeleton"
     assert all(k.startswith(("net.", "val_dice")) for k in loaded["state_dict"])
 
@@ -238,7 +243,7 @@ def test_ssl_trains_only_the_parameters_on_the_bottleneck_path() -> None:
         "model.kwargs.depths=[1,1,1,1]",
         "data.patch_size=[64,64,64]",
         "ssl.projection_dim=8",
-        base=(),
+        config=None,
     )
     trainable = {n for n, p in module.net.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in module.net.named_parameters() if n.startswith("swinViT.")}
@@ -293,7 +298,8 @@ def test_each_ssl_term_falls_below_its_chance_level(size, lr, overrides) -> None
         "ssl.temperature=0.1",
         "ssl.projection_dim=16",
         *overrides,
-        base=(f"data.patch_size=[{size},{size},{size}]",),
+        f"data.patch_size=[{size},{size},{size}]",
+        config=DEFAULT_WIDTHS,
     )
     bank = _oriented_patches(16, size, seed=2)
     batch_size, steps = 4, 40
@@ -505,7 +511,8 @@ def test_ssl_heads_read_features_that_depend_on_the_input(backbone, size, overri
             f"model.backbone={backbone}",
             *overrides,
             f"ssl.head_input={head_input}",
-            base=(f"data.patch_size=[{size},{size},{size}]",),
+            f"data.patch_size=[{size},{size},{size}]",
+            config=DEFAULT_WIDTHS if backbone == "unet_tiny" else None,
         )
         module.eval()
         with torch.no_grad():

@@ -20,7 +20,6 @@ from sap_lightning.cache import open_cache, preprocess_dataset
 from sap_lightning.config.schema import DataConfig, LossConfig, OptimConfig
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.tasks import TASKS
-from sap_lightning.modules import MODULES
 from sap_lightning.modules.losses import create_loss, list_losses, register_loss
 from sap_lightning.modules.optim import create_optimizer, list_optimizers
 from tests.datasets import write_tiny_dataset
@@ -137,9 +136,8 @@ def test_unknown_planner_names_the_registered_ones() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_every_task_has_its_module_and_a_registered_default_planner(name: str) -> None:
+def test_every_task_has_a_registered_default_planner(name: str) -> None:
     spec = TASKS[name]
-    assert MODULES[name].task == name
     assert spec.default_planner in list_planners()
     requires = PLANNERS.get(spec.default_planner).requires
     assert requires == "none" or spec.labels != "none"

@@ -7,21 +7,22 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from sap_lightning.evaluation.report import Cell, Comparison, EvaluationRun
-from sap_lightning.pipeline.study import VERDICT_ROWS, verdict
+from sap_lightning.evaluation.report import Comparison, EvaluationRun, table_rows
+from sap_lightning.evaluation.statistics import Summary
+from sap_lightning.evaluation.study_report import PRIMARY_ROW, VERDICT_ROWS, verdict
 
 
 def _comparison(sap_f2: float, scratch_f2: float, p_adjusted: float) -> Comparison:
     cells = {
-        row: {name: Cell(0.5, 0.4, 0.6, 0.45, 0.55, 14) for name in ("scratch", "sap")}
+        row: {name: Summary(0.5, 0.4, 0.6, 0.45, 0.55, 14) for name in ("scratch", "sap")}
         for row in VERDICT_ROWS
     }
-    cells["F2 (detection score)"] = {
-        "scratch": Cell(scratch_f2, 0.0, 0.1, 0.0, 0.1, 14),
-        "sap": Cell(sap_f2, 0.0, 0.2, 0.0, 0.2, 14),
+    cells[PRIMARY_ROW] = {
+        "scratch": Summary(scratch_f2, 0.0, 0.1, 0.0, 0.1, 14),
+        "sap": Summary(sap_f2, 0.0, 0.2, 0.0, 0.2, 14),
     }
-    pvalues = {"F2 (detection score)": {"scratch vs sap": (p_adjusted / 3, p_adjusted, 14)}}
-    return Comparison(["scratch", "sap"], [], cells, pvalues, [])
+    pvalues = {PRIMARY_ROW: {"scratch vs sap": (p_adjusted / 3, p_adjusted, 14)}}
+    return Comparison(["scratch", "sap"], table_rows("_large", 1.0), cells, pvalues, [])
 
 
 @pytest.mark.parametrize(
@@ -54,7 +55,7 @@ def test_a_non_significant_verdict_states_the_power_and_the_observed_effect() ->
     sap = [0.3, 0.5, 0.1, 0.4, 0.2, 0.6, 0.3, 0.5, 0.1, 0.4, 0.2, 0.6, 0.3, 0.35]
     scratch = [0.2, 0.6, 0.0, 0.3, 0.3, 0.4, 0.2, 0.6, 0.1, 0.2, 0.3, 0.5, 0.3, 0.30]
     comparison = _comparison(0.35, 0.30, 0.9)
-    comparison.pvalues["F2 (detection score)"].update({"a vs b": (1, 1, 14), "c vs d": (1, 1, 14)})
+    comparison.pvalues[PRIMARY_ROW].update({"a vs b": (1, 1, 14), "c vs d": (1, 1, 14)})
     comparison.runs = [_run("scratch", scratch), _run("sap", sap)]
     text = verdict(comparison).splitlines()[0]
     differences = np.subtract(sap, scratch)

@@ -377,7 +377,10 @@ def _selected(group: list[str], mode: str, spec: BackboneSpec | None) -> bool:
     return mode == "all_but_head" or any(spec.is_encoder_key(name) for name in group)
 
 
-def _check_task(checkpoint: Checkpoint, expected_task: str | None) -> None:
+def _check_source(
+    checkpoint: Checkpoint, expected_task: str | None, expected_recipe: str | None
+) -> None:
+    """Refuse a source trained on another task, or by another arm's pretraining recipe."""
     if expected_task is None:
         return
     if expected_task not in TASKS:
@@ -392,6 +395,19 @@ def _check_task(checkpoint: Checkpoint, expected_task: str | None) -> None:
         raise CheckpointError(
             f"{checkpoint.origin}: is a {task!r} checkpoint, but a {expected_task!r} one is "
             "expected here"
+        )
+    if expected_recipe is None:
+        return
+    recipe = (checkpoint.meta or {}).get("recipe")
+    if recipe is None:
+        raise CheckpointError(
+            f"{checkpoint.origin}: names no pretraining recipe (written before sap_lightning "
+            f"0.3); a {expected_recipe!r} pretraining is expected: train or export it again"
+        )
+    if recipe != expected_recipe:
+        raise CheckpointError(
+            f"{checkpoint.origin}: comes from a {recipe!r} pretraining, but this arm starts "
+            f"from a {expected_recipe!r} one"
         )
 
 
@@ -427,6 +443,7 @@ def transfer_weights(
     in_channel_policy: str = "repeat_mean",
     strict: bool = True,
     expected_task: str | None = None,
+    expected_recipe: str | None = None,
 ) -> TransferReport:
     """Copy weights from ``source`` into ``model`` (in place) and report what was done.
 
@@ -443,6 +460,8 @@ def transfer_weights(
         strict: a selected model tensor that is missing from the source or has another shape
             raises ``CheckpointError`` naming it (otherwise it is reported and left as is).
         expected_task: refuse a source whose metadata names another task (or none).
+        expected_recipe: with ``expected_task``, refuse a source of another pretraining recipe
+            (``core/arms.py``: skeleton, contrastive, mae).
     """
     if mode not in MODES:
         raise ConfigError(f"transfer mode {mode!r} is not one of {list(MODES)}")
@@ -453,7 +472,7 @@ def transfer_weights(
     model = _unwrap(model)
     checkpoint = read_checkpoint(source)
     origin = checkpoint.origin
-    _check_task(checkpoint, expected_task)
+    _check_source(checkpoint, expected_task, expected_recipe)
     spec = _resolve_transfer_spec(spec, mode, checkpoint)
 
     groups = _alias_groups(model)

@@ -32,6 +32,7 @@ from sap_lightning.cache.reader import (
 from sap_lightning.core.errors import ConfigError, DatasetError
 from sap_lightning.core.io import atomic_dir, file_lock, read_json, write_json, writer_pid
 from sap_lightning.core.lesions import bounding_box, check_connectivity, lesion_components
+from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY
 from sap_lightning.core.threads import single_threaded_children, worker_processes
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import (
@@ -57,7 +58,7 @@ class PreprocessParams:
     Otsu's threshold of each image (``compute_body_mask``)."""
     body_dilation: int = 2
     """Voxels added around the body so skin and thin structures stay inside the mask."""
-    connectivity: int = 6
+    connectivity: int = DEFAULT_CONNECTIVITY
     """Lesion connectivity (docs/method.md: the authors' code uses 6)."""
     max_locations_per_class: int = 5000
     seed: int = 0

@@ -27,8 +27,8 @@ from sap_lightning.cache.reader import PreprocessedCache
 from sap_lightning.config.schema import DataConfig
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.io import file_lock, read_json, write_json
-from sap_lightning.core.lesions import DEFAULT_CONNECTIVITY
-from sap_lightning.core.lesions import count_lesions as count_label_lesions
+from sap_lightning.core.lesions import count_lesions
+from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY
 from sap_lightning.core.tasks import LABELLED_TASKS
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.images import read_image
@@ -37,23 +37,27 @@ from sap_lightning.dataset.validate import DatasetInfo, require_valid_dataset
 # --------------------------------------------------------------------------- making splits
 
 
-def count_lesions(label_path: str | os.PathLike, connectivity: int = DEFAULT_CONNECTIVITY) -> int:
+def count_file_lesions(
+    label_path: str | os.PathLike, connectivity: int = DEFAULT_CONNECTIVITY
+) -> int:
     """Number of lesions (connected components of ``label > 0``: every foreground label is
     lesion, as in a lesion cache) in a label file of any supported ending."""
     try:
         label = read_image(label_path).data
     except Exception as err:  # the readers raise many types on corrupt files
         raise DatasetError(f"{label_path}: unreadable label ({type(err).__name__}: {err})") from err
-    return count_label_lesions(np.asarray(label), connectivity)
+    return count_lesions(np.asarray(label), connectivity)
 
 
-def count_dataset_lesions(info: DatasetInfo, connectivity: int = 6) -> dict[str, int]:
+def count_dataset_lesions(
+    info: DatasetInfo, connectivity: int = DEFAULT_CONNECTIVITY
+) -> dict[str, int]:
     """``{case_id: lesion count}`` for every labelled case of a dataset."""
     counts = {}
     for case in info.cases:
         if case.label is None:
             raise DatasetError(f"case {case.case_id}: no label file: cannot count its lesions")
-        counts[case.case_id] = count_lesions(case.label, connectivity)
+        counts[case.case_id] = count_file_lesions(case.label, connectivity)
     return counts
 
 

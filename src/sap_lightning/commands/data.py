@@ -9,7 +9,7 @@ from pathlib import Path
 from sap_lightning.commands import _args
 from sap_lightning.config.schema import DataConfig
 from sap_lightning.core.errors import DatasetError
-from sap_lightning.core.lesions import CONNECTIVITIES, DEFAULT_CONNECTIVITY
+from sap_lightning.core.protocol import CONNECTIVITIES, DEFAULT_CONNECTIVITY
 
 
 def _add_task_argument(parser: argparse.ArgumentParser) -> None:

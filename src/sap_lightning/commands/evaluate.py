@@ -11,7 +11,7 @@ from pathlib import Path
 from sap_lightning.commands import _args
 from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.core.errors import SapError
-from sap_lightning.core.lesions import CONNECTIVITIES
+from sap_lightning.core.protocol import BOOTSTRAP_RESAMPLES, CONNECTIVITIES, LARGE_LESION_ML
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _fold(text: str) -> int | str:
 
 
 def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
-    from sap_lightning.metrics.lesion import DEFAULT_THRESHOLDS
+    from sap_lightning.metrics.lesion import THRESHOLD_GRID
 
     parser.add_argument(
         "--predictions",
@@ -76,7 +76,7 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--thresholds",
         type=_float_list,
-        default=DEFAULT_THRESHOLDS,
+        default=THRESHOLD_GRID,
         help="FROC / tuning grid, comma-separated (default 0.05,0.10,...,0.95)",
     )
     parser.add_argument(
@@ -89,8 +89,8 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-volume-ml",
         type=_args.non_negative_float,
-        default=1.0,
-        help="volume of 'clinically relevant' lesions (default 1.0 mL)",
+        default=LARGE_LESION_ML,
+        help="volume of 'clinically relevant' lesions (default %(default)s mL)",
     )
     parser.add_argument(
         "--tolerance-mm",
@@ -186,7 +186,10 @@ def add_arguments_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", nargs="+", help="arm names (default: folder names)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(
-        "--n-resamples", type=_args.positive_int, default=1000, help="bootstrap resamples"
+        "--n-resamples",
+        type=_args.positive_int,
+        default=BOOTSTRAP_RESAMPLES,
+        help="bootstrap resamples (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
@@ -196,8 +199,6 @@ def run_compare(args: argparse.Namespace) -> int:
 
     if args.names is not None and len(args.names) != len(args.eval_dirs):
         raise SapError(f"{len(args.names)} names for {len(args.eval_dirs)} evaluation folders")
-    if args.n_resamples < 1:
-        raise SapError(f"--n-resamples must be positive, got {args.n_resamples}")
     names = args.names or [None] * len(args.eval_dirs)
     runs = [load_evaluation(path, name) for path, name in zip(args.eval_dirs, names)]
     comparison = compare_runs(runs, n_resamples=args.n_resamples, seed=args.seed)

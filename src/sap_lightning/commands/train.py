@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from sap_lightning.config import load_config
+from sap_lightning.core.arms import get_arm, list_arms
 
 
 def _add_common(parser: argparse.ArgumentParser, example: str) -> None:
@@ -59,8 +60,17 @@ def run_pretrain(args: argparse.Namespace) -> int:
     return _run("skeleton", args)
 
 
+def _arms_epilog(key: str, task: str | None) -> str:
+    """The registered arms a key chooses among, from the arm registry."""
+    arms = [get_arm(name) for name in list_arms()]
+    if task is not None:
+        arms = [arm for arm in arms if arm.pretraining is not None and arm.pretraining.task == task]
+    return f"{key}: " + "; ".join(f"{arm.name}: {arm.description}" for arm in arms)
+
+
 def add_arguments_ssl(parser: argparse.ArgumentParser) -> None:
     _add_common(parser, "experiments/paper/ssl.yaml")
+    parser.epilog = _arms_epilog("pretraining (default ssl)", "ssl")
 
 
 def run_ssl(args: argparse.Namespace) -> int:
@@ -69,6 +79,7 @@ def run_ssl(args: argparse.Namespace) -> int:
 
 def add_arguments_finetune(parser: argparse.ArgumentParser) -> None:
     _add_common(parser, "experiments/paper/finetune_sap.yaml")
+    parser.epilog = _arms_epilog("model.init", None)
 
 
 def run_finetune(args: argparse.Namespace) -> int:

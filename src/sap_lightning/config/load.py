@@ -20,12 +20,12 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from sap_lightning.config.files import resolve_config_path
 from sap_lightning.config.schema import (
-    INIT_MODES,
     LOGGERS,
     TASKS,
     ExperimentConfig,
     StudyConfig,
 )
+from sap_lightning.core.arms import get_arm, list_arms, pretraining_arm
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.io import write_text
 from sap_lightning.core.windows import AUTOCAST_PRECISIONS
@@ -202,13 +202,21 @@ def validate_config(cfg: ExperimentConfig) -> None:
     Runs when a config is loaded (:func:`load_config`), before any run folder exists.
     """
     _check_choice(cfg.task, TASKS, "task")
-    _check_choice(cfg.model.init, INIT_MODES, "model.init")
+    _check_choice(cfg.model.init, list_arms(), "model.init")
+    if cfg.task == "lesion":
+        if cfg.pretraining is not None:
+            raise ConfigError(
+                "'pretraining' names the arm a pretraining run trains; a lesion run's arm is "
+                f"'model.init' (got pretraining={cfg.pretraining!r})"
+            )
+    else:
+        pretraining_arm(cfg.task, cfg.pretraining)
     _check_choice(cfg.logger, LOGGERS, "logger")
     if cfg.validation.precision is not None:
         _check_choice(cfg.validation.precision, list(AUTOCAST_PRECISIONS), "validation.precision")
     _check_values(cfg)
     if cfg.task == "lesion":
-        if cfg.model.init != "scratch" and not cfg.model.pretrained:
+        if get_arm(cfg.model.init).pretraining is not None and not cfg.model.pretrained:
             raise ConfigError(
                 f"'model.init' is '{cfg.model.init}' but 'model.pretrained' is not set: give the "
                 "checkpoint, exported backbone or run folder to start from"
@@ -224,7 +232,13 @@ def validate_config(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"'data.tuning_fold' must be in 0..{cfg.data.n_folds - 1}")
 
 
-OPEN_KEYS = ("model.kwargs", "model.pretrained_by_init", "finetune_configs", "pretrain_runs")
+OPEN_KEYS = (
+    "model.kwargs",
+    "model.pretrained_by_init",
+    "pretext",
+    "pretraining_overrides",
+    "finetune_overrides",
+)
 """Free-form mappings inside the schema (backbone factory arguments, checked when it is built)."""
 
 
@@ -238,11 +252,17 @@ def _schema(kind: type = ExperimentConfig) -> DictConfig:
     return schema
 
 
-def _compose(kind: type, path: str | os.PathLike | None, overrides: Sequence[str]) -> Any:
-    """Schema <- YAML file (with bases) <- ``key=value`` overrides, as a dataclass instance."""
+def _compose(
+    kind: type,
+    path: str | os.PathLike | None,
+    overrides: Sequence[str],
+    extra_files: Sequence[str | os.PathLike] = (),
+) -> Any:
+    """Schema <- YAML file (with bases) <- ``extra_files`` (each with its bases) <- ``key=value``
+    overrides, as a dataclass instance."""
     cfg = _schema(kind)
-    if path is not None:
-        cfg = _merge_checked(cfg, _read_yaml(resolve_config_path(path), ()), str(path))
+    for source in [*([path] if path is not None else []), *extra_files]:
+        cfg = _merge_checked(cfg, _read_yaml(resolve_config_path(source), ()), str(source))
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
@@ -262,15 +282,18 @@ def _compose(kind: type, path: str | os.PathLike | None, overrides: Sequence[str
 
 
 def load_config(
-    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    extra_files: Sequence[str | os.PathLike] = (),
 ) -> ExperimentConfig:
-    """Compose ``path`` (with its ``base:`` files) and ``key=value`` overrides over the schema.
+    """Compose ``path`` (with its ``base:`` files), then ``extra_files`` (a study's ``bases``)
+    and ``key=value`` overrides over the schema.
 
     Raises ``ConfigError`` naming the file and key for unknown keys, wrong types or bad values.
     """
-    result = _compose(ExperimentConfig, path, overrides)
+    result = _compose(ExperimentConfig, path, overrides, extra_files)
     assert isinstance(result, ExperimentConfig)
-    if result.model.pretrained is None and result.model.init != "scratch":
+    if result.model.pretrained is None:
         result.model.pretrained = result.model.pretrained_by_init.get(result.model.init)
     validate_config(result)
     return result
@@ -297,8 +320,17 @@ def load_study_config(
             raise ConfigError("'phantom_spacing' must be three spacings in mm or null")
         for value in result.phantom_spacing:
             _check_range(value, "phantom_spacing", 0, low_open=True)
-    if not result.finetune_configs:
-        raise ConfigError("study: 'finetune_configs' names no arm")
+    if not result.arms:
+        raise ConfigError("study: 'arms' names no arm")
+    if len(set(result.arms)) != len(result.arms):
+        raise ConfigError(f"study: 'arms' lists an arm twice: {result.arms}")
+    for arm in result.arms:
+        _check_choice(arm, list_arms(), "arms")
+    for key in ("pretraining_overrides", "finetune_overrides"):
+        for arm, items in getattr(result, key).items():
+            _check_choice(arm, result.arms, key)
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+                raise ConfigError(f"study: '{key}.{arm}' must be a list of key=value strings")
     return result
 
 

@@ -1,6 +1,11 @@
 """Typed experiment configuration: the dataclasses every YAML file and ``key=value`` override is
 checked against (OmegaConf struct mode refuses unknown keys and coerces types).
 
+Defaults are the paper's settings (docs/method.md): Swin UNETR v1 (feature size 48, dropouts
+0.1) on 96^3 patches, batch 2 per GPU on 2 GPUs (DDP), 16-bit mixed precision, Adam with weight
+decay 1e-5, 10 warm-up epochs then cosine decay over 400, Dice + cross-entropy. Experiment
+files compose what differs: ``hardware/``, ``backbones/`` and the arm's own file.
+
 Values that must agree with the data (number of classes, input channels, label names) are not
 configured here: they are derived in code from the dataset, so they cannot disagree.
 """
@@ -10,11 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sap_lightning.core.protocol import (
+    BOOTSTRAP_RESAMPLES,
+    DEFAULT_CONNECTIVITY,
+    DEFAULT_THRESHOLD,
+    SURFACE_TOLERANCE_MM,
+)
 from sap_lightning.core.tasks import TASKS as _TASK_TABLE
-from sap_lightning.core.windows import DEFAULT_THRESHOLD
 
 TASKS = tuple(_TASK_TABLE)
-INIT_MODES = ("scratch", "sap", "ssl", "mae")
 LOGGERS = ("wandb", "csv", "none")
 
 
@@ -55,10 +64,10 @@ class DataConfig:
     val_fraction: float = 0.125
     target_spacing: list[float] | None = None
     """Optional resampling (mm) applied by the preprocessing cache; None keeps the data's grid."""
-    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32])
+    patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     batch_size: int = 2
     """Per process (per GPU under DDP)."""
-    num_workers: int = 0
+    num_workers: int = 4
     sampler: str = "auto"
     """A registered patch planner (``batches/planners.py``); ``auto`` takes the task's default
     from the task table: instance_balanced (lesion), class_balanced (skeleton), uniform (ssl)."""
@@ -80,16 +89,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "unet_tiny"
+    backbone: str = "swin_unetr"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for the backbone factory (see ``sap_lightning.backbones``)."""
+    """Keyword arguments for the backbone factory over its registered defaults (see
+    ``sap_lightning.backbones``; swin_unetr's are the paper's)."""
     init: str = "scratch"
-    """Lesion task: ``scratch`` (random), ``sap`` (skeleton checkpoint, all but the head) or
-    ``ssl`` (SSL checkpoint, encoder only)."""
+    """Lesion task: the arm that initialises the network, a registered arm (``core/arms.py``:
+    ``scratch`` random, ``sap`` all but the head of a skeleton network, ``ssl`` / ``mae`` the
+    encoder of a self-supervised one)."""
     pretrained: str | None = None
     """Checkpoint, exported backbone or run folder to initialise from (``init`` sap or ssl)."""
     pretrained_by_init: dict[str, str] = field(default_factory=dict)
-    """Default ``pretrained`` per ``init`` mode (e.g. ``{sap: runs/pretrain, ssl: runs/ssl}``), so
+    """Default ``pretrained`` per arm (e.g. ``{sap: runs/pretrain, ssl: runs/ssl}``), so
     one experiment file (or a sweep) can switch arms with ``model.init`` alone."""
     in_channel_policy: str = "repeat_mean"
     head_prior: float | None = None
@@ -145,7 +156,7 @@ class SSLConfig:
     projection_dim: int = 512
     cutout_fraction: float = 0.3
     """Fraction of the patch volume masked out in each view before reconstruction."""
-    head_input: str = "flatten"
+    head_input: str = "tokens"
     """What the rotation and contrastive heads read from the bottleneck: ``flatten`` (every
     bottleneck voxel, in order), ``tokens`` (Tang et al.: voxel 0 for rotation, voxel 1 for the
     contrastive projection) or ``pool`` (global mean, which collapses after instance norm)."""
@@ -159,7 +170,7 @@ class SSLConfig:
     plane that holds the body's long axis is visible on every patch; in the axial plane a limb's
     near-round cross-section looks alike under every turn, and the rotation term stayed at
     chance on the synthetic cohort."""
-    shared_view_rotation: bool = False
+    shared_view_rotation: bool = True
     """Give both views of a patch the same pretext rotation (Tang et al.: independent). Needed
     with ``flatten`` and ``tokens`` heads: position-keeping features of two differently rotated
     views are permuted copies of each other (a token reads different places), which a linear
@@ -169,10 +180,9 @@ class SSLConfig:
 
 @dataclass
 class MAEConfig:
-    """Masked-autoencoder pretraining (Wald et al., CVPR 2025; nnssl's BaseMAETrainer), an SSL
-    recipe: with ``enabled`` a ``task: ssl`` run trains ``modules/mae.py`` instead of Tang et al."""
+    """The ``mae`` arm's pretraining (Wald et al., CVPR 2025; nnssl's BaseMAETrainer):
+    ``modules/mae.py``, run with ``task: ssl`` and ``pretraining: mae``."""
 
-    enabled: bool = False
     mask_ratio: float = 0.75
     """Fraction of the coarse grid's blocks set to 0 in the input (nnssl: 0.75)."""
     block_size: int = 16
@@ -181,13 +191,13 @@ class MAEConfig:
 
 @dataclass
 class ValidationConfig:
-    sw_batch_size: int = 2
+    sw_batch_size: int = 4
     overlap: float = 0.25
-    every_n_epochs: int = 1
+    every_n_epochs: int = 10
     threshold: float = DEFAULT_THRESHOLD
     """Probability threshold for lesion metrics during validation (tuned later on the tuning fold)."""
-    tolerance_mm: float = 2.0
-    connectivity: int = 6
+    tolerance_mm: float = SURFACE_TOLERANCE_MM
+    connectivity: int = DEFAULT_CONNECTIVITY
     roi_size: list[int] | None = None
     """Sliding-window size for whole-case inference (validation and ``sap predict``); None: the
     training patch size. Larger windows are faster for convolutional backbones."""
@@ -208,11 +218,11 @@ class ValidationConfig:
 class TrainerConfig:
     """Passed to ``lightning.Trainer``; see its documentation for each key."""
 
-    accelerator: str = "auto"
-    devices: Any = 1
+    accelerator: str = "gpu"
+    devices: Any = 2
     num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
+    strategy: str = "ddp"
+    precision: str = "16-mixed"
     max_epochs: int = 400
     max_steps: int = -1
     """Optimiser steps of the run; when > 0 it ends training and drives the schedule, so every
@@ -253,6 +263,9 @@ class ExperimentConfig:
     """Folder of this run; default ``<output_dir>/<name>``."""
     resume: bool = False
     """Continue from ``<run_dir>/checkpoints/last.ckpt``."""
+    pretraining: str | None = None
+    """Pretraining tasks (skeleton, ssl): the arm whose pretraining this run is (``core/arms.py``;
+    it picks the LightningModule); None: the task's built-in arm (skeleton: sap, ssl: ssl)."""
     logger: str = "wandb"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,6 +273,9 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    pretext: dict[str, Any] = field(default_factory=dict)
+    """Settings of a pretraining arm added by a user (``Pretraining.section = "pretext"``),
+    read and checked by its own module (docs/extending.md)."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -267,10 +283,12 @@ class ExperimentConfig:
 
 @dataclass
 class StudyConfig:
-    """The whole study in one run (``sap study``): cohort, pretraining, three arms, report.
+    """The whole study in one run (``sap study``): cohort, pretraining, the arms, report.
 
-    Each training step loads its experiment file and applies ``overrides`` (common to every
-    step) then the step's own overrides, so any experiment key can be changed for the study.
+    Every arm's runs read the packaged experiment files of ``profile`` (its pretraining file
+    and ``finetune_<arm>.yaml``), then ``bases`` over them, then ``overrides`` (every run),
+    then the arm's own ``pretraining_overrides`` / ``finetune_overrides``; so any experiment
+    key can be changed for the whole study or for one arm.
     """
 
     name: str = "demo"
@@ -290,29 +308,23 @@ class StudyConfig:
     10 scans of 6 volunteers holds out two scans)."""
     runs_dir: str = "runs/demo"
     report_dir: str = "reports/demo"
-    pretrain_config: str = "experiments/cpu/pretrain.yaml"
-    ssl_config: str = "experiments/cpu/ssl.yaml"
-    finetune_configs: dict[str, str] = field(
-        default_factory=lambda: {
-            "scratch": "experiments/cpu/finetune_scratch.yaml",
-            "ssl": "experiments/cpu/finetune_ssl.yaml",
-            "sap": "experiments/cpu/finetune_sap.yaml",
-        }
-    )
-    """Arm name -> experiment file; arms appear in the report in this order."""
-    pretrain_runs: dict[str, str] = field(default_factory=dict)
-    """Further pretraining runs on the healthy scans, init name -> experiment file (e.g.
-    ``{mae: experiments/cpu/resenc_mae.yaml}``): the arm of that name starts from it."""
+    arms: list[str] = field(default_factory=lambda: ["scratch", "ssl", "sap"])
+    """Registered arms (``core/arms.py``) in report order; each pretraining they need runs once."""
+    profile: str = "experiments/cpu"
+    """Folder of experiment files: each arm's ``<pretraining.experiment>.yaml`` and
+    ``finetune_<arm>.yaml`` (a path, or ``experiments/<name>`` for the packaged ones)."""
+    bases: list[str] = field(default_factory=list)
+    """Experiment files merged over every run's own, e.g. ``experiments/backbones/resenc_cpu.yaml``
+    puts every arm on another backbone."""
     overrides: list[str] = field(default_factory=list)
-    pretrain_overrides: list[str] = field(default_factory=list)
-    ssl_overrides: list[str] = field(default_factory=list)
-    finetune_overrides: list[str] = field(default_factory=list)
+    pretraining_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Arm -> overrides of that arm's pretraining run."""
+    finetune_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Arm -> overrides of that arm's fine-tuning runs."""
     predict_overlap: float = 0.25
-    n_resamples: int = 1000
+    n_resamples: int = BOOTSTRAP_RESAMPLES
     workers: int = 1
     """Study steps run at once, each in its own process with ``usable CPUs // workers`` torch
-    threads (``SAP_NUM_THREADS`` pins it). Runs that do not depend on each other (stage 1 and
-    SSL, the arms and folds) then overlap: on 2 CPUs two 1-thread processes ran 1.22x the
-    training steps per second of one 2-thread process (``benchmarks/bench_threads.py``). 1 runs
-    every step in this process, one after the other. Results depend on the threads per run,
-    not on ``workers``."""
+    threads (``SAP_NUM_THREADS`` pins it). Runs that do not depend on each other (the
+    pretraining runs, the arms and folds) then overlap. 1 runs every step in this process, one
+    after the other. Results depend on the threads per run, not on ``workers``."""

@@ -16,12 +16,11 @@ from typing import Any
 
 import cc3d
 import numpy as np
+from scipy import ndimage
+
+from sap_lightning.core.protocol import CONNECTIVITIES, DEFAULT_CONNECTIVITY
 
 log = logging.getLogger(__name__)
-
-CONNECTIVITIES = (6, 18, 26)
-DEFAULT_CONNECTIVITY = 6
-"""Face neighbours: the authors' code uses it; the paper does not say (docs/evaluation.md)."""
 
 
 def check_connectivity(connectivity: int) -> int:
@@ -51,17 +50,21 @@ def count_lesions(label: np.ndarray, connectivity: int = DEFAULT_CONNECTIVITY) -
     return connected_components(label, connectivity)[1]
 
 
+def component_boxes(labels: np.ndarray, count: int) -> list[tuple[slice, ...]]:
+    """Half-open bounding box (one slice per axis) of every component ``1..count`` of a label
+    volume: the one way every stage boxes its lesions (scipy's ``find_objects``). A component
+    id absent from ``labels`` gets empty slices."""
+    boxes = ndimage.find_objects(np.asarray(labels), max_label=count) if count else []
+    return [box if box is not None else (slice(0, 0),) * labels.ndim for box in boxes]
+
+
 def bounding_box(mask: np.ndarray) -> tuple[int, ...]:
     """``(x0, y0, z0, x1, y1, z1)``, half-open, of the non-zero voxels (all zeros if none)."""
-    if not mask.any():
-        return (0,) * (2 * mask.ndim)
-    starts, stops = [], []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        starts.append(int(present[0]))
-        stops.append(int(present[-1]) + 1)
-    return (*starts, *stops)
+    foreground = np.asarray(mask) != 0
+    if not foreground.any():
+        return (0,) * (2 * foreground.ndim)
+    (box,) = component_boxes(foreground.view(np.uint8), 1)
+    return (*(int(s.start) for s in box), *(int(s.stop) for s in box))
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,11 @@ def lesion_components(
     components, count = connected_components(label, connectivity)
     if count == 0:
         return []
-    stats = cc3d.statistics(components)
+    voxel_counts = np.bincount(components.ravel(), minlength=count + 1)
     voxel_ml = voxel_volume_ml(spacing)
     lesions = []
-    for component_id in range(1, count + 1):
-        voxels = int(stats["voxel_counts"][component_id])
-        box = stats["bounding_boxes"][component_id]
+    for component_id, box in enumerate(component_boxes(components, count), start=1):
+        voxels = int(voxel_counts[component_id])
         bbox = (*(int(s.start) for s in box), *(int(s.stop) for s in box))
         lesions.append(LesionInfo(component_id, voxels, voxels * voxel_ml, bbox))  # type: ignore[arg-type]
     return lesions

@@ -37,6 +37,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def in_order(self) -> list[str]:
+        """Names in registration order (the built-ins first)."""
+        return list(self._entries)
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]

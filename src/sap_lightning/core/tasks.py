@@ -1,8 +1,8 @@
 """The task table: what each training task reads, samples, trains and exports.
 
-One row per task replaces the task lists that configs, splits, DataModules, modules and the
-training pipeline would otherwise each keep. ``module`` names the LightningModule class in
-``sap_lightning.modules`` (by name, so this core module imports no later stage).
+One row per task replaces the task lists that configs, splits, DataModules and the training
+pipeline would otherwise each keep. Which LightningModule trains a pretraining task is the
+arm's to say (``core/arms.py``): ``ssl`` runs Tang et al.'s pretext or a masked autoencoder.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ class TaskSpec:
     """Label set the task trains on: ``skeleton`` (10 classes), ``lesion`` (binary) or ``none``."""
     default_planner: str
     """Patch planner used when ``data.sampler`` is ``auto`` (``batches/planners.py``)."""
-    module: str
-    """LightningModule class name in ``sap_lightning.modules``."""
     exports_backbone: bool
     """Whether a finished run exports ``backbone.pt`` for a later stage to start from."""
     split: str
@@ -28,13 +26,9 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "skeleton": TaskSpec(
-        "skeleton", "skeleton", "class_balanced", "SkeletonSegmentation", True, "holdout"
-    ),
-    "lesion": TaskSpec(
-        "lesion", "lesion", "instance_balanced", "LesionSegmentation", False, "folds"
-    ),
-    "ssl": TaskSpec("ssl", "none", "uniform", "ContrastivePretraining", True, "holdout"),
+    "skeleton": TaskSpec("skeleton", "skeleton", "class_balanced", True, "holdout"),
+    "lesion": TaskSpec("lesion", "lesion", "instance_balanced", False, "folds"),
+    "ssl": TaskSpec("ssl", "none", "uniform", True, "holdout"),
 }
 """Every task, by name."""
 

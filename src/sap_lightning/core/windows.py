@@ -17,10 +17,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.5
-"""Probability threshold used wherever no tuned threshold exists yet (validation, an untuned
-``sap predict``); the study tunes it on the tuning fold (docs/evaluation.md)."""
-
 
 def round_up_to_multiple(size: Sequence[int], multiple: int) -> list[int]:
     """Round each window size up to the backbone's required input multiple (32 for Swin UNETR)."""

@@ -4,15 +4,16 @@ A loss curve alone cannot tell a learning network from a stuck one (a Dice + CE 
 1 both on the plateau and, per patch, on lesion-free patches), so the study report shows for
 every run the metric that shows learning, read back from the run's own logs
 (``evaluation.curves``): whole-skeleton and mean region Dice (skeleton), each SSL term against
-its chance level (rotation ln 4, contrastive ln(2N - 1) for a global batch of N), and lesion
-sensitivity, precision, F2 and foreground Dice at the validation threshold (lesion).
+its chance level (rotation ln 4, contrastive ln(2N - 1) for a global batch of N), the masked
+autoencoder's reconstruction error, and lesion sensitivity, precision, F2 and foreground Dice
+at the validation threshold (lesion). The pretraining terms are the arm's (``core/arms.py``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,40 +21,42 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sap_lightning.core.arms import LearningTerm
 from sap_lightning.core.io import atomic_path
 from sap_lightning.core.run_layout import CONFIG_FILE
 from sap_lightning.evaluation.curves import last_value, read_training_curves
 
-KEYS: dict[str, tuple[tuple[str, str], ...]] = {
-    "skeleton": (
-        ("val/dice_skeleton", "whole-skeleton Dice"),
-        ("val/dice_mean", "mean region Dice"),
-    ),
-    "ssl": (
-        ("train/rotation", "rotation"),
-        ("train/contrastive", "contrastive"),
-        ("train/reconstruction", "reconstruction"),
-    ),
-    "lesion": (
-        ("val/sensitivity", "sensitivity"),
-        ("val/precision", "precision"),
-        ("val/f2", "F2"),
-        ("val/global_dice", "foreground Dice"),
-        ("val/f2_guarded", "F2 guarded"),
-    ),
+LESION_LEARNING: tuple[LearningTerm, ...] = (
+    LearningTerm("val/sensitivity", "sensitivity"),
+    LearningTerm("val/precision", "precision"),
+    LearningTerm("val/f2", "F2"),
+    LearningTerm("val/global_dice", "foreground Dice"),
+    LearningTerm("val/f2_guarded", "F2 guarded"),
+)
+"""What shows a lesion fine-tune learned (validation at the run's validation threshold).
+Pretraining runs show their arm's terms (``Pretraining.learning``)."""
+
+
+def _global_batch(config: Mapping) -> int:
+    data, trainer = config.get("data", {}), config.get("trainer", {})
+    devices = trainer.get("devices", 1)
+    devices = devices if isinstance(devices, int) and devices > 0 else 1
+    return int(data.get("batch_size", 1)) * devices * int(trainer.get("num_nodes", 1))
+
+
+CHANCE_LEVELS: dict[str, Callable[[Mapping], float]] = {
+    "rotation": lambda config: math.log(4),
+    "contrastive": lambda config: math.log(2 * _global_batch(config) - 1),
 }
-"""Per task, the logged values that show learning, with their names in the report."""
-
-SSL_CHANCE_KEYS = ("train/rotation", "train/contrastive")
-"""SSL terms with a chance level (reconstruction has none: compare its first and last value)."""
-
-MAIN_CURVE = {"skeleton": "val/dice_skeleton", "ssl": "train/rotation", "lesion": "val/sensitivity"}
+"""Loss of a head that has learned nothing, from the run's config: uniform over 4 rotations;
+one positive among 2N - 1 candidates for NT-Xent over a global batch of N patches (each seen
+in two views). ``LearningTerm.chance`` names one."""
 
 
 @dataclass
 class RunDiagnostics:
     name: str
-    task: str
+    terms: tuple[LearningTerm, ...]
     steps: int
     first_loss: float
     last_loss: float
@@ -71,17 +74,10 @@ def _config(run_dir: Path) -> dict:
         return {}
 
 
-def ssl_chance_levels(config: Mapping) -> dict[str, float]:
-    """Loss of a head that has learned nothing: uniform over 4 rotations; one positive among
-    2N - 1 candidates for NT-Xent over a global batch of N patches (each seen in two views)."""
-    data, trainer = config.get("data", {}), config.get("trainer", {})
-    devices = trainer.get("devices", 1)
-    devices = devices if isinstance(devices, int) and devices > 0 else 1
-    global_batch = int(data.get("batch_size", 1)) * devices * int(trainer.get("num_nodes", 1))
-    return {"train/rotation": math.log(4), "train/contrastive": math.log(2 * global_batch - 1)}
-
-
-def diagnose(name: str, task: str, run_dir: str | os.PathLike) -> RunDiagnostics:
+def diagnose(
+    name: str, terms: tuple[LearningTerm, ...], run_dir: str | os.PathLike
+) -> RunDiagnostics:
+    """The learning ``terms`` of one run, read back from its logs and config."""
     run = Path(run_dir)
     curves = read_training_curves(run)
     losses = curves["train/loss"].dropna() if "train/loss" in curves else []
@@ -89,12 +85,12 @@ def diagnose(name: str, task: str, run_dir: str | os.PathLike) -> RunDiagnostics
     config = _config(run)
     return RunDiagnostics(
         name=name,
-        task=task,
+        terms=terms,
         steps=steps,
         first_loss=float(losses.iloc[0]) if len(losses) else math.nan,
         last_loss=float(losses.iloc[-1]) if len(losses) else math.nan,
-        values={key: last_value(curves, key) for key, _ in KEYS[task]},
-        chance=ssl_chance_levels(config) if task == "ssl" else {},
+        values={term.key: last_value(curves, term.key) for term in terms},
+        chance={term.key: CHANCE_LEVELS[term.chance](config) for term in terms if term.chance},
         precision=config.get("trainer", {}).get("precision"),
     )
 
@@ -104,28 +100,24 @@ def _number(value: float) -> str:
 
 
 def diagnostics_markdown(runs: list[RunDiagnostics]) -> str:
-    """One table per task: steps, first and last training loss, and the learning metrics."""
+    """One table per set of learning terms (each pretraining recipe, the fine-tunes): steps,
+    first and last training loss, and the terms, with their chance levels where they have one."""
+    groups: dict[tuple[LearningTerm, ...], list[RunDiagnostics]] = {}
+    for run in runs:
+        groups.setdefault(run.terms, []).append(run)
     lines = []
-    for task in ("skeleton", "ssl", "lesion"):
-        mine = [run for run in runs if run.task == task]
-        if not mine:
-            continue
-        names = [label for _, label in KEYS[task]]
-        if task == "ssl":
-            names = [
-                f"{label} (chance)" if key in SSL_CHANCE_KEYS else label
-                for (key, _), label in zip(KEYS[task], names)
-            ]
+    for terms, mine in groups.items():
+        names = [f"{term.label} (chance)" if term.chance else term.label for term in terms]
         lines += [
             "| run | steps | train loss first -> last | " + " | ".join(names) + " |",
             "|---|---|---|" + "---|" * len(names),
         ]
         for run in mine:
             cells = []
-            for key, _ in KEYS[task]:
-                cell = _number(run.values[key])
-                if key in run.chance:
-                    cell += f" ({run.chance[key]:.3f})"
+            for term in terms:
+                cell = _number(run.values[term.key])
+                if term.key in run.chance:
+                    cell += f" ({run.chance[term.key]:.3f})"
                 cells.append(cell)
             loss = f"{_number(run.first_loss)} -> {_number(run.last_loss)}"
             lines.append(f"| {run.name} | {run.steps} | {loss} | " + " | ".join(cells) + " |")
@@ -133,19 +125,21 @@ def diagnostics_markdown(runs: list[RunDiagnostics]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(runs: Mapping[str, tuple[str, Path]], path: str | os.PathLike) -> Path:
-    """Training loss and the task's learning metric against the optimiser step, per run."""
+def plot_curves(
+    runs: Mapping[str, tuple[tuple[LearningTerm, ...], Path]], path: str | os.PathLike
+) -> Path:
+    """Training loss and each run's first learning term against the optimiser step."""
     figure = Figure(figsize=(11, 4))
     loss_axes = figure.add_subplot(1, 2, 1)
     metric_axes = figure.add_subplot(1, 2, 2)
-    for name, (task, run_dir) in runs.items():
+    for name, (terms, run_dir) in runs.items():
         curves = read_training_curves(run_dir)
         if "step" not in curves:
             continue
         if "train/loss" in curves:
             rows = curves.dropna(subset=["train/loss"])
             loss_axes.plot(rows["step"], rows["train/loss"], label=name, lw=1)
-        key = MAIN_CURVE[task]
+        key = terms[0].key
         if key in curves:
             rows = curves.dropna(subset=[key])
             metric_axes.plot(rows["step"], rows[key], marker=".", label=f"{name}: {key}", lw=1)
@@ -163,4 +157,11 @@ def plot_curves(runs: Mapping[str, tuple[str, Path]], path: str | os.PathLike) -
     return Path(path)
 
 
-__all__ = ["RunDiagnostics", "diagnose", "diagnostics_markdown", "plot_curves"]
+__all__ = [
+    "CHANCE_LEVELS",
+    "LESION_LEARNING",
+    "RunDiagnostics",
+    "diagnose",
+    "diagnostics_markdown",
+    "plot_curves",
+]

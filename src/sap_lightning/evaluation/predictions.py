@@ -32,6 +32,15 @@ from torchmetrics import MetricCollection
 
 from sap_lightning.core.errors import DatasetError, SapError
 from sap_lightning.core.io import atomic_path, write_json
+from sap_lightning.core.protocol import (
+    DEFAULT_CONNECTIVITY,
+    FROC_MAX_FP_ALL,
+    FROC_MAX_FP_LARGE,
+    LARGE_LESION_ML,
+    MAX_PLAUSIBLE_VOLUME_RATIO,
+    SURFACE_TOLERANCE_MM,
+    THRESHOLD_GRID,
+)
 from sap_lightning.core.run_layout import THRESHOLD_FILE
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.images import read_image
@@ -46,14 +55,7 @@ from sap_lightning.inference.outputs import (
     require_single_model,
 )
 from sap_lightning.metrics.functional import binarize
-from sap_lightning.metrics.lesion import (
-    DEFAULT_THRESHOLDS,
-    FROC_MAX_FP_ALL,
-    FROC_MAX_FP_LARGE,
-    MAX_PLAUSIBLE_VOLUME_RATIO,
-    LesionDetection,
-    make_lesion_metrics,
-)
+from sap_lightning.metrics.lesion import LesionDetection, make_lesion_metrics
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +90,10 @@ class EvaluationSettings:
     """How predictions are turned into lesions and scored."""
 
     threshold: float | None = None
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    connectivity: int = 6
-    min_volume_ml: float = 1.0
-    tolerance_mm: float = 2.0
+    thresholds: tuple[float, ...] = THRESHOLD_GRID
+    connectivity: int = DEFAULT_CONNECTIVITY
+    min_volume_ml: float = LARGE_LESION_ML
+    tolerance_mm: float = SURFACE_TOLERANCE_MM
 
 
 @dataclass

@@ -24,6 +24,7 @@ import pandas as pd
 
 from sap_lightning.core.errors import SapError
 from sap_lightning.core.io import read_json, write_json, write_text
+from sap_lightning.core.protocol import BOOTSTRAP_RESAMPLES, FROC_MAX_FP_ALL, FROC_MAX_FP_LARGE
 from sap_lightning.core.run_layout import EVALUATION_DIR
 from sap_lightning.evaluation.plots import plot_boxes, plot_froc
 from sap_lightning.evaluation.predictions import (
@@ -33,7 +34,7 @@ from sap_lightning.evaluation.predictions import (
     SUMMARY_JSON,
 )
 from sap_lightning.evaluation.statistics import (
-    N_RESAMPLES,
+    Summary,
     bonferroni,
     bootstrap_ci,
     mann_whitney,
@@ -42,7 +43,6 @@ from sap_lightning.evaluation.statistics import (
 from sap_lightning.metrics.agreement import icc_2_1
 from sap_lightning.metrics.froc import froc_auc, froc_curve
 from sap_lightning.metrics.functional import detection_rates
-from sap_lightning.metrics.lesion import FROC_MAX_FP_ALL, FROC_MAX_FP_LARGE
 
 REPORT_MD = "report.md"
 COMPARISON_JSON = "comparison.json"
@@ -129,6 +129,8 @@ class MetricRow:
     array with one row per patient) and are bootstrapped over patients.
     """
 
+    id: str
+    """Stable key of the row (cells, p-values, JSON); ``label`` is for display only."""
     label: str
     unit: str  # "patient", "lesion" or "cohort"
     sample: Callable[[EvaluationRun], np.ndarray]
@@ -151,7 +153,12 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
 
     def patient(label: str, column: str, estimate: str = "median") -> MetricRow:
         return MetricRow(
-            label, "patient", lambda run: run.cases[column].to_numpy(np.float64), estimate, column
+            column,
+            label,
+            "patient",
+            lambda run: run.cases[column].to_numpy(np.float64),
+            estimate,
+            column,
         )
 
     def lesion(label: str, column: str) -> MetricRow:
@@ -159,10 +166,11 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
             rows = run.lesions["detected"].astype(bool)
             return run.lesions.loc[rows, column].to_numpy(np.float64)
 
-        return MetricRow(label, "lesion", detected, "median")
+        return MetricRow(column, label, "lesion", detected, "median")
 
     def froc_row(label: str, large: bool, max_fp: float) -> MetricRow:
         return MetricRow(
+            "froc_auc_large" if large else "froc_auc",
             label,
             "cohort",
             lambda run: _froc_counts(run, large),
@@ -182,6 +190,7 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
         patient("per-patient mean Dice", "patient_mean_dice"),
         patient("global Dice", "global_dice"),
         MetricRow(
+            "volume_icc",
             "ICC(2,1) total volume",
             "cohort",
             lambda run: run.cases[["pred_volume_ml", "gt_volume_ml"]].to_numpy(np.float64),
@@ -198,50 +207,29 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
 # ------------------------------------------------------------------------------ comparison
 
 
-@dataclass(frozen=True)
-class Cell:
-    estimate: float
-    ci_low: float
-    ci_high: float
-    q1: float
-    q3: float
-    n: int
-
-    def format(self, digits: int = 3) -> str:
-        def number(value: float) -> str:
-            text = f"{value:.{digits}f}"
-            return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
-
-        if math.isnan(self.estimate):
-            return "n/a"
-        if math.isnan(self.ci_low):
-            return number(self.estimate)
-        return f"{number(self.estimate)} [{number(self.ci_low)}, {number(self.ci_high)}]"
-
-
 @dataclass
 class Comparison:
     names: list[str]
     rows: list[MetricRow]
-    cells: dict[str, dict[str, Cell]]  # row label -> arm -> cell
+    cells: dict[str, dict[str, Summary]]  # row id -> arm -> cell
     pvalues: dict[str, dict[str, tuple[float, float, int]]]  # row -> "a vs b" -> (p, p_adj, n)
     runs: list[EvaluationRun]
 
 
-def _cell(row: MetricRow, run: EvaluationRun, n_resamples: int, seed: int) -> Cell:
+def _cell(row: MetricRow, run: EvaluationRun, n_resamples: int, seed: int) -> Summary:
     if row.needs_froc and not run.has_froc:
-        return Cell(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
+        return Summary.undefined()
     sample = row.sample(run)
     if row.unit == "cohort":
         assert row.statistic is not None
         low, high = bootstrap_ci(sample, row.statistic, n_resamples, seed=seed)
-        return Cell(row.statistic(sample), low, high, math.nan, math.nan, len(sample))
+        return Summary(row.statistic(sample), low, high, math.nan, math.nan, len(sample))
     values = sample[~np.isnan(sample)]
     if values.size == 0:
-        return Cell(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
+        return Summary.undefined()
     low, high = bootstrap_ci(values, row.reducer, n_resamples, seed=seed, vectorized=True)
     q1, q3 = np.percentile(values, [25, 75])
-    return Cell(float(row.reducer(values)), low, high, float(q1), float(q3), int(values.size))
+    return Summary(float(row.reducer(values)), low, high, float(q1), float(q3), int(values.size))
 
 
 def _pvalue(row: MetricRow, a: EvaluationRun, b: EvaluationRun) -> tuple[float, int]:
@@ -259,7 +247,7 @@ def _pvalue(row: MetricRow, a: EvaluationRun, b: EvaluationRun) -> tuple[float, 
 
 
 def compare_runs(
-    runs: Sequence[EvaluationRun], n_resamples: int = N_RESAMPLES, seed: int = 0
+    runs: Sequence[EvaluationRun], n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
 ) -> Comparison:
     """Table cells for every arm and Bonferroni-corrected p-values for every arm pair."""
     if not runs:
@@ -271,15 +259,13 @@ def compare_runs(
     if len(volumes) != 1:
         raise SapError(f"the runs use different min_volume_ml settings: {sorted(volumes)}")
     rows = table_rows(runs[0].large_suffix, volumes.pop())
-    cells = {
-        row.label: {run.name: _cell(row, run, n_resamples, seed) for run in runs} for row in rows
-    }
+    cells = {row.id: {run.name: _cell(row, run, n_resamples, seed) for run in runs} for row in rows}
     pairs = list(itertools.combinations(runs, 2))
     pvalues: dict[str, dict[str, tuple[float, float, int]]] = {}
     for row in rows:
         raw = [_pvalue(row, a, b) for a, b in pairs]
         adjusted = bonferroni([p for p, _ in raw], n_comparisons=len(pairs))
-        pvalues[row.label] = {
+        pvalues[row.id] = {
             f"{a.name} vs {b.name}": (p, float(p_adj), n)
             for (a, b), (p, n), p_adj in zip(pairs, raw, adjusted)
         }
@@ -301,7 +287,7 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(comparison: Comparison, n_resamples: int = N_RESAMPLES) -> str:
+def render_markdown(comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPLES) -> str:
     names = comparison.names
     runs = comparison.runs
     main = _markdown_table(
@@ -309,7 +295,7 @@ def render_markdown(comparison: Comparison, n_resamples: int = N_RESAMPLES) -> s
         [
             [
                 row.display,
-                *(comparison.cells[row.label][n].format() for n in names),
+                *(comparison.cells[row.id][n].format() for n in names),
             ]
             for row in comparison.rows
         ],
@@ -321,7 +307,7 @@ def render_markdown(comparison: Comparison, n_resamples: int = N_RESAMPLES) -> s
                 row.label,
                 *(
                     f"{c.q1:.3f} - {c.q3:.3f} (n={c.n})" if not math.isnan(c.q1) else "-"
-                    for c in (comparison.cells[row.label][n] for n in names)
+                    for c in (comparison.cells[row.id][n] for n in names)
                 ),
             ]
             for row in comparison.rows
@@ -337,8 +323,8 @@ def render_markdown(comparison: Comparison, n_resamples: int = N_RESAMPLES) -> s
                 row.label,
                 "Wilcoxon (paired)" if row.unit == "patient" else "Mann-Whitney U",
                 *(
-                    f"{_format_p(comparison.pvalues[row.label][pair][1])} "
-                    f"(raw {_format_p(comparison.pvalues[row.label][pair][0])})"
+                    f"{_format_p(comparison.pvalues[row.id][pair][1])} "
+                    f"(raw {_format_p(comparison.pvalues[row.id][pair][0])})"
                     for pair in pair_names
                 ),
             ]
@@ -393,7 +379,7 @@ def _json_number(value: float) -> float | None:
 
 
 def write_comparison(
-    comparison: Comparison, out_dir: str | os.PathLike, n_resamples: int = N_RESAMPLES
+    comparison: Comparison, out_dir: str | os.PathLike, n_resamples: int = BOOTSTRAP_RESAMPLES
 ) -> list[Path]:
     """Write report.md, comparison.json, froc.png and boxplots.png.
 
@@ -428,6 +414,7 @@ def write_comparison(
         "n_resamples": n_resamples,
         "rows": [
             {
+                "id": row.id,
                 "metric": row.label,
                 "unit": row.unit,
                 "estimate": row.estimate,
@@ -437,11 +424,11 @@ def write_comparison(
                         for field in ("estimate", "ci_low", "ci_high", "q1", "q3")
                     }
                     | {"n": cell.n}
-                    for name, cell in comparison.cells[row.label].items()
+                    for name, cell in comparison.cells[row.id].items()
                 },
                 "pvalues": {
                     pair: {"p": _json_number(p), "p_bonferroni": _json_number(p_adj), "n": n}
-                    for pair, (p, p_adj, n) in comparison.pvalues[row.label].items()
+                    for pair, (p, p_adj, n) in comparison.pvalues[row.id].items()
                 },
             }
             for row in comparison.rows

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-N_RESAMPLES = 1000
-CONFIDENCE = 0.95
+from sap_lightning.core.protocol import BOOTSTRAP_RESAMPLES, CONFIDENCE
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,23 @@ class Summary:
     n: int
 
     def format(self, digits: int = 3) -> str:
-        """``estimate [ci_low, ci_high]`` (the paper's table cells)."""
+        """``estimate [ci_low, ci_high]`` (the paper's table cells); ``n/a`` when undefined,
+        the estimate alone when it has no interval."""
+
+        def number(value: float) -> str:
+            text = f"{value:.{digits}f}"
+            return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
+
         if math.isnan(self.estimate):
             return "n/a"
-        return f"{self.estimate:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+        if math.isnan(self.ci_low):
+            return number(self.estimate)
+        return f"{number(self.estimate)} [{number(self.ci_low)}, {number(self.ci_high)}]"
+
+    @classmethod
+    def undefined(cls) -> Summary:
+        """No value to summarise (no unit had the metric defined)."""
+        return cls(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
 
 
 def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -44,7 +56,7 @@ def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
 def bootstrap_ci(
     data: np.ndarray,
     statistic: Callable[..., float],
-    n_resamples: int = N_RESAMPLES,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
     confidence: float = CONFIDENCE,
     seed: int = 0,
     vectorized: bool = False,
@@ -79,14 +91,14 @@ def bootstrap_ci(
 
 def summarize(
     values: Sequence[float] | np.ndarray,
-    n_resamples: int = N_RESAMPLES,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
     confidence: float = CONFIDENCE,
     seed: int = 0,
 ) -> Summary:
     """Median, its bootstrap CI and the IQR of the non-NaN ``values``."""
     values = _finite(values)
     if values.size == 0:
-        return Summary(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
+        return Summary.undefined()
     low, high = bootstrap_ci(values, np.median, n_resamples, confidence, seed, vectorized=True)
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     return Summary(float(median), low, high, float(q1), float(q3), int(values.size))

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from sap_lightning.core.lesions import connected_components, voxel_volume_ml
+from sap_lightning.core.lesions import component_boxes, connected_components, voxel_volume_ml
+from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY
 from sap_lightning.dataset.layout import spacing_of
 
 OTHER_BONE = "other bone"
@@ -68,7 +69,7 @@ def lesion_table(
     *,
     skeleton: np.ndarray | None = None,
     region_names: Mapping[int, str] | None = None,
-    connectivity: int = 6,
+    connectivity: int = DEFAULT_CONNECTIVITY,
 ) -> pd.DataFrame:
     """One row per connected component of ``mask`` (columns: :data:`TABLE_COLUMNS`).
 
@@ -84,11 +85,9 @@ def lesion_table(
     if skeleton is not None and np.asarray(skeleton).shape != mask.shape:
         raise ValueError(f"skeleton shape {np.asarray(skeleton).shape} differs from {mask.shape}")
     voxel_ml = voxel_volume_ml(spacing_of(affine))
-    labels, _ = connected_components(mask, connectivity)
+    labels, count = connected_components(mask, connectivity)
     rows = []
-    for lesion_id, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
+    for lesion_id, box in enumerate(component_boxes(labels, count), start=1):
         inside = labels[box] == lesion_id
         ijk = np.argwhere(inside) + np.array([s.start for s in box])
         probs = probability[box][inside]

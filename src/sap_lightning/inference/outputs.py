@@ -32,6 +32,7 @@ import pandas as pd
 import sap_lightning
 from sap_lightning.core.errors import DatasetError, SapError
 from sap_lightning.core.io import atomic_path, read_json, write_json
+from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY
 from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.dataset import layout
 
@@ -129,7 +130,7 @@ def make_provenance(
     input_path: str | os.PathLike,
     skeleton_checkpoint: str | os.PathLike | None = None,
     skeleton_window: Sequence[int] | None = None,
-    connectivity: int = 6,
+    connectivity: int = DEFAULT_CONNECTIVITY,
     body_only: bool = False,
     precision: str = "32-true",
     skeleton_precision: str | None = None,

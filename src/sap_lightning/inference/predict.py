@@ -41,10 +41,10 @@ from sap_lightning.backbones.transfer import read_checkpoint, transfer_weights
 from sap_lightning.cache import compute_body_mask, prepare_image, resample_volume
 from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.core.errors import CheckpointError, ConfigError, DatasetError, SapError
+from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY, DEFAULT_THRESHOLD
 from sap_lightning.core.run_layout import THRESHOLD_FILE, last_checkpoint_path, load_threshold
 from sap_lightning.core.windows import (
     AUTOCAST_PRECISIONS,
-    DEFAULT_THRESHOLD,
     effective_precision,
     predict_volume,
     sliding_window_size,
@@ -379,7 +379,7 @@ def predict_cases(
     device: str | None = None,
     sw_batch_size: int | None = None,
     overlap: float = 0.25,
-    connectivity: int = 6,
+    connectivity: int = DEFAULT_CONNECTIVITY,
     progress: bool = True,
     overwrite: bool = False,
     precision: str | None = None,
@@ -410,7 +410,6 @@ def predict_cases(
             "no tuned threshold in %s: pass --threshold, or put the threshold.json that "
             "sap evaluate --tune writes on the tuning fold into the run folder; using %.2f",
             checkpoint,
-            DEFAULT_THRESHOLD,
         )
         threshold = DEFAULT_THRESHOLD
     compute_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -15,14 +15,14 @@ from sap_lightning.metrics.functional import (
     surface_dice,
 )
 from sap_lightning.metrics.lesion import (
-    DEFAULT_THRESHOLDS,
+    THRESHOLD_GRID,
     LesionDetection,
     LesionSegmentationQuality,
     make_lesion_metrics,
 )
 
 __all__ = [
-    "DEFAULT_THRESHOLDS",
+    "THRESHOLD_GRID",
     "FrocCounts",
     "LesionDetection",
     "LesionDetectionResult",

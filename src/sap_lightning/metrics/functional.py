@@ -38,7 +38,19 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from sap_lightning.core.lesions import check_connectivity, connected_components, voxel_volume_ml
+from sap_lightning.core.lesions import (
+    bounding_box,
+    check_connectivity,
+    component_boxes,
+    connected_components,
+    voxel_volume_ml,
+)
+from sap_lightning.core.protocol import (
+    DEFAULT_CONNECTIVITY,
+    F_BETA,
+    LARGE_LESION_ML,
+    SURFACE_TOLERANCE_MM,
+)
 
 Connectivity = Literal[6, 18, 26]
 Matching = Literal["any_overlap", "one_to_one"]
@@ -134,18 +146,10 @@ class _Components:
 
     def bounding_boxes(self) -> np.ndarray:
         """(count, 3, 2) array of [start, stop) voxel bounds per component."""
-        boxes = np.empty((self.count, 3, 2), dtype=np.int64)
-        if self.count == 0:
-            return boxes
-        coords = np.unravel_index(self.flat, self.labels.shape)
-        index = self.ids.astype(np.int64) - 1
-        for axis, coord in enumerate(coords):
-            low = np.full(self.count, np.iinfo(np.int64).max)
-            high = np.full(self.count, -1)
-            np.minimum.at(low, index, coord)
-            np.maximum.at(high, index, coord)
-            boxes[:, axis, 0], boxes[:, axis, 1] = low, high + 1
-        return boxes
+        boxes = component_boxes(self.labels, self.count)
+        return np.array(
+            [[(s.start, s.stop) for s in box] for box in boxes], dtype=np.int64
+        ).reshape(self.count, 3, 2)
 
 
 def _components(mask: np.ndarray, connectivity: int) -> _Components:
@@ -286,17 +290,16 @@ def _union_box(*boxes: np.ndarray) -> np.ndarray:
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray | None:
-    coords = np.nonzero(mask)
-    if len(coords[0]) == 0:
-        return None
-    return np.array([[c.min(), c.max() + 1] for c in coords])
+    """(3, 2) [start, stop) bounds of the mask's voxels, None when it is empty."""
+    box = bounding_box(mask)
+    return np.array(box).reshape(2, 3).T if any(box[3:]) else None
 
 
 def surface_dice(
     pred: ArrayLike,
     target: ArrayLike,
     spacing: Sequence[float],
-    tolerance_mm: float = 2.0,
+    tolerance_mm: float = SURFACE_TOLERANCE_MM,
 ) -> float:
     """Area-weighted normalised surface Dice (Nikolov et al. 2021), inclusive at the tolerance.
 
@@ -323,7 +326,8 @@ def surface_dice(
 
 
 def f2_score(sensitivity: np.ndarray | float, precision: np.ndarray | float) -> np.ndarray | float:
-    """F2 = 5PR / (4P + R), with the module's convention for undefined (NaN) sides.
+    """F-beta at ``protocol.F_BETA`` (F2 = 5PR / (4P + R)), with the module's convention for
+    undefined (NaN) sides.
 
     An undefined side counts as perfect (1.0): a patient without lesions scores 1 when nothing
     is predicted and 0 with any false positive, like the Dice convention (both empty -> 1).
@@ -334,9 +338,11 @@ def f2_score(sensitivity: np.ndarray | float, precision: np.ndarray | float) -> 
     p = np.asarray(precision, dtype=np.float64)
     r = np.where(np.isnan(r), 1.0, r)
     p = np.where(np.isnan(p), 1.0, p)
-    denominator = 4.0 * p + r
+    beta2 = F_BETA**2
+    denominator = beta2 * p + r
     with np.errstate(invalid="ignore", divide="ignore"):
-        f2 = np.where(denominator > 0, 5.0 * p * r / np.where(denominator > 0, denominator, 1), 0.0)
+        score = (1.0 + beta2) * p * r / np.where(denominator > 0, denominator, 1)
+        f2 = np.where(denominator > 0, score, 0.0)
     return float(f2) if f2.ndim == 0 else f2
 
 
@@ -398,7 +404,7 @@ def lesion_detection(
     pred: ArrayLike,
     target: ArrayLike,
     spacing: Sequence[float],
-    connectivity: Connectivity = 6,
+    connectivity: Connectivity = DEFAULT_CONNECTIVITY,
     min_volume_ml: float = 0.0,
     matching: Matching = "any_overlap",
     iou_threshold: float = 0.5,
@@ -456,8 +462,8 @@ def lesion_scores(
     pred: ArrayLike,
     target: ArrayLike,
     spacing: Sequence[float],
-    tolerance_mm: float = 2.0,
-    connectivity: Connectivity = 6,
+    tolerance_mm: float = SURFACE_TOLERANCE_MM,
+    connectivity: Connectivity = DEFAULT_CONNECTIVITY,
 ) -> list[LesionScore]:
     """One row per GT lesion (ids in cc3d's raster order): Dice and NSD against the union of
     the predicted components that overlap it (whole components, also where they reach into
@@ -560,8 +566,8 @@ def froc_counts(
     target: ArrayLike,
     spacing: Sequence[float],
     thresholds: Sequence[float],
-    connectivity: Connectivity = 6,
-    min_volume_ml: float = 1.0,
+    connectivity: Connectivity = DEFAULT_CONNECTIVITY,
+    min_volume_ml: float = LARGE_LESION_ML,
 ) -> FrocCounts:
     """Any-overlap detection counts at every threshold, for a FROC curve or threshold tuning.
 

@@ -30,18 +30,19 @@ from torchmetrics.utilities import dim_zero_cat
 
 from sap_lightning.core.case_keys import case_hash, join_case_hash
 from sap_lightning.core.lesions import check_connectivity
-from sap_lightning.core.windows import DEFAULT_THRESHOLD
+from sap_lightning.core.protocol import (
+    DEFAULT_CONNECTIVITY,
+    DEFAULT_THRESHOLD,
+    FROC_MAX_FP_ALL,
+    FROC_MAX_FP_LARGE,
+    LARGE_LESION_ML,
+    MAX_PLAUSIBLE_VOLUME_RATIO,
+    SURFACE_TOLERANCE_MM,
+    THRESHOLD_GRID,
+)
 from sap_lightning.metrics import functional as F
 from sap_lightning.metrics.agreement import icc_2_1
 from sap_lightning.metrics.froc import froc_auc, froc_curve
-
-DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
-"""FROC and threshold-tuning grid: 0.05, 0.10, ..., 0.95."""
-
-FROC_MAX_FP_ALL = 15.0
-"""FROC AUC limit in FP per exam for all lesions (the paper's)."""
-FROC_MAX_FP_LARGE = 4.0
-"""FROC AUC limit in FP per exam for lesions >= 1 mL (the paper's)."""
 
 
 def _squeeze_case(array: Any, name: str) -> Any:
@@ -181,9 +182,9 @@ class LesionDetection(_CaseRowsMetric):
     def __init__(
         self,
         threshold: float = DEFAULT_THRESHOLD,
-        froc_thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-        connectivity: F.Connectivity = 6,
-        min_volume_ml: float = 1.0,
+        froc_thresholds: Sequence[float] = THRESHOLD_GRID,
+        connectivity: F.Connectivity = DEFAULT_CONNECTIVITY,
+        min_volume_ml: float = LARGE_LESION_ML,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -319,8 +320,8 @@ class LesionSegmentationQuality(_CaseRowsMetric):
     def __init__(
         self,
         threshold: float = DEFAULT_THRESHOLD,
-        tolerance_mm: float = 2.0,
-        connectivity: F.Connectivity = 6,
+        tolerance_mm: float = SURFACE_TOLERANCE_MM,
+        connectivity: F.Connectivity = DEFAULT_CONNECTIVITY,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -426,12 +427,6 @@ class LesionSegmentationQuality(_CaseRowsMetric):
         return {name: torch.tensor(value, dtype=torch.float32) for name, value in out.items()}
 
 
-MAX_PLAUSIBLE_VOLUME_RATIO = 10.0
-"""Median predicted / true lesion volume above which detections are implausible: the any-overlap
-rule counts one blob covering many lesions as one hit and no false positive, so an untrained
-network that marks the whole body tops F2 and FROC. ``f2_guarded`` is 0 for such runs."""
-
-
 def volume_ratio(cases: pd.DataFrame) -> float:
     """Median over patients with lesions of predicted / true lesion volume (1 = right amount)."""
     with_lesions = cases[cases["gt_volume_ml"] > 0]
@@ -451,10 +446,10 @@ def guarded_f2(f2: float, ratio: float) -> float:
 
 def make_lesion_metrics(
     threshold: float = DEFAULT_THRESHOLD,
-    froc_thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    connectivity: F.Connectivity = 6,
-    min_volume_ml: float = 1.0,
-    tolerance_mm: float = 2.0,
+    froc_thresholds: Sequence[float] = THRESHOLD_GRID,
+    connectivity: F.Connectivity = DEFAULT_CONNECTIVITY,
+    min_volume_ml: float = LARGE_LESION_ML,
+    tolerance_mm: float = SURFACE_TOLERANCE_MM,
     prefix: str | None = None,
 ) -> MetricCollection:
     """The lesion metrics the paper reports, as one collection updated once per whole case:

@@ -40,6 +40,7 @@ from sap_lightning.backbones.transfer import (
     param_groups,
 )
 from sap_lightning.config import ExperimentConfig, from_dict
+from sap_lightning.core.arms import Arm, get_arm, pretraining_arm
 from sap_lightning.core.case_keys import case_hash
 from sap_lightning.core.errors import ConfigError, SapError
 from sap_lightning.core.mixed_precision import guard_small_convolutions
@@ -237,6 +238,14 @@ class SapModule(L.LightningModule):
         recorded in every checkpoint for ``sap predict``."""
         return inference_precision(self.cfg.validation.precision, self.cfg.trainer.precision)
 
+    @property
+    def arm(self) -> Arm:
+        """The arm this run belongs to: ``model.init`` of a lesion run, else the arm whose
+        pretraining it is (recorded in the metadata, checked when fine-tuning reads it)."""
+        if self.task == "lesion":
+            return get_arm(self.cfg.model.init)
+        return pretraining_arm(self.task, self.cfg.pretraining)
+
     def backbone_meta(self) -> dict[str, Any]:
         """The ``sap_meta`` block: everything fine-tuning and inference check before use."""
         info = self.data_info
@@ -258,6 +267,8 @@ class SapModule(L.LightningModule):
                 "sw_batch_size": self.cfg.validation.sw_batch_size,
                 "target_spacing": self.cfg.data.target_spacing,
                 "run_name": self.cfg.name,
+                "arm": self.arm.name,
+                "recipe": self.arm.pretraining.recipe if self.task != "lesion" else None,
             },
         )
 

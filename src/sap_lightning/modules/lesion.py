@@ -1,14 +1,13 @@
-"""Stage 2 of SAP and its comparators: binary lesion segmentation, three initialisations.
+"""Stage 2 of SAP and its comparators: binary lesion segmentation, initialised by an arm.
 
-- ``scratch``: random initialisation (the baseline).
-- ``sap``: every tensor of a skeleton-pretrained network but the output layer
-  (``transfer_weights(mode="all_but_head", expected_task="skeleton")``).
-- ``ssl``: the encoder of an SSL-pretrained network, the rest freshly initialised
-  (``mode="encoder", expected_task="ssl"``).
+``model.init`` names a registered arm (``core/arms.py``), which says what is copied from its
+pretraining run: nothing for ``scratch``; every tensor but the output layer of the skeleton
+network for ``sap``; the encoder of a self-supervised network for ``ssl`` and ``mae``. The
+source must come from that arm's pretraining (its metadata names the task and recipe).
 
-Foreign weights are only read through :mod:`sap_lightning.backbones.transfer`. The differential learning
-rates of the paper (SAP encoder 2e-6 / decoder 1e-5, SSL 5e-6 / 1e-5, baseline 1e-5) come from
-``optim.encoder_lr`` / ``optim.decoder_lr`` / ``optim.lr``.
+Foreign weights are only read through :mod:`sap_lightning.backbones.transfer`. The differential
+learning rates of the paper (SAP encoder 2e-6 / decoder 1e-5, SSL 5e-6 / 1e-5, baseline 1e-5)
+come from ``optim.encoder_lr`` / ``optim.decoder_lr`` / ``optim.lr``.
 """
 
 from __future__ import annotations
@@ -29,14 +28,6 @@ from sap_lightning.metrics.lesion import guarded_f2
 from sap_lightning.modules.base import NORMALISATION, SegmentationModule
 
 log = logging.getLogger(__name__)
-
-INIT_TRANSFER: dict[str, tuple[str, str]] = {
-    "sap": ("all_but_head", "skeleton"),
-    "ssl": ("encoder", "ssl"),
-    "mae": ("encoder", "ssl"),  # masked autoencoder (modules/mae.py): encoder only, as nnssl
-}
-"""init mode -> (transfer mode, task the source must have been trained on)."""
-
 
 SPACING_TOLERANCE = 0.05
 """Relative spacing difference above which fine-tuning warns that the source saw other voxels."""
@@ -147,27 +138,27 @@ class LesionSegmentation(SegmentationModule):
 
         The report is :class:`sap_lightning.backbones.transfer.TransferReport` as a dict, plus ``init``,
         the resolved ``pretrained_file`` and ``warnings`` on metadata that disagrees with the
-        data. ``scratch`` loads nothing and reports so.
+        data. An arm without pretraining loads nothing and reports so.
         """
         model_cfg = self.cfg.model
-        if model_cfg.init == "scratch":
-            return {"init": "scratch", "pretrained_file": None, "warnings": []}
-        if model_cfg.init not in INIT_TRANSFER:
-            raise ConfigError(f"'model.init' {model_cfg.init!r} is not one of scratch, sap, ssl")
+        arm = self.arm
+        if arm.pretraining is None:
+            return {"init": arm.name, "pretrained_file": None, "warnings": []}
         if not model_cfg.pretrained:
             raise ConfigError(
                 f"'model.init' is {model_cfg.init!r} but 'model.pretrained' is not set"
             )
-        mode, expected_task = INIT_TRANSFER[model_cfg.init]
+        assert arm.transfer is not None
         source = resolve_pretrained(model_cfg.pretrained)
         report = transfer_weights(
             self.net,
             source,
-            mode=mode,
+            mode=arm.transfer,
             spec=self.spec,
             in_channel_policy=model_cfg.in_channel_policy,
             strict=True,
-            expected_task=expected_task,
+            expected_task=arm.pretraining.task,
+            expected_recipe=arm.pretraining.recipe,
         )
         warnings = metadata_warnings(report.source_meta, self.data_info)
         for warning in warnings:

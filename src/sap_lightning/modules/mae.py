@@ -12,11 +12,12 @@ What nnssl does for its ResEnc-L, and this module for every registered backbone:
   the masked voxel count; here it is the mean over masked voxels and channels, a constant factor
   of the channel count).
 
-The run is an SSL task (``task: ssl`` with ``mae.enabled: true``): it reads the healthy scans
-exactly as the contrastive recipe does (uniform patches, no labels, fixed validation patches).
-The exported backbone carries task ``ssl`` and ``ssl_recipe: mae`` in its metadata; fine-tuning
-(``model.init: mae``) takes its encoder only, as nnssl's fine-tuning does (stem and encoder;
-"the decoder is initialized from scratch"), since the decoder learnt to paint intensities.
+The run is the ``mae`` arm's pretraining (``task: ssl``, ``pretraining: mae``; ``core/arms.py``):
+it reads the healthy scans exactly as the contrastive recipe does (uniform patches, no labels,
+fixed validation patches). The exported backbone carries task ``ssl`` and recipe ``mae`` in its
+metadata; fine-tuning (``model.init: mae``) takes its encoder only, as nnssl's fine-tuning does
+(stem and encoder; "the decoder is initialized from scratch"), since the decoder learnt to
+paint intensities.
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ import torch
 from sap_lightning.core.case_keys import item_seed
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.modules.base import CaseScores, SapModule
-
-RECIPE = "mae"
-"""``ssl_recipe`` in the exported metadata."""
 
 
 def block_mask(
@@ -101,11 +99,6 @@ class MaskedAutoencoderPretraining(SapModule):
     def out_channels(self) -> int:
         """The reconstruction has the image's channels (nnssl: outputs = input channels)."""
         return int(self.data_info["in_channels"])
-
-    def backbone_meta(self) -> dict[str, Any]:
-        meta = super().backbone_meta()
-        meta["ssl_recipe"] = RECIPE
-        return meta
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         out = self.net(image)

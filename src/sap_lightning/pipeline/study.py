@@ -4,13 +4,15 @@ Steps, each skipped when its output is already complete, so an interrupted study
 
 1. the synthetic cohort (or ``dataset_root``), checked, cached and split (stratified folds,
    one threshold-tuning fold);
-2. stage 1: skeleton pretraining on the healthy scans; SSL pretraining on the same scans;
-3. for every arm (scratch, SSL, SAP) and every test fold: lesion fine-tuning on the other test
-   folds (never on the tuning fold);
+2. the pretraining every listed arm needs (``core/arms.py``: skeleton pretraining for SAP, the
+   SSL and MAE pretexts), once each, on the healthy scans;
+3. for every arm and every test fold: lesion fine-tuning on the other test folds (never on the
+   tuning fold), initialised as the arm says;
 4. per arm, the threshold is chosen on the tuning fold with the first fold's model (which never
    saw it) and applied unchanged to every test fold (docs/evaluation.md, the "clean variant");
 5. every test patient is predicted by the model of its fold, evaluated lesion-wise, and the arms
-   are compared in ``<report_dir>/report.md`` (Table 1, p-values, FROC and box plots).
+   are compared in ``<report_dir>/report.md`` (``evaluation/study_report.py``: header, verdict,
+   learning diagnostics; then Table 1, p-values, FROC and box plots).
 
 With ``workers: N`` the steps of 2-5 that do not depend on each other run N at a time, each in
 its own process (``pipeline/steps.py``); the report is the same as when they run in turn with
@@ -20,7 +22,6 @@ the same torch threads per run.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,34 +32,30 @@ from sap_lightning.cache import preprocess_dataset
 from sap_lightning.cache.reader import open_cache
 from sap_lightning.cache.splits import Splits, cache_lesion_counts, split_dataset
 from sap_lightning.config import StudyConfig, load_config, to_yaml
+from sap_lightning.core.arms import Arm, get_arm, list_arms
 from sap_lightning.core.errors import SapError
-from sap_lightning.core.io import file_lock, read_json, write_text
+from sap_lightning.core.io import file_lock, write_text
+from sap_lightning.core.protocol import DEFAULT_THRESHOLD
 from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.core.threads import usable_cpus
-from sap_lightning.core.windows import DEFAULT_THRESHOLD, describe_precision
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import require_valid_dataset
-from sap_lightning.evaluation.diagnostics import (
-    RunDiagnostics,
-    diagnose,
-    diagnostics_markdown,
-    plot_curves,
-)
+from sap_lightning.evaluation.diagnostics import LESION_LEARNING
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
     evaluate_predictions,
     tune_on_predictions,
     write_evaluation,
 )
-from sap_lightning.evaluation.report import (
-    Comparison,
-    compare_runs,
-    load_evaluation,
-    write_comparison,
+from sap_lightning.evaluation.report import compare_runs, load_evaluation, write_comparison
+from sap_lightning.evaluation.study_report import (
+    TIMINGS_FILE,
+    LearningRun,
+    inference_window,
+    learning_section,
+    study_header,
 )
-from sap_lightning.evaluation.statistics import paired_wilcoxon_power
 from sap_lightning.evaluation.threshold import load_threshold, save_threshold
-from sap_lightning.inference.outputs import PREDICTION_JSON
 from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
 from sap_lightning.pipeline.steps import (
     Clock,
@@ -73,9 +70,6 @@ from sap_lightning.synthetic import make_phantom_cohort
 
 log = logging.getLogger(__name__)
 
-CURVES_PNG = "curves.png"
-TIMINGS_FILE = "timings.md"
-"""Wall time of every study step, next to the report (not in it: it changes between reruns)."""
 STUDY_LOCK = ".study.lock"
 """Held in ``runs_dir`` while a study runs there."""
 COHORT_LOCK = ".cohort.lock"
@@ -144,7 +138,7 @@ def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
     return splits
 
 
-def _train(config_path: str, overrides: Sequence[str], run_dir: Path) -> None:
+def _train(config_path: str, bases: Sequence[str], overrides: Sequence[str], run_dir: Path) -> None:
     """One training run into ``run_dir``: resumed from its last checkpoint when an earlier
     invocation was interrupted, started afresh otherwise."""
     if last_checkpoint_path(run_dir).is_file():
@@ -152,7 +146,7 @@ def _train(config_path: str, overrides: Sequence[str], run_dir: Path) -> None:
         extra = [f"run_dir={run_dir}", "resume=true"]
     else:
         extra = [f"run_dir={_fresh(run_dir)}"]
-    cfg = load_config(config_path, [*overrides, *extra])
+    cfg = load_config(config_path, [*overrides, *extra], extra_files=bases)
     result = run_training(cfg)
     if result.interrupted:
         raise SapError(f"training in {run_dir} was interrupted; run the study again to resume")
@@ -198,35 +192,93 @@ def _predict_fold(
 
 
 def _training_step(
-    name: str, config_path: str, overrides: Sequence[str], run_dir: Path, needs: tuple[str, ...]
+    name: str,
+    study: StudyConfig,
+    config_path: str,
+    overrides: Sequence[str],
+    run_dir: Path,
+    needs: tuple[str, ...],
 ) -> Step:
-    return Step(name, partial(_train, config_path, list(overrides), run_dir), run_dir, needs)
+    action = partial(_train, config_path, list(study.bases), list(overrides), run_dir)
+    return Step(name, action, run_dir, needs)
 
 
-def _arm_steps(
-    study: StudyConfig, arm: str, config_path: str, splits: Splits, lesion: Path
-) -> list[Step]:
+def experiment_file(study: StudyConfig, name: str) -> str:
+    """``<profile>/<name>.yaml``: an arm's experiment file in the study's profile folder."""
+    return f"{study.profile.rstrip('/')}/{name}.yaml"
+
+
+@dataclass(frozen=True)
+class PretrainingRun:
+    """A pretraining run of the study: the arm it serves, its step and folder."""
+
+    arm: Arm
+    step: str
+    run_dir: Path
+    config: str
+
+
+def pretraining_runs(study: StudyConfig) -> list[PretrainingRun]:
+    """The pretraining run of every listed arm that needs one, in registration order (SAP's
+    skeleton pretraining first), each in ``<runs_dir>/<its experiment name>``."""
+    runs = []
+    for name in list_arms():
+        arm = get_arm(name)
+        if name in study.arms and arm.pretraining is not None:
+            experiment = arm.pretraining.experiment
+            runs.append(
+                PretrainingRun(
+                    arm,
+                    arm.pretraining.title,
+                    Path(study.runs_dir) / experiment,
+                    experiment_file(study, experiment),
+                )
+            )
+    return runs
+
+
+def _pretraining_steps(study: StudyConfig, skeleton: Path) -> list[Step]:
+    return [
+        _training_step(
+            run.step,
+            study,
+            run.config,
+            [
+                *study.overrides,
+                *study.pretraining_overrides.get(run.arm.name, []),
+                f"data.dataset={skeleton}",
+                f"seed={study.seed}",
+            ],
+            run.run_dir,
+            (),
+        )
+        for run in pretraining_runs(study)
+    ]
+
+
+def _arm_steps(study: StudyConfig, arm: str, splits: Splits, lesion: Path) -> list[Step]:
     """Fine-tune one arm on every test fold, tune its threshold on the tuning fold with the
     first fold's model, and predict each test fold with its own model."""
     arm_dir = Path(study.runs_dir) / arm
     init_overrides = []
     needs: tuple[str, ...] = ()
-    pretraining = _pretraining_runs(study)
-    if arm in pretraining:  # the arm starts from the pretraining run of its name
-        step_name, run_dir = pretraining[arm]
-        init_overrides, needs = [f"model.pretrained={run_dir}"], (step_name,)
+    source = {run.arm.name: run for run in pretraining_runs(study)}.get(arm)
+    if source is not None:  # the arm starts from its pretraining run
+        init_overrides, needs = [f"model.pretrained={source.run_dir}"], (source.step,)
     common = [
         *study.overrides,
-        *study.finetune_overrides,
+        *study.finetune_overrides.get(arm, []),
         f"data.dataset={lesion}",
         f"data.n_folds={study.n_folds}",
         f"data.tuning_fold={study.tuning_fold}",
         f"seed={study.seed}",
         *init_overrides,
     ]
+    config_path = experiment_file(study, get_arm(arm).finetune_experiment)
     steps = [
         _training_step(
             f"fine-tune {arm} fold {fold}",
+            study,
             config_path,
             [*common, f"data.fold={fold}"],
             arm_dir / f"fold{fold}",
@@ -273,18 +325,6 @@ def _arm_steps(
     return steps
 
 
-def _pretraining_runs(study: StudyConfig) -> dict[str, tuple[str, Path]]:
-    """Init name -> (step name, run folder) of every pretraining run on the healthy scans."""
-    runs = Path(study.runs_dir)
-    named = {
-        "sap": ("skeleton pretraining", runs / "pretrain"),
-        "ssl": ("SSL pretraining", runs / "ssl"),
-    }
-    for init in study.pretrain_runs:  # e.g. mae: the arm of that name
-        named[init] = (f"{init} pretraining", runs / f"pretrain_{init}")
-    return named
-
-
 def _evaluate(study: StudyConfig, arm: str, splits: Splits, lesion: Path) -> Path:
     """Score an arm's test predictions lesion-wise at its tuned threshold."""
     arm_dir = Path(study.runs_dir) / arm
@@ -318,30 +358,14 @@ def run_study(study: StudyConfig) -> StudyResult:
 def _run_steps_and_report(
     study: StudyConfig, clock: Clock, skeleton: Path, lesion: Path, splits: Splits
 ) -> StudyResult:
-    seed = [f"seed={study.seed}"]
-    pretraining = _pretraining_runs(study)
-    configs = {
-        "sap": (study.pretrain_config, study.pretrain_overrides),
-        "ssl": (study.ssl_config, study.ssl_overrides),
-        **{init: (path, study.ssl_overrides) for init, path in study.pretrain_runs.items()},
-    }
-    steps = [
-        _training_step(
-            name,
-            configs[init][0],
-            [*study.overrides, *configs[init][1], f"data.dataset={skeleton}", *seed],
-            run_dir,
-            (),
-        )
-        for init, (name, run_dir) in pretraining.items()
-    ]
-    for arm, config_path in study.finetune_configs.items():
-        steps += _arm_steps(study, arm, config_path, splits, lesion)
+    steps = _pretraining_steps(study, skeleton)
+    for arm in study.arms:
+        steps += _arm_steps(study, arm, splits, lesion)
     threads = threads_per_worker(study.workers, usable_cpus())
     run_steps(steps, clock, study.workers, threads)
     arms = {
         arm: clock.step(f"evaluate {arm}", partial(_evaluate, study, arm, splits, lesion))
-        for arm in study.finetune_configs
+        for arm in study.arms
     }
     report_dir = Path(study.report_dir)
     evaluations = [load_evaluation(path, name=arm) for arm, path in arms.items()]
@@ -350,10 +374,22 @@ def _run_steps_and_report(
     )
     write_comparison(comparison, report_dir, n_resamples=study.n_resamples)
     report = report_dir / "report.md"
-    run_threads = threads if study.workers > 1 else None
-    header = _study_header(study, splits, comparison, run_threads)
-    learning = _learning_section(
-        study, pretraining["sap"][1], pretraining["ssl"][1], splits, report_dir
+    header = study_header(
+        study,
+        splits,
+        comparison,
+        pretraining_files=[
+            (run.arm.pretraining.label, run.config) for run in pretraining_runs(study)
+        ],  # type: ignore[union-attr]
+        arm_files=[
+            (arm, experiment_file(study, get_arm(arm).finetune_experiment)) for arm in study.arms
+        ],
+        run_threads=threads if study.workers > 1 else None,
+    )
+    learning = learning_section(
+        _learning_runs(study, splits),
+        report_dir,
+        inference_window(Path(study.runs_dir) / study.arms[0] / "tuning"),
     )
     write_text(report, header + learning + report.read_text())
     write_text(
@@ -366,177 +402,15 @@ def _run_steps_and_report(
     )
 
 
-VERDICT_ROWS = (
-    "F2 (detection score)",
-    "lesion sensitivity",
-    "FP per exam",
-    "per-patient mean Dice",
-)
-"""Table 1 rows the verdict quotes (the paper's headline is the F2 detection score)."""
-
-
-SIGNIFICANCE_LEVEL = 0.05
-"""Family-wise level the verdict applies to the Bonferroni-corrected p-value."""
-
-
-def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch") -> str:
-    """Plain-language answer to "did SAP beat the baseline?", from the table's own numbers."""
-    if arm not in comparison.names or baseline not in comparison.names:
-        return f"No verdict: the study has no '{arm}' and '{baseline}' arms to compare."
-    f2 = comparison.cells["F2 (detection score)"]
-    p_f2 = comparison.pvalues["F2 (detection score)"].get(
-        f"{baseline} vs {arm}"
-    ) or comparison.pvalues["F2 (detection score)"].get(f"{arm} vs {baseline}")
-    ours, theirs = f2[arm].estimate, f2[baseline].estimate
-    if math.isnan(ours) or math.isnan(theirs):
-        outcome = "could not be compared (F2 undefined for one arm)"
-    elif ours > theirs:
-        outcome = "beat"
-    elif ours == theirs:
-        outcome = "tied with"
-    else:
-        outcome = "did not beat"
-    p_text = significance = ""
-    if p_f2 is not None:
-        p_text = f", paired Wilcoxon p = {p_f2[0]:.3g} (Bonferroni {p_f2[1]:.3g})"
-        # A higher median alone is not a finding: say whether the corrected test supports it.
-        supported = p_f2[1] < SIGNIFICANCE_LEVEL
-        significance = (
-            f" The difference is {'' if supported else 'not '}significant at "
-            f"{SIGNIFICANCE_LEVEL:g} after Bonferroni correction."
-        )
-        if not supported:
-            level = SIGNIFICANCE_LEVEL / max(1, len(comparison.pvalues["F2 (detection score)"]))
-            significance += _power_note(comparison, arm, baseline, p_f2[2], level)
-    lines = [
-        f"**Verdict: {arm.upper()} {outcome} the {baseline} baseline on the median patient F2 "
-        f"({ours:.3f} vs {theirs:.3f}{p_text}).{significance}**",
-        "",
-        "| metric | " + " | ".join(comparison.names) + " |",
-        "|---|" + "---|" * len(comparison.names),
+def _learning_runs(study: StudyConfig, splits: Splits) -> list[LearningRun]:
+    """Every training run of the study with the terms that show it learned: each pretraining
+    (its arm's terms), then every fine-tune."""
+    runs = [
+        LearningRun(run.step, run.arm.pretraining.learning, run.run_dir)  # type: ignore[union-attr]
+        for run in pretraining_runs(study)
     ]
-    for row in VERDICT_ROWS:
-        cells = comparison.cells[row]
-        lines.append(f"| {row} | " + " | ".join(cells[n].format() for n in comparison.names) + " |")
-    return "\n".join(lines) + "\n"
-
-
-POWER_EFFECT = 0.8
-"""Standardised paired effect (Cohen's d_z) the verdict quotes the test's power for."""
-
-
-def _power_note(comparison: Comparison, arm: str, baseline: str, n_pairs: int, level: float) -> str:
-    """Why a difference can miss significance: what the design can see, and what was seen."""
-    power = paired_wilcoxon_power(n_pairs, POWER_EFFECT, level)
-    text = (
-        f" With {n_pairs} paired patients the test finds a standardised paired effect (Cohen's "
-        f"d_z) of {POWER_EFFECT:g} with probability {power:.2f} at the corrected level"
-    )
-    runs = {run.name: run for run in comparison.runs}
-    if arm in runs and baseline in runs:
-        paired = (
-            runs[arm]
-            .cases[["case_id", "f2"]]
-            .merge(
-                runs[baseline].cases[["case_id", "f2"]], on="case_id", suffixes=("_arm", "_base")
-            )
-        )
-        differences = (paired["f2_arm"] - paired["f2_base"]).dropna().to_numpy(float)
-        if differences.size > 1 and differences.std(ddof=1) > 0:
-            effect = differences.mean() / differences.std(ddof=1)
-            text += f"; the observed F2 differences have d_z = {effect:.2f}"
-    return text + "."
-
-
-def _learning_section(
-    study: StudyConfig, pretrain_run: Path, ssl_run: Path, splits: Splits, report_dir: Path
-) -> str:
-    """Did every network learn? The learning metric of each run, its curves, and the inference
-    window validation, tuning and prediction used."""
-    named: dict[str, tuple[str, Path]] = {
-        "skeleton pretraining": ("skeleton", pretrain_run),
-        "SSL pretraining": ("ssl", ssl_run),
-    }
-    runs = Path(study.runs_dir)
-    for arm in study.finetune_configs:
+    for arm in study.arms:
         for fold in splits.test_folds:
-            named[f"{arm} fold {fold}"] = ("lesion", runs / arm / f"fold{fold}")
-    diagnostics = [diagnose(name, task, run) for name, (task, run) in named.items()]
-    plot_curves(named, report_dir / CURVES_PNG)
-    window = _inference_window(runs / next(iter(study.finetune_configs)) / "tuning")
-    return "\n".join(
-        [
-            "## Did the networks learn?",
-            "",
-            "Last logged values of the metric that shows learning (validation at the run's "
-            "validation threshold; SSL terms with their chance level in brackets). Curves: "
-            f"[{CURVES_PNG}]({CURVES_PNG}).",
-            "",
-            diagnostics_markdown(diagnostics),
-            f"Training precision: {_training_precisions(diagnostics)}.",
-            "",
-            f"Inference window (validation, threshold tuning and prediction alike): {window}.",
-            "",
-            "",
-        ]
-    )
-
-
-def _training_precisions(diagnostics: Sequence[RunDiagnostics]) -> str:
-    """The precision every run trained at, or each run's where they differ."""
-    words = {
-        run.name: describe_precision(run.precision) if run.precision else "not recorded"
-        for run in diagnostics
-    }
-    if len(set(words.values())) == 1:
-        return f"{next(iter(words.values()))} (every run)"
-    return ", ".join(f"{name} {word}" for name, word in words.items())
-
-
-def _inference_window(prediction_dir: Path) -> str:
-    """The sliding-window size recorded by ``sap predict`` in a prediction folder."""
-    try:
-        record = read_json(prediction_dir / PREDICTION_JSON)
-    except (OSError, ValueError):
-        return "not recorded"
-    outside = "; voxels outside the body are background" if record.get("body_only") else ""
-    precision = describe_precision(record.get("precision") or "32-true")
-    return f"{record.get('window')} voxels, overlap {record.get('overlap')}, {precision}{outside}"
-
-
-def _machine_line(run_threads: int | None = None) -> str:
-    """What decides bitwise results besides the seed: the torch version and the CPU threads of
-    each run (the thread count changes the order of floating-point sums; ``SAP_NUM_THREADS``
-    pins it). ``run_threads``: the worker processes' count, else this process's."""
-    import torch
-
-    threads = run_threads or torch.get_num_threads()
-    return f"torch {torch.__version__}, {threads} CPU threads per run"
-
-
-def _study_header(
-    study: StudyConfig, splits: Splits, comparison: Comparison, run_threads: int | None = None
-) -> str:
-    test_cases = sum(len(splits.test_cases(fold)) for fold in splits.test_folds)
-    lines = [
-        f"# Study `{study.name}`",
-        "",
-        (
-            f"- Cohort: {study.healthy} healthy scans, {study.patients} patients (synthetic, "
-            f"seed {study.seed})."
-            if not study.dataset_root
-            else f"- Cohort: `{study.dataset_root}` ({len(splits.case_ids)} patients)."
-        ),
-        f"- Folds: {study.n_folds} (fold {study.tuning_fold} tunes the threshold; "
-        f"{len(splits.test_folds)} test folds, {test_cases} test patients).",
-        f"- Experiments: pretraining `{study.pretrain_config}`, SSL `{study.ssl_config}`, arms "
-        + ", ".join(f"{arm} `{path}`" for arm, path in study.finetune_configs.items())
-        + (f"; overrides `{' '.join(study.overrides)}`" if study.overrides else "")
-        + ".",
-        f"- Wall time of every step: [{TIMINGS_FILE}]({TIMINGS_FILE}) (kept out of this report, so "
-        "that a rerun with the same seed on the same machine writes the same report).",
-        f"- Machine: {_machine_line(run_threads)}.",
-        "",
-        verdict(comparison),
-    ]
-    return "\n".join(lines) + "\n"
+            run_dir = Path(study.runs_dir) / arm / f"fold{fold}"
+            runs.append(LearningRun(f"{arm} fold {fold}", LESION_LEARNING, run_dir))
+    return runs

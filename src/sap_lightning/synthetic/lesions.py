@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from sap_lightning.core.lesions import connected_components
+from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY
 from sap_lightning.synthetic.anatomy import _lognormal_volumes
 from sap_lightning.synthetic.rasterize import AnatomyMaps, _grow
 from sap_lightning.synthetic.tissues import (
@@ -162,7 +163,7 @@ def place_lesions(
 
 def _check_lesions_separate(ids: np.ndarray, n: int) -> None:
     """Each lesion must be exactly one 6-connected component of the binary mask."""
-    components, count = connected_components(ids, connectivity=6)
+    components, count = connected_components(ids, connectivity=DEFAULT_CONNECTIVITY)
     if count != n:
         raise RuntimeError(f"phantom lesions merged or split: {n} lesions, {count} components")
     for index in range(1, n + 1):
