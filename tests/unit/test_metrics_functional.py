@@ -22,6 +22,7 @@ from sap_lightning.metrics.functional import (
     froc_counts,
     lesion_detection,
     lesion_scores,
+    match_lesions,
     surface_dice,
 )
 
@@ -122,6 +123,29 @@ def test_merged_lesions_any_overlap_versus_one_to_one():
     any_one = lesion_detection(pred, gt, SPACING, matching="one_to_one", iou_threshold=0.0)
     assert (any_one.n_detected, any_one.n_missed, any_one.n_false_positive) == (1, 1, 0)
     assert lesion_detection(pred, gt, SPACING, matching="one_to_one").n_detected == 0
+
+
+def test_match_lesions_flags_each_lesion_and_component_as_detection_counts_them():
+    """The per-component view (pictures draw it) flags exactly what lesion_detection counts,
+    split and merged lesions included, and its ids are connected components of each mask."""
+    gt = sphere((60, 96, 120), 8) | sphere((84, 96, 120), 8) | sphere((30, 30, 60), 6)
+    bridge = (abs(GRID[0] - 72) <= 12) & (abs(GRID[1] - 96) <= 4) & (abs(GRID[2] - 120) <= 5)
+    slab = (GRID[0] >= 30 - 1.5) & (GRID[0] < 30 + 1.5)
+    false_positive = sphere((150, 150, 150), 6)
+    pred = sphere((60, 96, 120), 8.5) | sphere((84, 96, 120), 8.5) | bridge
+    pred = pred | (sphere((30, 30, 60), 6) & ~slab) | false_positive
+    for matching in ("any_overlap", "one_to_one"):
+        match = match_lesions(pred, gt, matching=matching)
+        counts = lesion_detection(pred, gt, SPACING, matching=matching)
+        assert (len(match.gt_detected), len(match.pred_matched)) == (counts.n_gt, counts.n_pred)
+        assert match.gt_detected.sum() == counts.n_detected
+        assert match.pred_matched.sum() == counts.n_pred_matched
+    match = match_lesions(pred, gt)
+    assert match.gt_detected.tolist() == [True, True, True]  # merged pair and the split lesion
+    fp_id = match.pred_labels[100, 100, 30]  # the centre of the false positive (150 mm)
+    assert fp_id > 0 and not match.pred_matched[fp_id - 1]
+    assert match.pred_matched.sum() == 3  # the merged blob and both halves of the split one
+    assert (match.pred_labels > 0).sum() == pred.sum() and (match.gt_labels > 0).sum() == gt.sum()
 
 
 @pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI internal

@@ -6,12 +6,14 @@ See :mod:`sap_lightning.metrics.functional` for the definitions and the empty-ma
 from sap_lightning.metrics.functional import (
     FrocCounts,
     LesionDetectionResult,
+    LesionMatch,
     LesionScore,
     binarize,
     dice,
     froc_counts,
     lesion_detection,
     lesion_scores,
+    match_lesions,
     surface_dice,
 )
 from sap_lightning.metrics.lesion import (
@@ -26,6 +28,7 @@ __all__ = [
     "FrocCounts",
     "LesionDetection",
     "LesionDetectionResult",
+    "LesionMatch",
     "LesionScore",
     "LesionSegmentationQuality",
     "binarize",
@@ -34,5 +37,6 @@ __all__ = [
     "lesion_detection",
     "lesion_scores",
     "make_lesion_metrics",
+    "match_lesions",
     "surface_dice",
 ]

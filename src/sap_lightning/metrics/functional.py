@@ -60,6 +60,7 @@ ArrayLike = np.ndarray | torch.Tensor
 __all__ = [
     "FrocCounts",
     "LesionDetectionResult",
+    "LesionMatch",
     "LesionScore",
     "binarize",
     "detection_rates",
@@ -68,6 +69,7 @@ __all__ = [
     "froc_counts",
     "lesion_detection",
     "lesion_scores",
+    "match_lesions",
     "surface_dice",
     "voxel_volume_ml",
 ]
@@ -400,6 +402,40 @@ class LesionDetectionResult:
         return detection_rates(self.n_gt, self.n_detected, self.n_pred, self.n_pred_matched)[2]
 
 
+@dataclass(frozen=True)
+class LesionMatch:
+    """Which lesions and components of one case matched: the per-component view behind
+    :func:`lesion_detection`, for pictures and tables that must show the same counts."""
+
+    gt_labels: np.ndarray
+    """GT lesion ids 1..n (0 = background), (X, Y, Z)."""
+    pred_labels: np.ndarray
+    """Predicted component ids 1..m (0 = background), (X, Y, Z)."""
+    gt_detected: np.ndarray
+    """Per GT lesion (index = id - 1): found by a predicted component."""
+    pred_matched: np.ndarray
+    """Per predicted component (index = id - 1): a true positive."""
+    gt_voxels: np.ndarray
+    pred_voxels: np.ndarray
+
+
+def match_lesions(
+    pred: ArrayLike,
+    target: ArrayLike,
+    connectivity: Connectivity = 6,
+    matching: Matching = "any_overlap",
+    iou_threshold: float = 0.5,
+) -> LesionMatch:
+    """Label both masks' lesions and flag the matched ones (rules of :func:`lesion_detection`)."""
+    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
+    _check_same_shape(pred, target)
+    connectivity = check_connectivity(connectivity)
+    gt = _components(target, connectivity)
+    pr = _components(pred, connectivity)
+    gt_hit, pred_hit = _match(gt, pr, _overlaps(gt, pr), matching, iou_threshold)
+    return LesionMatch(gt.labels, pr.labels, gt_hit, pred_hit, gt.voxels, pr.voxels)
+
+
 def lesion_detection(
     pred: ArrayLike,
     target: ArrayLike,
@@ -422,15 +458,11 @@ def lesion_detection(
     over GT lesions of at least that volume (found by a component of any size) and precision
     and false positives over predicted components of at least that volume.
     """
-    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
-    _check_same_shape(pred, target)
     ml_per_voxel = voxel_volume_ml(_as_spacing(spacing))
-    connectivity = check_connectivity(connectivity)
-    gt = _components(target, connectivity)
-    pr = _components(pred, connectivity)
-    gt_hit, pred_hit = _match(gt, pr, _overlaps(gt, pr), matching, iou_threshold)
-    gt_kept = gt.voxels * ml_per_voxel >= min_volume_ml
-    pred_kept = pr.voxels * ml_per_voxel >= min_volume_ml
+    matched = match_lesions(pred, target, connectivity, matching, iou_threshold)
+    gt_hit, pred_hit = matched.gt_detected, matched.pred_matched
+    gt_kept = matched.gt_voxels * ml_per_voxel >= min_volume_ml
+    pred_kept = matched.pred_voxels * ml_per_voxel >= min_volume_ml
     return LesionDetectionResult(
         n_gt=int(gt_kept.sum()),
         n_pred=int(pred_kept.sum()),
