@@ -11,7 +11,8 @@ independent writer:
   SpacingBetweenSlices; values stored as uint16 with a RescaleSlope per file;
 * T1 stations on the phantom's own voxel lattice (axial, or coronal slices), overlapping, each
   with its own gain; DWI at half the in-plane resolution with thicker slices, b50 and b1000 in
-  one series per station, b50 made from b1000 and a known ADC map (S_b = S_0 exp(-b ADC));
+  one series per station, b50 made from b1000 and a known ADC map (S_b = S_0 exp(-b ADC)) inside
+  the body, the same noise at every b-value outside it;
 * file names random, folders nested, InstanceNumber reversed, notes and hidden files beside;
 * on request: vendor b-value tags, Philips-like derived frames appended to the DWI, an older
   repeat of a station, a missing slice, a duplicated slice, patient motion before the DWI.
@@ -305,9 +306,13 @@ def write_dicom_exam(
     affine_ras: np.ndarray,
     spec: ExamSpec | None = None,
     seed: int = 0,
+    body: np.ndarray | None = None,
 ) -> WrittenExam:
     """Write ``folder`` (a case folder) as a scanner exam of the phantom images ``t1`` and
-    ``b1000`` ((x, y, z) arrays on the RAS grid ``affine_ras``)."""
+    ``b1000`` ((x, y, z) arrays on the RAS grid ``affine_ras``).
+
+    ``body`` (a mask on that grid) limits diffusion to the body: outside it every b-value holds
+    the same noise floor, as on a scanner, instead of noise amplified by exp(-b ADC)."""
     spec = spec or ExamSpec()
     folder = Path(folder)
     affine_lps = LPS_FROM_RAS @ np.asarray(affine_ras, np.float64)
@@ -359,6 +364,8 @@ def write_dicom_exam(
         index = grid.p0 + points[..., 2:3] * grid.u + points[..., 1:2] * grid.v
         index = index + points[..., 0:1] * grid.w
         adc = known_adc(index @ affine_lps[:3, :3].T + affine_lps[:3, 3]) * ADC_UNIT
+        if body is not None:  # partial volume at the body's border
+            adc = adc * _sample(body.astype(np.float64), grid, shift)
         frames = [(b, b_high * np.exp((1000.0 - b) * adc), dwi_type, None) for b in spec.b_values]
         if spec.derived_frames:
             frames.append((max(spec.b_values), adc / ADC_UNIT * 500.0, _DERIVED, "ISOTROPIC"))

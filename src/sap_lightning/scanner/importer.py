@@ -56,6 +56,8 @@ from sap_lightning.scanner.stations import (
 log = logging.getLogger(__name__)
 
 DEFAULT_B_VALUE = 1000.0
+REGISTRATION_MARGIN_MM = 40.0
+"""The T1 a DWI station is registered to extends this far beyond the station on every side."""
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -185,15 +187,21 @@ def _compose_t1(
 def _registrations(
     grid: Grid, t1: np.ndarray, images: Sequence[sitk.Image], kind: str, records: list[dict]
 ) -> list[sitk.Transform | None]:
+    """Per DWI station, the transform from T1 to DWI points; the T1 is taken on the station's
+    box of the grid widened by ``REGISTRATION_MARGIN_MM`` (room for the movement)."""
     transforms: list[sitk.Transform | None] = []
+    margin = np.ceil(REGISTRATION_MARGIN_MM / np.asarray(grid.spacing)).astype(int)
     for image, record in zip(images, records):
         placed = place(grid, image, ramp_weights(image, None))
         if placed is None:
             transforms.append(None)
             continue
-        fixed = sitk.GetImageFromArray(np.ascontiguousarray(t1[placed.slices()]))
-        fixed.CopyInformation(grid.reference(placed.low, placed.high))
-        transform = register.register_station(fixed, image, kind)
+        low = np.maximum(np.asarray(placed.low) - margin, 0)
+        high = np.minimum(np.asarray(placed.high) + margin, grid.size)
+        box = tuple(slice(lo, hi) for lo, hi in zip(low[::-1], high[::-1]))
+        t1_box = sitk.GetImageFromArray(np.ascontiguousarray(t1[box]))
+        t1_box.CopyInformation(grid.reference(low, high))
+        transform = register.register_station(t1_box, image, kind)
         record["registration"] = {"kind": kind, **register.describe(transform)}
         transforms.append(transform)
     return transforms
@@ -434,8 +442,7 @@ def import_dicom(
             output.write_case(
                 out, kind, case_id, case.images, case.affine, case.label, case.manifest
             )
-        except DatasetError as err:
-            log.error("%s", err)
+        except DatasetError as err:  # reported once, by the caller, with the other refusals
             report.refused.append(str(err))
             continue
         report.imported.append(case_id)

@@ -5,7 +5,7 @@ have moved between them; the scanner's coordinates then disagree by a few millim
 or translation transform per station (Mattes mutual information, since the contrasts differ;
 multi-resolution; SimpleITK) corrects the movement. Nothing corrects the EPI distortion itself:
 no deformable registration is done. The moving image is the station's lowest b-value (the best
-signal); the fixed image is the composed T1 on the part of its grid the station covers.
+signal); the composed T1 around the station is the other.
 """
 
 from __future__ import annotations
@@ -19,19 +19,24 @@ SAMPLING = 0.25
 SEED = 20260101
 
 
-def register_station(fixed: sitk.Image, moving: sitk.Image, kind: str = "rigid") -> sitk.Transform:
-    """The transform mapping ``fixed`` (T1) points to ``moving`` (DWI) points."""
+def register_station(t1: sitk.Image, dwi: sitk.Image, kind: str = "rigid") -> sitk.Transform:
+    """The transform mapping T1 points to DWI points (what resampling the DWI onto the T1 grid
+    needs).
+
+    The DWI station is the fixed image and the composed T1 (which extends beyond the station)
+    the moving one, so every metric sample finds T1 data whatever the shift; the result is
+    inverted."""
     if kind not in KINDS:
         raise ValueError(f"registration kind {kind!r}: choose one of {', '.join(KINDS)}")
-    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
-    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    fixed = sitk.Cast(dwi, sitk.sitkFloat32)
+    moving = sitk.Cast(t1, sitk.sitkFloat32)
     if kind == "rigid":
         centre = np.mean(
             [
-                moving.TransformContinuousIndexToPhysicalPoint([float(i), float(j), float(k)])
-                for i in (0, moving.GetSize()[0] - 1)
-                for j in (0, moving.GetSize()[1] - 1)
-                for k in (0, moving.GetSize()[2] - 1)
+                fixed.TransformContinuousIndexToPhysicalPoint([float(i), float(j), float(k)])
+                for i in (0, fixed.GetSize()[0] - 1)
+                for j in (0, fixed.GetSize()[1] - 1)
+                for k in (0, fixed.GetSize()[2] - 1)
             ],
             axis=0,
         )
@@ -51,8 +56,9 @@ def register_station(fixed: sitk.Image, moving: sitk.Image, kind: str = "rigid")
     method.SetShrinkFactorsPerLevel([4, 2, 1])
     method.SetSmoothingSigmasPerLevel([4.0, 2.0, 0.0])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetInitialTransform(initial, inPlace=False)
-    return method.Execute(fixed, moving)
+    method.SetInitialTransform(initial, inPlace=True)
+    method.Execute(fixed, moving)
+    return initial.GetInverse()
 
 
 def describe(transform: sitk.Transform) -> dict:
