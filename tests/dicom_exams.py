@@ -15,7 +15,8 @@ independent writer:
   the body, the same noise at every b-value outside it;
 * file names random, folders nested, InstanceNumber reversed, notes and hidden files beside;
 * on request: vendor b-value tags, Philips-like derived frames appended to the DWI, an older
-  repeat of a station, a missing slice, a duplicated slice, patient motion before the DWI.
+  repeat of a station, a missing slice, a duplicated slice, patient motion before the DWI, a
+  second non-DWI contrast at every station.
 
 Geometry is defined in the phantom's voxel index space: voxel (column c, row r, slice s) of a
 station is phantom index ``p0 + c u + r v + s w``; world (LPS) positions follow from the
@@ -81,6 +82,8 @@ class ExamSpec:
     """(T1 station, slice) written twice."""
     dwi_shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """Patient movement between T1 and DWI (LPS mm): DWI content moves by minus this."""
+    other_contrast: bool = False
+    """Also write a "STIR station k" series (no b-value) at every T1 station."""
 
 
 @dataclass
@@ -354,6 +357,9 @@ def write_dicom_exam(
             skip=skip,
             twice=twice,
         )
+        if spec.other_contrast:
+            stir = volume.max() - volume
+            writer.series(f"STIR station {k + 1}", grid, [(None, stir, _T1_TYPE, None)], "120000")
     dwi_type = _SIEMENS_TRACE if spec.vendor == "siemens" else _DWI_TYPE
     for k, grid in enumerate(dwi_grids):
         b_high = _sample(smooth, grid, shift) * dwi_gains[k]

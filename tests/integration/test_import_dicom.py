@@ -365,3 +365,68 @@ def test_registration_recovers_patient_movement(tmp_path: Path) -> None:
         # steps), which pulls mutual information by up to most of a DWI slice.
         assert np.all(np.abs(error[:2]) < 1.0), (station["description"], error)
         assert abs(error[2]) < slice_step, (station["description"], error)
+
+
+def test_two_contrasts_per_station_need_t1_and_then_import(tmp_path: Path, capsys) -> None:
+    _exam(tmp_path / "src", "pat1", stations=2, overlap=16, other_contrast=True)
+    out = tmp_path / "out"
+    assert main(["import-dicom", str(tmp_path / "src"), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sap import-dicom: error: case pat1: series ") and "\n" not in err
+    assert "(T1 station 1)" in err and "(STIR station 1)" in err and "pass --t1 REGEX" in err
+    assert not out.exists() or not any(out.rglob("pat1*"))
+    assert main(["import-dicom", str(tmp_path / "src"), str(out), "--t1", "^t1 "]) == 0
+    manifest = json.loads((out / "manifests" / "pat1.json").read_text())
+    ignored = sorted(d["description"] for d in manifest["dropped"])
+    assert ignored == ["STIR station 1", "STIR station 2"]
+    assert {d["reason"] for d in manifest["dropped"]} == {"not matching --t1 '^t1 '"}
+
+
+def test_b_value_choice_and_a_three_b_value_adc(tmp_path: Path) -> None:
+    case, _ = phantom("tiny")
+    _exam(tmp_path / "src", "pat1", stations=2, overlap=16, b_values=(50.0, 600.0, 1000.0))
+    default, chosen = tmp_path / "b1000", tmp_path / "b600"
+    assert main(["import-dicom", str(tmp_path / "src"), str(default), "--adc"]) == 0
+    assert main(["import-dicom", str(tmp_path / "src"), str(chosen), "--b-value", "550"]) == 0
+    manifest = json.loads((chosen / "manifests" / "pat1.json").read_text())
+    assert manifest["dwi"]["b_values"] == [50.0, 600.0, 1000.0]
+    assert manifest["dwi"]["b_value_used"] == 600.0
+    b1000, affine = _read(default / "pat1_0001.nii.gz")
+    b600, _ = _read(chosen / "pat1_0001.nii.gz")
+    adc, _ = _read(default / "pat1_0002.nii.gz")
+    body = ndimage.binary_erosion(case.maps.tissue > 0, np.ones((3, 3, 3)), iterations=3)
+    inner = body & (b1000 > np.percentile(b1000[body], 50))
+    # S_600 / S_1000 = exp(400 ADC): the channel holds the b600 image of the same stations
+    expected = np.exp(400.0 * known_adc_on_grid(affine, b600.shape) * 1e-3)
+    assert np.median(np.abs(b600[inner] / b1000[inner] / expected[inner] - 1)) < 0.01
+    assert np.median(np.abs(adc - known_adc_on_grid(affine, adc.shape))[inner]) < 1e-3
+
+
+def test_n4_corrects_each_station_and_keeps_the_image(tmp_path: Path) -> None:
+    case, _ = phantom("tiny")
+    _exam(tmp_path / "src", "pat1", stations=2, overlap=16)
+    assert main(["import-dicom", str(tmp_path / "src"), str(tmp_path / "out"), "--n4"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifests" / "pat1.json").read_text())
+    for role in ("t1", "dwi"):
+        assert [s["n4"] for s in manifest[role]["stations"]] == ["corrected"] * 2
+    t1, _ = _read(tmp_path / "out" / "pat1_0000.nii.gz")
+    body = case.maps.tissue > 0
+    assert _corr(t1[body], case.t1[body]) >= 0.95  # a smooth field less, the same anatomy
+
+
+def test_sap_predict_takes_the_plain_folder(tmp_path: Path, capsys) -> None:
+    from tests.checkpoints import write_lesion_checkpoint
+
+    _exam(tmp_path / "src", "pat1", stations=2, overlap=16)
+    out = tmp_path / "out"
+    assert main(["import-dicom", str(tmp_path / "src"), str(out)]) == 0
+    assert f"next: sap predict --input {out}" in capsys.readouterr().out
+    run = tmp_path / "run"
+    write_lesion_checkpoint(run / "checkpoints" / "last.ckpt", spacing=SIZES["tiny"][1])
+    (run / "threshold.json").write_text(json.dumps({"threshold": 0.5}))
+    predictions = tmp_path / "predictions"
+    command = ["predict", "--checkpoint", str(run), "--input", str(out), "--out", str(predictions)]
+    assert main([*command, "--no-progress"]) == 0
+    mask = nib.load(predictions / "pat1.nii.gz")
+    t1 = nib.load(out / "pat1_0000.nii.gz")
+    assert mask.shape == t1.shape and np.allclose(mask.affine, t1.affine)

@@ -27,6 +27,7 @@ from sap_lightning import __version__
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.dataset.images import read_image
 from sap_lightning.dataset.import_folder import resolve_labels
+from sap_lightning.dataset.layout import FILE_ENDINGS
 from sap_lightning.scanner import adc as adc_fit
 from sap_lightning.scanner import bias, output, register
 from sap_lightning.scanner.dicom_files import scan_case
@@ -302,6 +303,14 @@ def _label_on_grid(
     return on_grid.astype(np.uint8), record
 
 
+def _label_file(folder: Path, case_id: str) -> Path:
+    """``folder/<case><ending>`` for any ending the library reads (``.nii.gz`` first)."""
+    for ending in FILE_ENDINGS:
+        if (folder / f"{case_id}{ending}").is_file():
+            return folder / f"{case_id}{ending}"
+    raise DatasetError(f"case {case_id}: {folder / case_id}.nii.gz: missing label")
+
+
 # --------------------------------------------------------------------------- one case
 
 
@@ -435,9 +444,7 @@ def import_dicom(
         try:
             label_file = None
             if options.labels is not None:
-                label_file = options.labels / f"{case_id}.nii.gz"
-                if not label_file.is_file():
-                    raise DatasetError(f"case {case_id}: {label_file}: missing label")
+                label_file = _label_file(options.labels, case_id)
             case = import_case(case_dir, options, label_file, label_set)
             output.write_case(
                 out, kind, case_id, case.images, case.affine, case.label, case.manifest
