@@ -9,5 +9,6 @@ Modules, by concern: ``dicom_files`` (finding files, reading headers, b-value ta
 ``series`` (T1 / DWI roles, derived frames, slice order, gaps, duplicates, repeated stations),
 ``stacks`` (pixels of a sorted stack as a SimpleITK image), ``stations`` (the output grid,
 composing overlapping stations, intensity standardisation), ``adc``, ``bias`` (N4),
-``register`` (DWI to T1), ``importer`` (one case end to end, the manifest, the output folder).
+``register`` (DWI to T1), ``output`` (the output folder, atomic per case), ``importer`` (one case
+end to end, the manifest, a folder of cases).
 """

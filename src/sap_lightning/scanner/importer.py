@@ -45,6 +45,7 @@ from sap_lightning.scanner.stations import (
     Grid,
     Placed,
     compose,
+    grid_box,
     output_grid,
     place,
     ramp_weights,
@@ -193,14 +194,14 @@ def _registrations(
     transforms: list[sitk.Transform | None] = []
     margin = np.ceil(REGISTRATION_MARGIN_MM / np.asarray(grid.spacing)).astype(int)
     for image, record in zip(images, records):
-        placed = place(grid, image, ramp_weights(image, None))
-        if placed is None:
+        box = grid_box(grid, image)
+        if box is None:
             transforms.append(None)
             continue
-        low = np.maximum(np.asarray(placed.low) - margin, 0)
-        high = np.minimum(np.asarray(placed.high) + margin, grid.size)
-        box = tuple(slice(lo, hi) for lo, hi in zip(low[::-1], high[::-1]))
-        t1_box = sitk.GetImageFromArray(np.ascontiguousarray(t1[box]))
+        low = np.maximum(np.asarray(box[0]) - margin, 0)
+        high = np.minimum(np.asarray(box[1]) + margin, grid.size)
+        cut = tuple(slice(lo, hi) for lo, hi in zip(low[::-1], high[::-1]))
+        t1_box = sitk.GetImageFromArray(np.ascontiguousarray(t1[cut]))
         t1_box.CopyInformation(grid.reference(low, high))
         transform = register.register_station(t1_box, image, kind)
         record["registration"] = {"kind": kind, **register.describe(transform)}
@@ -407,6 +408,20 @@ def import_case(
         "dropped": dropped,
         "output_grid": grid.record(),
     }
+    frames = {
+        h.frame_of_reference
+        for station in [*t1_stations, *dwi_stations]
+        for stack in station.stacks.values()
+        for h in stack.slices
+    }
+    if len(frames) > 1:
+        # Positions of different frames of reference need not share an origin: the composed
+        # image is only right if the scanner kept one table reference, as it does within a study.
+        manifest["warnings"] = [
+            f"{len(frames)} FrameOfReferenceUIDs among the series used: positions were taken "
+            "as one coordinate system"
+        ]
+        log.warning("case %s: %s", case_id, manifest["warnings"][0])
     if adc is not None:
         manifest["adc"] = {
             "unit": "1e-3 mm^2/s",

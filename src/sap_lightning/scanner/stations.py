@@ -176,7 +176,7 @@ class Placed:
         return tuple(slice(lo, hi) for lo, hi in zip(self.low[::-1], self.high[::-1]))  # type: ignore[return-value]
 
 
-def _box(grid: Grid, image: sitk.Image, to_image: sitk.Transform | None) -> tuple | None:
+def grid_box(grid: Grid, image: sitk.Image, to_image: sitk.Transform | None = None) -> tuple | None:
     """Grid index box (low, high exclusive) holding ``image`` placed through ``to_image``."""
     size = np.asarray(image.GetSize(), float)
     corners = [
@@ -225,7 +225,7 @@ def place(
 ) -> Placed | None:
     """Resample a station and its weights onto the part of ``grid`` it covers (``None`` when it
     covers nothing)."""
-    box = _box(grid, image, transform)
+    box = grid_box(grid, image, transform)
     if box is None:
         return None
     low, high = box
