@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import set_pixel_data
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -392,8 +391,3 @@ def _junk(folder: Path) -> None:
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (folder / "viewer").mkdir(exist_ok=True)
     (folder / "viewer" / "settings.ini").write_text("[viewer]\nzoom=1\n")
-
-
-def read_back(path: Path) -> Dataset:
-    """A written file's header (tests inspect what the writer produced)."""
-    return pydicom.dcmread(path, stop_before_pixels=True)

@@ -67,10 +67,19 @@ def test_private_creator_in_another_block_is_followed() -> None:
 
 def test_raw_bytes_of_an_implicit_export_are_decoded() -> None:
     ds = _image()
-    ds.add_new(0x00191000 | 0x0010, "LO", "SIEMENS MR HEADER")
-    ds.add_new(0x0019100C, "UN", b"900 ")
-    ds.add_new(0x20010010, "LO", "Philips Imaging DD 001")
+    ds.add_new(0x00190010, "LO", "SIEMENS MR HEADER")  # the private creator of block 0x10
+    ds.add_new(0x0019100C, "UN", b"900 ")  # value kept as raw bytes (implicit VR, no dictionary)
     assert read_b_value(ds) == (900.0, "Siemens (0019,100C)")
+    philips = _image()
+    philips.add_new(0x20010010, "LO", "Philips Imaging DD 001")
+    philips.add_new(0x20011003, "UN", np.float32(650.0).tobytes())
+    assert read_b_value(philips) == (650.0, "Philips (2001,1003)")
+
+
+def test_the_usual_block_is_read_when_the_creator_was_removed() -> None:
+    ds = _image()
+    ds.add_new(0x0043_1039, "IS", [1000000800, 8, 0, 0])  # no (0043,0010) creator
+    assert read_b_value(ds) == (800.0, "GE (0043,1039)")
 
 
 def test_no_b_value_without_any_tag() -> None:
