@@ -27,6 +27,7 @@ from sap_lightning.core.threads import configure_threads
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-phantoms": ("phantoms", "Generate the synthetic WB-MRI cohort (healthy + patients)."),
     "import-folder": ("data", "Convert a per-case folder layout into the nnU-Net v2 raw format."),
+    "import-dicom": ("scanner", "Scanner DICOM exams to T1 + b1000 images on one grid."),
     "check-data": ("data", "Validate a dataset and report every problem found."),
     "skeleton-labels": ("labels", "Stage-1 skeleton labels from public MRI segmenters' maps."),
     "preprocess": ("data", "Build the normalised, memory-mappable preprocessing cache."),

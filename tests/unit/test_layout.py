@@ -1,9 +1,9 @@
 """The package's folders follow the data's way: every import points to the same or an earlier stage.
 
 Stages, earliest first (README "Library layout"): the shared ``core``, ``config``, the raw
-``dataset`` format, the ``synthetic`` cohort, raw -> ``cache``, cache -> ``batches``,
-``backbones`` (with weight transfer), ``metrics``, the Lightning ``modules``, ``inference``,
-``evaluation``, the ``pipeline`` runs, and the command line on top.
+``dataset`` format, the ``scanner`` DICOM import, the ``synthetic`` cohort, raw -> ``cache``,
+cache -> ``batches``, ``backbones`` (with weight transfer), ``metrics``, the Lightning
+``modules``, ``inference``, ``evaluation``, the ``pipeline`` runs, and the command line on top.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ STAGES = (
     "core",
     "config",
     "dataset",
+    "scanner",
     "synthetic",
     "cache",
     "batches",

@@ -27,7 +27,7 @@ from sap_lightning.dataset.validate import SUPPORTED_FILE_ENDINGS, DatasetInfo, 
 _DEFAULT_LABEL_FILE = {"lesion": "lesions", "skeleton": "skeleton"}
 
 
-def _resolve_labels(labels: str | os.PathLike | Mapping[str, int]) -> tuple[dict[str, int], str]:
+def resolve_labels(labels: str | os.PathLike | Mapping[str, int]) -> tuple[dict[str, int], str]:
     """A label set from ``"lesion"``, ``"skeleton"``, a mapping or a JSON file; with its kind."""
     if isinstance(labels, Mapping):
         return dict(labels), "custom"
@@ -76,7 +76,7 @@ def import_folder(
     folder appears complete or not at all, and an existing non-empty OUT is never overwritten.
     """
     src, out = Path(src), Path(out)
-    label_set, kind = _resolve_labels(labels)
+    label_set, kind = resolve_labels(labels)
     label_name = label_name or _DEFAULT_LABEL_FILE.get(kind, "label")
     if not src.is_dir():
         raise DatasetError(f"import: {src}: source folder does not exist")
