@@ -422,7 +422,7 @@ class LesionMatch:
 def match_lesions(
     pred: ArrayLike,
     target: ArrayLike,
-    connectivity: Connectivity = 6,
+    connectivity: Connectivity = DEFAULT_CONNECTIVITY,
     matching: Matching = "any_overlap",
     iou_threshold: float = 0.5,
 ) -> LesionMatch:
