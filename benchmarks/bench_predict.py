@@ -39,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from sap_lightning.core.windows import effective_precision
+from sap_lightning.core.mixed_precision import effective_precision
 
 ROI = [64, 64, 64]
 OVERLAP = 0.25

@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sap_lightning.config import load_config
-from sap_lightning.core.windows import cpu_has_fast_kernels
+from sap_lightning.core.mixed_precision import cpu_has_fast_kernels
 from sap_lightning.modules import build_module
 from sap_lightning.modules.losses import create_loss
 

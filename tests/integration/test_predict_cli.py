@@ -17,7 +17,7 @@ import sap_lightning
 from sap_lightning.backbones import create_backbone
 from sap_lightning.backbones.transfer import META_KEY, make_backbone_meta
 from sap_lightning.cli import main
-from sap_lightning.core import windows
+from sap_lightning.core import mixed_precision, windows
 from sap_lightning.dataset.layout import LESION_LABELS, SKELETON_LABELS
 from sap_lightning.inference.burden import OTHER_BONE
 from tests.datasets import body_of, write_tiny_dataset
@@ -215,7 +215,7 @@ def test_the_recorded_inference_precision_is_used_unless_overridden(
     but not equal to, the float32 maps of the same weights (the setup's); ``--precision
     32-true`` gives exactly those, and into the bfloat16 folder it is refused, naming the
     change."""
-    monkeypatch.setattr(windows, "_cpu_supports", lambda dtype: True)  # any CPU
+    monkeypatch.setattr(mixed_precision, "_cpu_supports", lambda dtype: True)  # any CPU
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "last.ckpt"
     _write_checkpoint(ckpt, "lesion", LESION_LABELS, 0, inference_precision="bf16-mixed")

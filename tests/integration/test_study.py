@@ -13,7 +13,7 @@ import torch
 from sap_lightning.backbones import get_spec
 from sap_lightning.cache.splits import load_splits
 from sap_lightning.config import load_config
-from sap_lightning.core import windows
+from sap_lightning.core import mixed_precision
 from sap_lightning.core.arms import get_arm
 from sap_lightning.dataset import layout
 from sap_lightning.pipeline.steps import DONE_FILE
@@ -34,7 +34,9 @@ def test_report_has_every_arm_with_statistics(tiny_study) -> None:
     for name in ("froc.png", "boxplots.png", "comparison.json", "curves.png"):
         assert (tiny_study.report.parent / name).is_file()
     # The CPU files ask for bf16-mixed training: what ran (per the CPU) is named once for all.
-    trained = "bfloat16 autocast" if windows.cpu_has_fast_kernels("bf16-mixed") else "float32"
+    trained = (
+        "bfloat16 autocast" if mixed_precision.cpu_has_fast_kernels("bf16-mixed") else "float32"
+    )
     assert f"Training precision: {trained} (every run)." in report
 
 

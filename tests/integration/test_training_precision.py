@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from sap_lightning.config import load_config
-from sap_lightning.core import mixed_precision, windows
+from sap_lightning.core import mixed_precision
 from sap_lightning.pipeline.train import run_training
 from tests.training import EXPERIMENTS, TINY_TRAINING, prepare_tiny_datasets
 
@@ -49,7 +49,7 @@ class ConvolutionDtypes(L.Callback):
 def test_the_cpu_files_train_in_bf16_where_the_cpu_has_the_kernels(
     data, tmp_path: Path, monkeypatch, caplog, fast_kernels: bool
 ) -> None:
-    monkeypatch.setattr(windows, "_cpu_supports", lambda dtype: fast_kernels)
+    monkeypatch.setattr(mixed_precision, "_cpu_supports", lambda dtype: fast_kernels)
     mixed_precision._warn_float32_training.cache_clear()
     run_dir = tmp_path / "run"
     cfg = load_config(

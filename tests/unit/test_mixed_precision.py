@@ -10,7 +10,7 @@ from torch import nn
 
 from sap_lightning.backbones import create_backbone
 from sap_lightning.config.schema import LossConfig
-from sap_lightning.core import mixed_precision, windows
+from sap_lightning.core import mixed_precision
 from sap_lightning.core.mixed_precision import (
     GuardedConv3d,
     guard_small_convolutions,
@@ -26,7 +26,8 @@ from sap_lightning.modules.losses import (
 from sap_lightning.modules.mae import masked_mse
 
 needs_bf16_kernels = pytest.mark.skipif(
-    not windows.cpu_has_fast_kernels("bf16-mixed"), reason="this CPU has no fast bf16 kernels"
+    not mixed_precision.cpu_has_fast_kernels("bf16-mixed"),
+    reason="this CPU has no fast bf16 kernels",
 )
 
 
@@ -98,7 +99,7 @@ def test_guarded_weight_gradients_of_a_two_deep_input_are_finite_and_float32s() 
 def test_a_cpu_without_fast_kernels_trains_in_float32(
     monkeypatch, caplog, precision, accelerator, fast, expected
 ) -> None:
-    monkeypatch.setattr(windows, "_cpu_supports", lambda dtype: fast)
+    monkeypatch.setattr(mixed_precision, "_cpu_supports", lambda dtype: fast)
     mixed_precision._warn_float32_training.cache_clear()
     with caplog.at_level("WARNING"):
         assert training_precision(precision, accelerator) == expected

@@ -13,9 +13,10 @@ from monai.metrics import compute_dice
 from sap_lightning.backbones import get_spec
 from sap_lightning.backbones.transfer import load_checkpoint_file
 from sap_lightning.config import load_config, to_dict
-from sap_lightning.core import windows
+from sap_lightning.core import mixed_precision
 from sap_lightning.core.errors import CheckpointError, ConfigError, SapError
-from sap_lightning.core.windows import describe_precision, inference_precision, predict_volume
+from sap_lightning.core.precision import describe_precision, inference_precision
+from sap_lightning.core.windows import predict_volume
 from sap_lightning.metrics.functional import dice as binary_dice
 from sap_lightning.modules import (
     ContrastivePretraining,
@@ -638,7 +639,7 @@ def test_bf16_inference_runs_the_windows_in_bf16_and_returns_float32_probabiliti
     probabilities are float32 and close to the float32 inference (bfloat16 keeps 8 bits of
     mantissa); ``32-true`` keeps float32 even inside an outer autocast (a mixed-precision
     trainer's validation)."""
-    monkeypatch.setattr(windows, "_cpu_supports", lambda dtype: True)
+    monkeypatch.setattr(mixed_precision, "_cpu_supports", lambda dtype: True)
     module = make("lesion", "validation.precision=bf16-mixed").eval()
     assert module.backbone_meta()["inference_precision"] == "bf16-mixed"  # for sap predict
     image = torch.randn(1, 2, 40, 36, 48, generator=torch.Generator().manual_seed(1))
@@ -658,8 +659,8 @@ def test_bf16_inference_runs_the_windows_in_bf16_and_returns_float32_probabiliti
 
 
 def test_a_cpu_without_fast_kernels_runs_float32(monkeypatch, caplog) -> None:
-    monkeypatch.setattr(windows, "_cpu_supports", lambda dtype: False)
-    windows._warn_float32_instead.cache_clear()
+    monkeypatch.setattr(mixed_precision, "_cpu_supports", lambda dtype: False)
+    mixed_precision._warn_float32_instead.cache_clear()
     module = make("lesion", "validation.precision=bf16-mixed").eval()
     seen, hooks = _conv_output_dtypes(module.net)
     with caplog.at_level("WARNING"):
@@ -671,7 +672,9 @@ def test_a_cpu_without_fast_kernels_runs_float32(monkeypatch, caplog) -> None:
     assert [r.getMessage() for r in caplog.records].count(
         "this CPU has no fast kernels for bf16-mixed: inference runs in float32"
     ) == 1
-    assert windows.effective_precision("bf16-mixed", "cpu") == "32-true"
-    assert windows.effective_precision("bf16-mixed", "cuda") == "bf16-mixed"  # GPUs: torch checks
+    assert mixed_precision.effective_precision("bf16-mixed", "cpu") == "32-true"
+    assert (
+        mixed_precision.effective_precision("bf16-mixed", "cuda") == "bf16-mixed"
+    )  # GPUs: torch checks
     with pytest.raises(ValueError, match="'bf16' is not one of"):
-        windows.effective_precision("bf16", "cpu")
+        mixed_precision.effective_precision("bf16", "cpu")

@@ -6,7 +6,7 @@ import argparse
 
 from sap_lightning.commands import _args
 from sap_lightning.config.schema import ValidationConfig
-from sap_lightning.core.windows import AUTOCAST_PRECISIONS
+from sap_lightning.core.precision import AUTOCAST_PRECISIONS
 from sap_lightning.inference.predict import predict_cases
 
 

@@ -28,7 +28,7 @@ from sap_lightning.config.schema import (
 from sap_lightning.core.arms import get_arm, list_arms, pretraining_arm
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.io import write_text
-from sap_lightning.core.windows import AUTOCAST_PRECISIONS
+from sap_lightning.core.precision import AUTOCAST_PRECISIONS
 
 BASE_KEY = "base"
 

@@ -208,10 +208,10 @@ class ValidationConfig:
     noise up to unit variance, is one the network never saw; the paper does not mask."""
     precision: str | None = None
     """Precision of whole-case inference (validation, threshold tuning, ``sap predict``): one
-    of ``core.windows.AUTOCAST_PRECISIONS`` (``32-true``, ``bf16-mixed``, ``16-mixed``); None
+    of ``core.precision.AUTOCAST_PRECISIONS`` (``32-true``, ``bf16-mixed``, ``16-mixed``); None
     follows ``trainer.precision`` (its autocast, or float32). Recorded in the checkpoint, so
     ``sap predict`` uses it unless told otherwise; a CPU without fast kernels for the type runs
-    float32 (``core.windows.effective_precision``)."""
+    float32 (``core.mixed_precision.effective_precision``)."""
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Training under bfloat16 autocast on the CPU, made safe for small 3-D convolutions.
+"""What a precision means on a device: autocast dtypes, oneDNN's fast-kernel check (a CPU without
+fast kernels for a type runs float32), and bfloat16 training on the CPU made safe for small 3-D
+convolutions.
 
 oneDNN's bfloat16 weight gradient of a 3-D convolution (3x3x3 kernel, padding 1) returns NaN
 in some calls when the input is 2 voxels deep: torch 2.13.0 on an AVX512-BF16 CPU gave NaN
@@ -14,15 +16,78 @@ convolution keeps bfloat16's speed. Inference (no gradients) is left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
 import torch
 from torch import nn
 
-from sap_lightning.core.windows import AUTOCAST_PRECISIONS, cpu_has_fast_kernels
+from sap_lightning.core.precision import AUTOCAST_PRECISIONS
 
 log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    name: None if dtype is None else getattr(torch, dtype)
+    for name, dtype in AUTOCAST_PRECISIONS.items()
+}
+"""Each precision name's autocast dtype (None: float32, no autocast)."""
+
+
+_CPU_SUPPORT = {
+    torch.bfloat16: "_is_mkldnn_bf16_supported",
+    torch.float16: "_is_mkldnn_fp16_supported",
+}
+"""oneDNN's own checks for fast reduced-precision CPU kernels (torch has no public query)."""
+
+
+@functools.cache
+def _cpu_supports(dtype: torch.dtype) -> bool:
+    check = getattr(torch.ops.mkldnn, _CPU_SUPPORT[dtype], None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+@functools.cache
+def _warn_float32_instead(precision: str) -> None:
+    log.warning("this CPU has no fast kernels for %s: inference runs in float32", precision)
+
+
+def effective_precision(precision: str, device: torch.device | str) -> str:
+    """The precision whole-case inference runs at on ``device``: ``precision``, except on a CPU
+    without fast kernels for its type (oneDNN's check: AVX512 for bfloat16, AVX512-FP16 or AMX
+    for float16), which runs float32 (warned once): emulated, it would be slower for no gain."""
+    if precision not in AUTOCAST_PRECISIONS:
+        raise ValueError(
+            f"inference precision {precision!r} is not one of {list(AUTOCAST_PRECISIONS)}"
+        )
+    if torch.device(device).type == "cpu" and not cpu_has_fast_kernels(precision):
+        _warn_float32_instead(precision)
+        return "32-true"
+    return precision
+
+
+def cpu_has_fast_kernels(precision: str) -> bool:
+    """Whether this CPU computes ``precision`` (one of :data:`AUTOCAST_PRECISIONS`) natively;
+    float32 always."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return dtype is None or _cpu_supports(dtype)
+
+
+def inference_autocast(
+    precision: str, device: torch.device | str
+) -> contextlib.AbstractContextManager:
+    """The autocast context of whole-case inference at ``precision`` on ``device``
+    (:func:`effective_precision`); ``32-true`` turns autocast off, also inside a
+    mixed-precision trainer's validation."""
+    device_type = torch.device(device).type
+    dtype = AUTOCAST_DTYPES[effective_precision(precision, device)]
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
 
 SMALLEST_SAFE_SIZE = 3
 """Convolution inputs with a spatial size below this run in float32 under CPU bf16 autocast."""

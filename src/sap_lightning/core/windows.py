@@ -1,19 +1,21 @@
 """Whole-volume inference: windows on the compute device, stitching on the CPU.
 
+The windows run at the precision ``core/mixed_precision.py`` says the device supports.
+
 Every place that runs a network over a whole case (validation, ``sap predict``, the benchmark)
 calls :func:`predict_volume`, so whole-body volumes fit in GPU memory the same way everywhere.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 from collections.abc import Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+
+from sap_lightning.core.mixed_precision import inference_autocast
 
 log = logging.getLogger(__name__)
 
@@ -30,87 +32,6 @@ def sliding_window_size(
     and ``sap predict``: ``roi_size`` when given, else the training patch size (as nnU-Net),
     rounded up to the backbone's input multiple."""
     return round_up_to_multiple(roi_size or patch_size, input_multiple)
-
-
-AUTOCAST_PRECISIONS: dict[str, torch.dtype | None] = {
-    "32-true": None,
-    "bf16-mixed": torch.bfloat16,
-    "16-mixed": torch.float16,
-}
-"""The precisions (Lightning's names) of whole-case inference (``validation.precision``) and
-of CPU training (``core.mixed_precision.training_precision``): float32, or autocast to bfloat16
-/ float16."""
-
-
-def describe_precision(precision: str) -> str:
-    """How reports name a precision: ``float32``, ``bfloat16 autocast``; other names as given."""
-    if precision not in AUTOCAST_PRECISIONS:
-        return precision
-    dtype = AUTOCAST_PRECISIONS[precision]
-    return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
-
-
-_CPU_SUPPORT = {
-    torch.bfloat16: "_is_mkldnn_bf16_supported",
-    torch.float16: "_is_mkldnn_fp16_supported",
-}
-"""oneDNN's own checks for fast reduced-precision CPU kernels (torch has no public query)."""
-
-
-def inference_precision(configured: str | None, trainer_precision: str) -> str:
-    """``validation.precision`` when set, else the trainer's autocast (16-/bf16-mixed) or
-    float32: a network trained under autocast is validated and predicted under it."""
-    if configured is not None:
-        return configured
-    return trainer_precision if trainer_precision in AUTOCAST_PRECISIONS else "32-true"
-
-
-@functools.cache
-def _cpu_supports(dtype: torch.dtype) -> bool:
-    check = getattr(torch.ops.mkldnn, _CPU_SUPPORT[dtype], None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
-
-
-@functools.cache
-def _warn_float32_instead(precision: str) -> None:
-    log.warning("this CPU has no fast kernels for %s: inference runs in float32", precision)
-
-
-def effective_precision(precision: str, device: torch.device | str) -> str:
-    """The precision whole-case inference runs at on ``device``: ``precision``, except on a CPU
-    without fast kernels for its type (oneDNN's check: AVX512 for bfloat16, AVX512-FP16 or AMX
-    for float16), which runs float32 (warned once): emulated, it would be slower for no gain."""
-    if precision not in AUTOCAST_PRECISIONS:
-        raise ValueError(
-            f"inference precision {precision!r} is not one of {list(AUTOCAST_PRECISIONS)}"
-        )
-    if torch.device(device).type == "cpu" and not cpu_has_fast_kernels(precision):
-        _warn_float32_instead(precision)
-        return "32-true"
-    return precision
-
-
-def cpu_has_fast_kernels(precision: str) -> bool:
-    """Whether this CPU computes ``precision`` (one of :data:`AUTOCAST_PRECISIONS`) natively;
-    float32 always."""
-    dtype = AUTOCAST_PRECISIONS[precision]
-    return dtype is None or _cpu_supports(dtype)
-
-
-def inference_autocast(
-    precision: str, device: torch.device | str
-) -> contextlib.AbstractContextManager:
-    """The autocast context of whole-case inference at ``precision`` on ``device``
-    (:func:`effective_precision`); ``32-true`` turns autocast off, also inside a
-    mixed-precision trainer's validation."""
-    device_type = torch.device(device).type
-    dtype = AUTOCAST_PRECISIONS[effective_precision(precision, device)]
-    if dtype is None:
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=dtype)
 
 
 @torch.no_grad()

@@ -15,8 +15,8 @@ from sap_lightning.cache.splits import Splits
 from sap_lightning.config import StudyConfig
 from sap_lightning.core.arms import LearningTerm
 from sap_lightning.core.io import read_json
+from sap_lightning.core.precision import describe_precision
 from sap_lightning.core.protocol import SIGNIFICANCE_LEVEL
-from sap_lightning.core.windows import describe_precision
 from sap_lightning.evaluation.diagnostics import (
     RunDiagnostics,
     diagnose,

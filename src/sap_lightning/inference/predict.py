@@ -41,11 +41,11 @@ from sap_lightning.backbones.transfer import read_checkpoint, transfer_weights
 from sap_lightning.cache import compute_body_mask, prepare_image, resample_volume
 from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.core.errors import CheckpointError, ConfigError, DatasetError, SapError
+from sap_lightning.core.mixed_precision import effective_precision
+from sap_lightning.core.precision import AUTOCAST_PRECISIONS
 from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY, DEFAULT_THRESHOLD
 from sap_lightning.core.run_layout import THRESHOLD_FILE, last_checkpoint_path, load_threshold
 from sap_lightning.core.windows import (
-    AUTOCAST_PRECISIONS,
-    effective_precision,
     predict_volume,
     sliding_window_size,
 )

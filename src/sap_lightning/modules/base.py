@@ -44,8 +44,8 @@ from sap_lightning.core.arms import Arm, get_arm, pretraining_arm
 from sap_lightning.core.case_keys import case_hash
 from sap_lightning.core.errors import ConfigError, SapError
 from sap_lightning.core.mixed_precision import guard_small_convolutions
+from sap_lightning.core.precision import inference_precision
 from sap_lightning.core.windows import (
-    inference_precision,
     predict_volume,
     round_up_to_multiple,
     sliding_window_size,

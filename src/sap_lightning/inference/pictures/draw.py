@@ -27,7 +27,8 @@ from scipy import ndimage
 
 from sap_lightning.cache.normalize import otsu_threshold
 from sap_lightning.core.io import atomic_path
-from sap_lightning.core.lesions import DEFAULT_CONNECTIVITY, check_connectivity, voxel_volume_ml
+from sap_lightning.core.lesions import check_connectivity, voxel_volume_ml
+from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY
 from sap_lightning.dataset.images import to_canonical
 from sap_lightning.dataset.layout import CHANNEL_NAMES
 from sap_lightning.inference.pictures.content import (
