@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sap_lightning.backbones import create_backbone
-from sap_lightning.backbones.transfer import META_KEY, make_backbone_meta
+from sap_lightning.backbones.checkpoints import META_KEY, make_backbone_meta
 from sap_lightning.dataset.layout import LESION_LABELS
 
 

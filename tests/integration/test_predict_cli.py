@@ -15,7 +15,7 @@ from scipy import ndimage
 
 import sap_lightning
 from sap_lightning.backbones import create_backbone
-from sap_lightning.backbones.transfer import META_KEY, make_backbone_meta
+from sap_lightning.backbones.checkpoints import META_KEY, make_backbone_meta
 from sap_lightning.cli import main
 from sap_lightning.core import mixed_precision, windows
 from sap_lightning.dataset.layout import LESION_LABELS, SKELETON_LABELS

@@ -44,7 +44,7 @@ import pytest
 import torch
 
 from sap_lightning.backbones import create_backbone
-from sap_lightning.backbones.transfer import export_backbone, make_backbone_meta
+from sap_lightning.backbones.checkpoints import export_backbone, make_backbone_meta
 from sap_lightning.cache import open_cache
 from sap_lightning.cli import main
 from sap_lightning.config import load_config

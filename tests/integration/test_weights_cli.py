@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from sap_lightning.backbones import create_backbone, get_spec
-from sap_lightning.backbones.transfer import make_backbone_meta, transfer_weights
+from sap_lightning.backbones.checkpoints import make_backbone_meta
+from sap_lightning.backbones.transfer import transfer_weights
 from sap_lightning.cli import main
 
 

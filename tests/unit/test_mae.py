@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sap_lightning.backbones.transfer import load_checkpoint_file
+from sap_lightning.backbones.checkpoints import load_checkpoint_file
 from sap_lightning.config import load_config
 from sap_lightning.core.errors import CheckpointError, ConfigError
 from sap_lightning.modules import ContrastivePretraining, MaskedAutoencoderPretraining, build_module

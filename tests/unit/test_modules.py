@@ -11,7 +11,7 @@ import torch
 from monai.metrics import compute_dice
 
 from sap_lightning.backbones import get_spec
-from sap_lightning.backbones.transfer import load_checkpoint_file
+from sap_lightning.backbones.checkpoints import load_checkpoint_file
 from sap_lightning.config import load_config, to_dict
 from sap_lightning.core import mixed_precision
 from sap_lightning.core.errors import CheckpointError, ConfigError, SapError

@@ -12,18 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from sap_lightning.backbones import create_backbone, get_spec, list_backbones
-from sap_lightning.backbones.transfer import (
+from sap_lightning.backbones.checkpoints import (
     FORMAT,
-    adapt_input_channels,
+    FORMAT_VERSION,
     export_backbone,
     load_checkpoint_file,
     make_backbone_meta,
-    param_groups,
-    summarize_checkpoint,
-    transfer_weights,
 )
+from sap_lightning.backbones.transfer import adapt_input_channels, transfer_weights
+from sap_lightning.commands.weights import summarize_checkpoint
 from sap_lightning.core.errors import CheckpointError, ConfigError
 from sap_lightning.core.io import read_json
+from sap_lightning.modules.optim import param_groups
 
 SMALL_KWARGS = {
     "swin_unetr": {"feature_size": 12},
@@ -448,7 +448,7 @@ def test_export_is_plain_and_loadable_with_weights_only(tmp_path):
     meta = meta_for("unet_tiny", 2, 2, "lesion")
     path = export_backbone(net, tmp_path / "sub" / "lesion.pt", meta)
     loaded = torch.load(path, weights_only=True)
-    assert loaded["format"] == FORMAT and loaded["format_version"] == 1
+    assert loaded["format"] == FORMAT and loaded["format_version"] == FORMAT_VERSION == 2
     assert loaded["meta"]["spacing"] == [1.5, 1.5, 5.0]
     assert type(loaded["meta"]["spacing"][0]) is float
     assert type(loaded["meta"]["versions"]["torch"]) is str
@@ -470,15 +470,21 @@ def test_export_is_plain_and_loadable_with_weights_only(tmp_path):
     )
 
 
-def test_newer_format_version_is_refused(tmp_path):
+@pytest.mark.parametrize("version", [1, 3, None])
+def test_other_format_versions_are_refused_naming_the_version(tmp_path, version):
+    """Version 1 (before the metadata named the arm and recipe) and unknown ones are refused in
+    one line naming the file's version; nothing is loaded."""
     path = export_backbone(
         build("unet_tiny", 1, 2, 0), tmp_path / "a.pt", meta_for("unet_tiny", 1, 2, "lesion")
     )
     payload = torch.load(path, weights_only=True)
-    payload["format_version"] = 2
+    payload["format_version"] = version
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match="format_version 2 is not supported"):
-        transfer_weights(build("unet_tiny", 1, 2, 1), path)
+    target = build("unet_tiny", 1, 2, 1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=f"format_version {version!r}; this sap_lightning"):
+        transfer_weights(target, path)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
 
 
 def test_report_round_trips_as_json(tmp_path):

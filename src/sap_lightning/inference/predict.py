@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from sap_lightning.backbones import create_backbone, get_spec
-from sap_lightning.backbones.transfer import read_checkpoint, transfer_weights
+from sap_lightning.backbones.checkpoints import read_checkpoint
+from sap_lightning.backbones.transfer import transfer_weights
 from sap_lightning.cache import compute_body_mask, prepare_image, resample_volume
 from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.core.errors import CheckpointError, ConfigError, DatasetError, SapError

@@ -33,12 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.utilities import dim_zero_cat
 
 from sap_lightning.backbones import create_backbone, get_spec
-from sap_lightning.backbones.transfer import (
-    META_KEY,
-    export_backbone,
-    make_backbone_meta,
-    param_groups,
-)
+from sap_lightning.backbones.checkpoints import META_KEY, export_backbone, make_backbone_meta
 from sap_lightning.config import ExperimentConfig, from_dict
 from sap_lightning.core.arms import Arm, get_arm, pretraining_arm
 from sap_lightning.core.case_keys import case_hash
@@ -51,7 +46,7 @@ from sap_lightning.core.windows import (
     sliding_window_size,
 )
 from sap_lightning.modules.losses import create_loss, loss_in_float32, split_deep_supervision
-from sap_lightning.modules.optim import create_optimizer
+from sap_lightning.modules.optim import create_optimizer, param_groups
 
 NORMALISATION = "percentile_1_99_clip_rescale"
 """Intensity normalisation of the inputs (per channel, whole-volume 1st-99th percentile clip,

@@ -44,7 +44,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sap_lightning.backbones import get_spec
-from sap_lightning.backbones.transfer import load_checkpoint_file
+from sap_lightning.backbones.checkpoints import load_checkpoint_file
 from sap_lightning.batches.planners import PLANNERS
 from sap_lightning.config import ExperimentConfig, save_config
 from sap_lightning.core.errors import ConfigError
