@@ -29,12 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sap_lightning.metrics.functional import (
-    binarize,
-    froc_counts,
-    lesion_detection,
-    lesion_scores,
-)
+from sap_lightning.metrics import binarize, froc_counts, lesion_detection, lesion_scores
 
 SHAPE = (192, 192, 384)
 SPACING = (2.0, 2.0, 5.0)

@@ -19,7 +19,7 @@ import pytest
 from sap_lightning.cache.splits import load_splits
 from sap_lightning.cli import main
 from sap_lightning.dataset.layout import LESION_LABELS
-from sap_lightning.metrics.functional import dice
+from sap_lightning.metrics.overlap import dice
 from tests.datasets import write_tiny_dataset
 from tests.integration.test_predict_cli import _write_checkpoint
 

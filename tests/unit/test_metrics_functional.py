@@ -15,16 +15,15 @@ import torch
 from monai.metrics import compute_dice, compute_surface_dice
 from scipy import ndimage
 
+from sap_lightning.metrics.arrays import binarize
 from sap_lightning.metrics.functional import (
-    binarize,
-    dice,
     f2_score,
     froc_counts,
     lesion_detection,
     lesion_scores,
     match_lesions,
-    surface_dice,
 )
+from sap_lightning.metrics.overlap import dice, surface_dice
 
 # ---------------------------------------------------------------------------- worked geometry
 # Worked case: shape (128, 128, 48), spacing (1.5, 1.5, 5.0) mm in array axis order, voxel i

@@ -17,7 +17,8 @@ from sap_lightning.core import mixed_precision
 from sap_lightning.core.errors import CheckpointError, ConfigError, SapError
 from sap_lightning.core.precision import describe_precision, inference_precision
 from sap_lightning.core.windows import predict_volume
-from sap_lightning.metrics.functional import dice as binary_dice
+from sap_lightning.metrics.case_scores import CaseScores, confusion_dice
+from sap_lightning.metrics.overlap import dice as binary_dice
 from sap_lightning.modules import (
     ContrastivePretraining,
     LesionSegmentation,
@@ -25,7 +26,7 @@ from sap_lightning.modules import (
     build_module,
     warmup_cosine_factor,
 )
-from sap_lightning.modules.base import NORMALISATION, CaseScores, confusion_dice
+from sap_lightning.modules.base import NORMALISATION
 from sap_lightning.modules.lesion import metadata_warnings, resolve_pretrained
 from tests.tiny import TINY_CONFIG, TINY_FEATURES
 

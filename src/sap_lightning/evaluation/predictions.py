@@ -54,7 +54,7 @@ from sap_lightning.inference.outputs import (
     output_cases,
     require_single_model,
 )
-from sap_lightning.metrics.functional import binarize
+from sap_lightning.metrics.arrays import binarize
 from sap_lightning.metrics.lesion import LesionDetection, make_lesion_metrics
 
 log = logging.getLogger(__name__)

@@ -1,20 +1,20 @@
 """Lesion-wise metrics: a functional core on whole-case arrays and torchmetrics wrappers.
 
-See :mod:`sap_lightning.metrics.functional` for the definitions and the empty-mask conventions.
+See :mod:`sap_lightning.metrics.functional` for the definitions and the empty-mask conventions;
+``arrays`` (inputs, binarisation), ``overlap`` (Dice, surface Dice), ``froc``, ``agreement``
+(ICC) and ``case_scores`` hold the rest.
 """
 
+from sap_lightning.metrics.arrays import binarize
 from sap_lightning.metrics.functional import (
     FrocCounts,
     LesionDetectionResult,
     LesionMatch,
     LesionScore,
-    binarize,
-    dice,
     froc_counts,
     lesion_detection,
     lesion_scores,
     match_lesions,
-    surface_dice,
 )
 from sap_lightning.metrics.lesion import (
     THRESHOLD_GRID,
@@ -22,6 +22,7 @@ from sap_lightning.metrics.lesion import (
     LesionSegmentationQuality,
     make_lesion_metrics,
 )
+from sap_lightning.metrics.overlap import dice, surface_dice
 
 __all__ = [
     "THRESHOLD_GRID",

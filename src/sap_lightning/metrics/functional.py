@@ -1,4 +1,5 @@
-"""Lesion-wise metrics on whole-case arrays: Dice, normalised surface Dice, detection, FROC counts.
+"""Lesion-wise metrics on whole-case arrays: lesion matching, detection, per-lesion Dice and NSD,
+FROC counts (mask-level Dice and surface Dice: ``metrics/overlap.py``).
 
 Every function takes numpy arrays or torch tensors of shape (X, Y, Z) (any device; they are moved
 to the CPU) and a voxel spacing in mm **in array axis order**. Lesions are 3D connected components
@@ -28,18 +29,13 @@ Conventions for empty masks (the libraries disagree; these are the project's, an
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
-from scipy.spatial import cKDTree
 
 from sap_lightning.core.lesions import (
-    bounding_box,
     check_connectivity,
     component_boxes,
     connected_components,
@@ -51,87 +47,35 @@ from sap_lightning.core.protocol import (
     LARGE_LESION_ML,
     SURFACE_TOLERANCE_MM,
 )
+from sap_lightning.metrics.arrays import (
+    ArrayLike,
+    as_mask,
+    as_probability,
+    as_spacing,
+    check_same_shape,
+)
+from sap_lightning.metrics.overlap import (
+    nsd_on_crop,
+    padded_crop,
+    union_box,
+)
 
 Connectivity = Literal[6, 18, 26]
 Matching = Literal["any_overlap", "one_to_one"]
 
-ArrayLike = np.ndarray | torch.Tensor
 
 __all__ = [
     "FrocCounts",
     "LesionDetectionResult",
     "LesionMatch",
     "LesionScore",
-    "binarize",
     "detection_rates",
-    "dice",
     "f2_score",
     "froc_counts",
     "lesion_detection",
     "lesion_scores",
     "match_lesions",
-    "surface_dice",
-    "voxel_volume_ml",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# input handling
-
-
-def _to_numpy(array: ArrayLike) -> np.ndarray:
-    """A C-contiguous numpy view/copy of ``array`` (torch tensors are moved to the CPU)."""
-    if isinstance(array, torch.Tensor):
-        array = array.detach()
-        if array.is_floating_point() and array.dtype not in (torch.float32, torch.float64):
-            array = array.float()  # half precisions are widened (numpy has no bfloat16)
-        array = array.cpu().numpy()
-    array = np.asarray(array)
-    if array.dtype == np.float16:
-        array = array.astype(np.float32)
-    return np.ascontiguousarray(array)
-
-
-def _as_mask(array: ArrayLike, name: str) -> np.ndarray:
-    """A 3D boolean mask; any non-zero value is foreground."""
-    array = _to_numpy(array)
-    if array.ndim != 3:
-        raise ValueError(f"{name} must be a 3D array (X, Y, Z), got shape {array.shape}")
-    return array if array.dtype == np.bool_ else array != 0
-
-
-def _as_probability(array: ArrayLike, name: str = "prob") -> np.ndarray:
-    """A 3D float array (float32 or float64; other types become float32)."""
-    array = _to_numpy(array)
-    if array.ndim != 3:
-        raise ValueError(f"{name} must be a 3D array (X, Y, Z), got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    return array
-
-
-def _check_same_shape(pred: np.ndarray, target: np.ndarray) -> None:
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
-
-
-def _as_spacing(spacing: Sequence[float] | ArrayLike) -> tuple[float, float, float]:
-    """Three positive finite spacings in mm (array axis order), from any sequence or tensor."""
-    values = tuple(float(s) for s in np.asarray(_to_numpy(spacing), dtype=np.float64).ravel())
-    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"spacing must be 3 positive numbers in mm, got {values}")
-    return values  # type: ignore[return-value]
-
-
-def binarize(prob: ArrayLike, threshold: float) -> np.ndarray:
-    """``prob >= threshold``, compared in the array's own float type.
-
-    Every probability/threshold comparison of the library (operating point, FROC sweep,
-    threshold tuning) is made this way, so they agree voxel for voxel: a float32 map compared
-    with a float64 threshold can differ from the float32 comparison at values on the threshold.
-    """
-    prob = _as_probability(prob)
-    return prob >= prob.dtype.type(threshold)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,120 +151,6 @@ def _match(
     else:
         raise ValueError(f"matching must be 'any_overlap' or 'one_to_one', got {matching!r}")
     return gt_hit, pred_hit
-
-
-# --------------------------------------------------------------------------------------------
-# overlap and surface metrics
-
-
-def dice(pred: ArrayLike, target: ArrayLike) -> float:
-    """Dice of two binary masks; both empty -> 1.0."""
-    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
-    _check_same_shape(pred, target)
-    total = np.count_nonzero(pred) + np.count_nonzero(target)
-    if total == 0:
-        return 1.0
-    return 2.0 * np.count_nonzero(pred & target) / total
-
-
-@functools.lru_cache(maxsize=32)
-def _surfel_area_table(spacing: tuple[float, float, float]) -> np.ndarray:
-    # MONAI's port of DeepMind's marching-cubes normals table: the area of the surface
-    # element of every 2x2x2 neighbourhood code. Reused rather than re-derived.
-    from monai.metrics.utils import create_table_neighbour_code_to_surface_area
-
-    table, _kernel = create_table_neighbour_code_to_surface_area(spacing)
-    return table.double().numpy()
-
-
-def _surfels(
-    mask: np.ndarray, spacing: tuple[float, float, float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (mm) and areas (mm^2) of the surface elements of ``mask``.
-
-    ``mask`` must have at least one background voxel of margin on every side. Surface elements
-    sit on the corners between voxels: one per 2x2x2 neighbourhood that is neither all inside
-    nor all outside (Nikolov et al.; the bit order is MONAI's encoding kernel).
-    """
-    m = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
-    code = (
-        (m[:-1, :-1, :-1] << 7)
-        | (m[:-1, :-1, 1:] << 6)
-        | (m[:-1, 1:, :-1] << 5)
-        | (m[:-1, 1:, 1:] << 4)
-        | (m[1:, :-1, :-1] << 3)
-        | (m[1:, :-1, 1:] << 2)
-        | (m[1:, 1:, :-1] << 1)
-        | m[1:, 1:, 1:]
-    )
-    surface = (code != 0) & (code != 255)
-    points = np.argwhere(surface) * np.asarray(spacing)
-    return points, _surfel_area_table(spacing)[code[surface]]
-
-
-def _nsd_on_crop(
-    pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float, float], tolerance_mm: float
-) -> float:
-    """Area-weighted NSD of two masks that already carry a background margin."""
-    pred_points, pred_area = _surfels(pred, spacing)
-    gt_points, gt_area = _surfels(target, spacing)
-    if len(pred_points) == 0 and len(gt_points) == 0:
-        return 1.0
-    if len(pred_points) == 0 or len(gt_points) == 0:
-        return 0.0
-    gt_to_pred = cKDTree(pred_points).query(gt_points, k=1)[0]
-    pred_to_gt = cKDTree(gt_points).query(pred_points, k=1)[0]
-    within = gt_area[gt_to_pred <= tolerance_mm].sum() + pred_area[pred_to_gt <= tolerance_mm].sum()
-    return float(within / (gt_area.sum() + pred_area.sum()))
-
-
-def _padded_crop(array: np.ndarray, box: np.ndarray, margin: int = 1) -> np.ndarray:
-    """``array[box]`` grown by ``margin`` voxels per side, zero-padded beyond the array."""
-    starts = box[:, 0] - margin
-    stops = box[:, 1] + margin
-    inner = tuple(
-        slice(max(a, 0), min(b, n)) for a, b, n in zip(starts, stops, array.shape, strict=True)
-    )
-    crop = array[inner]
-    pad = [(max(-a, 0), max(b - n, 0)) for a, b, n in zip(starts, stops, array.shape, strict=True)]
-    return np.pad(crop, pad) if any(p != (0, 0) for p in pad) else crop
-
-
-def _union_box(*boxes: np.ndarray) -> np.ndarray:
-    stacked = np.stack(boxes)
-    return np.stack([stacked[:, :, 0].min(0), stacked[:, :, 1].max(0)], axis=1)
-
-
-def _mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """(3, 2) [start, stop) bounds of the mask's voxels, None when it is empty."""
-    box = bounding_box(mask)
-    return np.array(box).reshape(2, 3).T if any(box[3:]) else None
-
-
-def surface_dice(
-    pred: ArrayLike,
-    target: ArrayLike,
-    spacing: Sequence[float],
-    tolerance_mm: float = SURFACE_TOLERANCE_MM,
-) -> float:
-    """Area-weighted normalised surface Dice (Nikolov et al. 2021), inclusive at the tolerance.
-
-    The fraction of the two surfaces' total area that lies within ``tolerance_mm`` of the other
-    surface; equal to MONAI ``compute_surface_dice(..., use_subvoxels=True)``. Computed on the
-    bounding box of both masks plus one voxel, so whole-body arrays cost little. Both masks
-    empty -> 1.0; exactly one empty -> 0.0.
-    """
-    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
-    _check_same_shape(pred, target)
-    spacing = _as_spacing(spacing)
-    if not tolerance_mm >= 0:
-        raise ValueError(f"tolerance_mm must be >= 0, got {tolerance_mm}")
-    box = _mask_box(pred | target)
-    if box is None:
-        return 1.0
-    return _nsd_on_crop(
-        _padded_crop(pred, box), _padded_crop(target, box), spacing, float(tolerance_mm)
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,8 +257,8 @@ def match_lesions(
     iou_threshold: float = 0.5,
 ) -> LesionMatch:
     """Label both masks' lesions and flag the matched ones (rules of :func:`lesion_detection`)."""
-    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
-    _check_same_shape(pred, target)
+    pred, target = as_mask(pred, "pred"), as_mask(target, "target")
+    check_same_shape(pred, target)
     connectivity = check_connectivity(connectivity)
     gt = _components(target, connectivity)
     pr = _components(pred, connectivity)
@@ -458,7 +288,7 @@ def lesion_detection(
     over GT lesions of at least that volume (found by a component of any size) and precision
     and false positives over predicted components of at least that volume.
     """
-    ml_per_voxel = voxel_volume_ml(_as_spacing(spacing))
+    ml_per_voxel = voxel_volume_ml(as_spacing(spacing))
     matched = match_lesions(pred, target, connectivity, matching, iou_threshold)
     gt_hit, pred_hit = matched.gt_detected, matched.pred_matched
     gt_kept = matched.gt_voxels * ml_per_voxel >= min_volume_ml
@@ -501,10 +331,10 @@ def lesion_scores(
     the predicted components that overlap it (whole components, also where they reach into
     other lesions). Missed lesions get Dice 0 and NSD 0. NSD is computed on a per-lesion crop.
     """
-    pred, target = _as_mask(pred, "pred"), _as_mask(target, "target")
-    _check_same_shape(pred, target)
-    spacing = _as_spacing(spacing)
-    ml_per_voxel = voxel_volume_ml(_as_spacing(spacing))
+    pred, target = as_mask(pred, "pred"), as_mask(target, "target")
+    check_same_shape(pred, target)
+    spacing = as_spacing(spacing)
+    ml_per_voxel = voxel_volume_ml(as_spacing(spacing))
     connectivity = check_connectivity(connectivity)
     gt = _components(target, connectivity)
     pr = _components(pred, connectivity)
@@ -525,10 +355,10 @@ def lesion_scores(
         pred_voxels = int(pr.voxels[touching - 1].sum())
         shared = int(overlaps.voxels[lo:hi].sum())
         lesion_dice = 2.0 * shared / (gt.voxels[index] + pred_voxels)
-        box = _union_box(gt_boxes[index], *pred_boxes[touching - 1])
-        gt_crop = _padded_crop(gt.labels, box) == lesion_id
-        pred_crop = np.isin(_padded_crop(pr.labels, box), touching)
-        nsd = _nsd_on_crop(pred_crop, gt_crop, spacing, float(tolerance_mm))
+        box = union_box(gt_boxes[index], *pred_boxes[touching - 1])
+        gt_crop = padded_crop(gt.labels, box) == lesion_id
+        pred_crop = np.isin(padded_crop(pr.labels, box), touching)
+        nsd = nsd_on_crop(pred_crop, gt_crop, spacing, float(tolerance_mm))
         rows.append(
             LesionScore(
                 lesion_id=lesion_id,
@@ -609,12 +439,12 @@ def froc_counts(
     relabelled per threshold, and only at thresholds between its minimum and maximum
     probability (below, it is unchanged; above, it is gone).
     """
-    prob = _as_probability(prob)
-    target = _as_mask(target, "target")
-    _check_same_shape(prob, target)
+    prob = as_probability(prob)
+    target = as_mask(target, "target")
+    check_same_shape(prob, target)
     thresholds = check_thresholds(thresholds)
     connectivity = check_connectivity(connectivity)
-    ml_per_voxel = voxel_volume_ml(_as_spacing(spacing))
+    ml_per_voxel = voxel_volume_ml(as_spacing(spacing))
     dtype_thresholds = thresholds.astype(prob.dtype)  # compare as binarize() does
 
     gt = _components(target, connectivity)

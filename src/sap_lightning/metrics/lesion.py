@@ -42,6 +42,7 @@ from sap_lightning.core.protocol import (
 )
 from sap_lightning.metrics import functional as F
 from sap_lightning.metrics.agreement import icc_2_1
+from sap_lightning.metrics.arrays import as_mask, as_probability, as_spacing, binarize
 from sap_lightning.metrics.froc import froc_auc, froc_curve
 
 
@@ -158,11 +159,11 @@ class _CaseRowsMetric(Metric):
         preds = _squeeze_case(preds, "preds")
         target = _squeeze_case(target, "target")
         is_probability = _is_probability(preds)
-        prob = F._as_probability(preds) if is_probability else F._as_mask(preds, "preds")
+        prob = as_probability(preds) if is_probability else as_mask(preds, "preds")
         return (
             prob,
-            F._as_mask(target, "target"),
-            F._as_spacing(_spacing_tuple(spacing)),
+            as_mask(target, "target"),
+            as_spacing(_spacing_tuple(spacing)),
             is_probability,
         )
 
@@ -340,7 +341,7 @@ class LesionSegmentationQuality(_CaseRowsMetric):
     def update(self, preds: Any, target: Any, spacing: Any, case_id: str | Sequence[str]) -> None:
         prob, mask, spacing_mm, is_probability = self._prepare(preds, target, spacing)
         case_id = _single_case_id(case_id)
-        pred = F.binarize(prob, self.threshold) if is_probability else prob
+        pred = binarize(prob, self.threshold) if is_probability else prob
         ml = F.voxel_volume_ml(spacing_mm)
         scores = F.lesion_scores(pred, mask, spacing_mm, self.tolerance_mm, self.connectivity)
         self.case_rows.append(

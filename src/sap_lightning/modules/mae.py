@@ -29,7 +29,8 @@ import torch
 
 from sap_lightning.core.case_keys import item_seed
 from sap_lightning.core.errors import ConfigError
-from sap_lightning.modules.base import CaseScores, SapModule
+from sap_lightning.metrics.case_scores import CaseScores
+from sap_lightning.modules.base import SapModule
 
 
 def block_mask(

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from sap_lightning.modules.base import CaseScores, SegmentationModule, confusion_dice
+from sap_lightning.metrics.case_scores import CaseScores, confusion_dice
+from sap_lightning.modules.base import SegmentationModule
 
 
 class SkeletonSegmentation(SegmentationModule):

@@ -45,7 +45,8 @@ from torch import nn
 from sap_lightning.core.case_keys import item_seed
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.dataset.layout import LESION_LABELS
-from sap_lightning.modules.base import CaseScores, SapModule
+from sap_lightning.metrics.case_scores import CaseScores
+from sap_lightning.modules.base import SapModule
 from sap_lightning.modules.losses import (
     ROTATION_ANGLES_DEG,
     ROTATION_PLANES,
