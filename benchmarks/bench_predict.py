@@ -64,7 +64,8 @@ def _worker(side: str, shape: list[int], backbone: str, repeats: int) -> dict:
 
     from monai.inferers import sliding_window_inference
 
-    from sap_lightning.inference.predict import TrainedModel, _probabilities, as_stored
+    from sap_lightning.inference.models import TrainedModel
+    from sap_lightning.inference.predict import as_stored, predict_probabilities
 
     net = _network(backbone)
     base_mb = _rss_mb()  # libraries and network: the same on both sides, not counted
@@ -77,7 +78,7 @@ def _worker(side: str, shape: list[int], backbone: str, repeats: int) -> dict:
             model = TrainedModel(
                 net, {"task": "lesion"}, ROI, THRESHOLD, Path("bench"), precision, SW_BATCH
             )
-            lesion = _probabilities(
+            lesion = predict_probabilities(
                 model, raw, np.eye(4), case_id="bench", device=torch.device("cpu"),
                 overlap=OVERLAP, progress=False, channels=[1],
             )[0]  # fmt: skip

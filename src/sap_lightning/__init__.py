@@ -27,7 +27,7 @@ _API: dict[str, str] = {
     "make_lesion_metrics": "sap_lightning.metrics.lesion",
     "run_training": "sap_lightning.pipeline.train",
     "run_study": "sap_lightning.pipeline.study",
-    "predict_cases": "sap_lightning.inference.predict",
+    "Predictor": "sap_lightning.inference.predict",
 }
 
 __all__ = ["__version__", *sorted(_API)]

@@ -22,7 +22,7 @@ from sap_lightning.batches.datamodule import build_datamodule
 from sap_lightning.config import load_config
 from sap_lightning.core.mixed_precision import effective_precision
 from sap_lightning.core.run_layout import last_checkpoint_path
-from sap_lightning.inference.predict import load_trained_model
+from sap_lightning.inference.models import load_trained_model
 from sap_lightning.metrics import make_lesion_metrics
 from sap_lightning.metrics.lesion import guarded_f2
 from tests.datasets import write_tiny_dataset

@@ -415,14 +415,14 @@ def test_n4_corrects_each_station_and_keeps_the_image(tmp_path: Path) -> None:
 
 
 def test_sap_predict_takes_the_plain_folder(tmp_path: Path, capsys) -> None:
-    from tests.checkpoints import write_lesion_checkpoint
+    from tests.checkpoints import write_checkpoint
 
     _exam(tmp_path / "src", "pat1", stations=2, overlap=16)
     out = tmp_path / "out"
     assert main(["import-dicom", str(tmp_path / "src"), str(out)]) == 0
     assert f"next: sap predict --input {out}" in capsys.readouterr().out
     run = tmp_path / "run"
-    write_lesion_checkpoint(run / "checkpoints" / "last.ckpt", spacing=SIZES["tiny"][1])
+    write_checkpoint(run / "checkpoints" / "last.ckpt", spacing=SIZES["tiny"][1])
     (run / "threshold.json").write_text(json.dumps({"threshold": 0.5}))
     predictions = tmp_path / "predictions"
     command = ["predict", "--checkpoint", str(run), "--input", str(out), "--out", str(predictions)]

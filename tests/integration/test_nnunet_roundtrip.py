@@ -18,10 +18,9 @@ import pytest
 
 from sap_lightning.cache.splits import load_splits
 from sap_lightning.cli import main
-from sap_lightning.dataset.layout import LESION_LABELS
 from sap_lightning.metrics.overlap import dice
+from tests.checkpoints import write_checkpoint
 from tests.datasets import write_tiny_dataset
-from tests.integration.test_predict_cli import _write_checkpoint
 
 SHAPE = (24, 20, 16)
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +42,7 @@ def test_nnunet_evaluator_scores_a_sap_predict_folder_like_we_do(tmp_path: Path)
     if folder is None:
         pytest.skip("nnU-Net venv not found (make nnunet-venv, or set SAP_NNUNET_BIN)")
     dataset = write_tiny_dataset(tmp_path / "lesion", n_cases=3, shape=SHAPE, lesions_per_case=3)
-    checkpoint = _write_checkpoint(tmp_path / "model.ckpt", "lesion", LESION_LABELS, 0)
+    checkpoint = write_checkpoint(tmp_path / "model.ckpt", seed=0)
     # An untrained network: take a threshold inside its range so that masks are partial.
     _predict(checkpoint, dataset, tmp_path / "probe", 0.5)
     probe = nib.load(tmp_path / "probe" / "probabilities" / "case000.nii.gz").get_fdata()

@@ -19,7 +19,7 @@ from nibabel import orientations
 from sap_lightning.cache import open_cache, preprocess_dataset
 from sap_lightning.cli import main
 from sap_lightning.inference.outputs import case_paths
-from tests.checkpoints import write_lesion_checkpoint
+from tests.checkpoints import write_checkpoint
 from tests.datasets import write_tiny_dataset
 
 SHAPE = (24, 20, 16)
@@ -47,7 +47,7 @@ def predict(checkpoint: Path, input_dir: Path, out: Path) -> None:
 def predictions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("orientation")
     dataset = write_tiny_dataset(root / "ds", n_cases=1, shape=SHAPE)
-    checkpoint = write_lesion_checkpoint(root / "lesion.ckpt")
+    checkpoint = write_checkpoint(root / "lesion.ckpt")
     folders = {"RAS": root / "in_RAS"}
     for channel in range(2):
         name = f"case000_{channel:04d}.nii.gz"
@@ -159,7 +159,7 @@ def test_outputs_keep_the_inputs_header_codes_and_units(tmp_path: Path) -> None:
         stored.set_qform(image.affine, code="aligned")
         nib.save(stored, folder / name)
     out = tmp_path / "out"
-    predict(write_lesion_checkpoint(tmp_path / "lesion.ckpt"), folder, out)
+    predict(write_checkpoint(tmp_path / "lesion.ckpt"), folder, out)
     paths = case_paths(out, "case000")
     for path in (paths.probability, paths.mask):
         written = nib.load(path).header

@@ -10,49 +10,17 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy import ndimage
 
 import sap_lightning
-from sap_lightning.backbones import create_backbone
-from sap_lightning.backbones.checkpoints import META_KEY, make_backbone_meta
 from sap_lightning.cli import main
 from sap_lightning.core import mixed_precision, windows
 from sap_lightning.dataset.layout import LESION_LABELS, SKELETON_LABELS
 from sap_lightning.inference.burden import OTHER_BONE
+from tests.checkpoints import write_checkpoint
 from tests.datasets import body_of, write_tiny_dataset
 
 SHAPE = (24, 20, 16)
-
-
-def _write_checkpoint(
-    path: Path,
-    task: str,
-    labels: dict[str, int],
-    seed: int,
-    body_only: bool = False,
-    **meta_extra: object,
-) -> Path:
-    """A Lightning-layout checkpoint of an untrained tiny network (weights are random on purpose:
-    the test checks the plumbing, not the model)."""
-    torch.manual_seed(seed)
-    net = create_backbone("unet_tiny", 2, len(labels))
-    meta = make_backbone_meta(
-        backbone="unet_tiny",
-        backbone_kwargs={},
-        in_channels=2,
-        out_channels=len(labels),
-        task=task,
-        channel_names=["T1", "b1000"],
-        label_names=labels,
-        spacing=[1.5, 1.5, 4.0],
-        normalisation="percentile_1_99_clip_rescale",
-        extra={"patch_size": [32, 32, 32], "body_only": body_only, **meta_extra},
-    )
-    state = {f"net.{k}": v for k, v in net.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": state, META_KEY: meta, "pytorch-lightning_version": "2"}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +28,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("predict")
     dataset = write_tiny_dataset(root / "lesion", n_cases=2, shape=SHAPE)
     run = root / "run"
-    _write_checkpoint(run / "checkpoints" / "last.ckpt", "lesion", LESION_LABELS, 0)
+    write_checkpoint(run / "checkpoints" / "last.ckpt", "lesion", LESION_LABELS, seed=0)
     (run / "threshold.json").write_text(json.dumps({"threshold": 0.5}))
-    skeleton = _write_checkpoint(root / "skeleton.ckpt", "skeleton", SKELETON_LABELS, 1)
+    skeleton = write_checkpoint(root / "skeleton.ckpt", "skeleton", SKELETON_LABELS, seed=1)
     out = root / "out"
     assert (
         main(
@@ -191,7 +159,9 @@ def test_a_body_only_model_predicts_background_outside_the_body(setup, tmp_path:
         air_free = np.where(body, np.asarray(image.dataobj), 0).astype(np.float32)
         nib.save(nib.Nifti1Image(air_free, image.affine), folder / f.name)
     masked_run = tmp_path / "run"
-    _write_checkpoint(masked_run / "checkpoints" / "last.ckpt", "lesion", LESION_LABELS, 0, True)
+    write_checkpoint(
+        masked_run / "checkpoints" / "last.ckpt", "lesion", LESION_LABELS, seed=0, body_only=True
+    )
     probabilities = {}
     for name, run in (("free", setup["run"]), ("masked", masked_run)):
         out = tmp_path / name
@@ -218,7 +188,7 @@ def test_the_recorded_inference_precision_is_used_unless_overridden(
     monkeypatch.setattr(mixed_precision, "_cpu_supports", lambda dtype: True)  # any CPU
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "last.ckpt"
-    _write_checkpoint(ckpt, "lesion", LESION_LABELS, 0, inference_precision="bf16-mixed")
+    write_checkpoint(ckpt, "lesion", LESION_LABELS, seed=0, inference_precision="bf16-mixed")
     (run / "threshold.json").write_text(json.dumps({"threshold": 0.5}))
     args = ["predict", "--checkpoint", str(run), "--input", str(setup["dataset"]), "--no-progress"]
 
@@ -242,7 +212,7 @@ def test_the_recorded_inference_precision_is_used_unless_overridden(
     assert "precision 'bf16-mixed' -> '32-true'" in capsys.readouterr().err
 
     bogus = tmp_path / "bogus.ckpt"
-    _write_checkpoint(bogus, "lesion", LESION_LABELS, 0, inference_precision="fp8")
+    write_checkpoint(bogus, "lesion", LESION_LABELS, seed=0, inference_precision="fp8")
     assert main([*args[:2], str(bogus), *args[3:], "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert str(bogus) in err and "inference precision 'fp8'" in err
@@ -269,8 +239,8 @@ def test_the_recorded_window_batch_is_used_unless_overridden(
 
     monkeypatch.setattr("sap_lightning.inference.predict.predict_volume", counting)
     run = tmp_path / "run"
-    _write_checkpoint(
-        run / "checkpoints" / "last.ckpt", "lesion", LESION_LABELS, 0, sw_batch_size=3
+    write_checkpoint(
+        run / "checkpoints" / "last.ckpt", "lesion", LESION_LABELS, seed=0, sw_batch_size=3
     )
     (run / "threshold.json").write_text(json.dumps({"threshold": 0.5}))
     args = ["predict", "--checkpoint", str(run), "--input", str(setup["dataset"]), "--no-progress"]
@@ -285,7 +255,7 @@ def test_the_recorded_window_batch_is_used_unless_overridden(
         )
 
     bogus = tmp_path / "bogus.ckpt"
-    _write_checkpoint(bogus, "lesion", LESION_LABELS, 0, sw_batch_size=0)
+    write_checkpoint(bogus, "lesion", LESION_LABELS, seed=0, sw_batch_size=0)
     capsys.readouterr()
     assert main([*args[:2], str(bogus), *args[3:], "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
@@ -294,7 +264,7 @@ def test_the_recorded_window_batch_is_used_unless_overridden(
 
 
 def test_wrong_task_checkpoint_is_refused(setup, tmp_path: Path, capsys) -> None:
-    skeleton = _write_checkpoint(tmp_path / "s.ckpt", "skeleton", SKELETON_LABELS, 2)
+    skeleton = write_checkpoint(tmp_path / "s.ckpt", "skeleton", SKELETON_LABELS, seed=2)
     code = main(
         [
             "predict",

@@ -18,7 +18,7 @@ import torch
 
 from sap_lightning.cli import main
 from sap_lightning.inference.outputs import case_paths
-from tests.checkpoints import write_lesion_checkpoint
+from tests.checkpoints import write_checkpoint
 from tests.datasets import write_tiny_dataset
 
 SHAPE = (24, 20, 16)
@@ -28,7 +28,7 @@ SHAPE = (24, 20, 16)
 def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     dataset = write_tiny_dataset(root / "ds", n_cases=1, shape=SHAPE)
-    checkpoint = write_lesion_checkpoint(root / "lesion.ckpt")
+    checkpoint = write_checkpoint(root / "lesion.ckpt")
     return {"root": root, "dataset": dataset, "checkpoint": checkpoint}
 
 
@@ -162,14 +162,14 @@ def test_another_channel_set_is_refused(base, tmp_path: Path, capsys) -> None:
 def test_spacing_off_the_training_spacing_is_a_warning_naming_both(
     base, tmp_path: Path, caplog
 ) -> None:
-    checkpoint = write_lesion_checkpoint(tmp_path / "coarse.ckpt", spacing=(4.5, 4.5, 9.0))
+    checkpoint = write_checkpoint(tmp_path / "coarse.ckpt", spacing=(4.5, 4.5, 9.0))
     with caplog.at_level(logging.WARNING):
         assert _predict(checkpoint, base["dataset"], tmp_path / "out") == 0
     (message,) = [r.getMessage() for r in caplog.records if "training spacing" in r.getMessage()]
     assert "case000" in message and "(1.5, 1.5, 4.0)" in message and "(4.5, 4.5, 9.0)" in message
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # within 5%: silent
-        near = write_lesion_checkpoint(tmp_path / "near.ckpt", spacing=(1.55, 1.45, 4.1))
+        near = write_checkpoint(tmp_path / "near.ckpt", spacing=(1.55, 1.45, 4.1))
         assert _predict(near, base["dataset"], tmp_path / "out_near") == 0
     assert not [r for r in caplog.records if "training spacing" in r.getMessage()]
 
@@ -180,7 +180,7 @@ def test_network_output_with_nan_is_an_error_naming_the_case(base, tmp_path: Pat
             if tensor.is_floating_point():
                 tensor.fill_(float("nan"))
 
-    checkpoint = write_lesion_checkpoint(tmp_path / "nan.ckpt", edit_weights=poison)
+    checkpoint = write_checkpoint(tmp_path / "nan.ckpt", edit_weights=poison)
     out = tmp_path / "out"
     assert _predict(checkpoint, base["dataset"], out) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

@@ -13,15 +13,14 @@ import pytest
 
 from sap_lightning.cli import main
 from sap_lightning.core.errors import DatasetError
-from sap_lightning.dataset.layout import LESION_LABELS
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
     evaluate_predictions,
     write_evaluation,
 )
-from sap_lightning.inference.predict import predict_cases
+from sap_lightning.inference.predict import Predictor
+from tests.checkpoints import write_checkpoint
 from tests.datasets import write_tiny_dataset
-from tests.integration.test_predict_cli import _write_checkpoint
 
 SHAPE = (24, 20, 16)
 CASES = ["case000", "case001"]
@@ -46,8 +45,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny dataset, two different lesion models and model A's complete prediction folder."""
     root = tmp_path_factory.mktemp("folders")
     found = {"dataset": write_tiny_dataset(root / "lesion", n_cases=2, shape=SHAPE)}
-    found["a"] = _write_checkpoint(root / "a.ckpt", "lesion", LESION_LABELS, 0)
-    found["b"] = _write_checkpoint(root / "b.ckpt", "lesion", LESION_LABELS, 1)
+    found["a"] = write_checkpoint(root / "a.ckpt", seed=0)
+    found["b"] = write_checkpoint(root / "b.ckpt", seed=1)
     found["out_a"] = root / "out_a"
     found["out_b"] = root / "out_b"
     assert _predict(found, "a", found["out_a"]) == 0
@@ -105,10 +104,9 @@ def test_overwrite_clears_only_prediction_outputs(data, tmp_path: Path) -> None:
     for name, content in keep.items():
         (out / name).write_bytes(content)
     # model B predicts only case000: model A's case001 must not survive to pose as B's
-    predict_cases(
-        data["b"], data["dataset"], out, case_ids=["case000"], threshold=0.5, progress=False,
-        overwrite=True,
-    )  # fmt: skip
+    Predictor(data["b"], threshold=0.5, progress=False).predict(
+        data["dataset"], out, case_ids=["case000"], overwrite=True
+    )
     files = snapshot(out)
     for name, content in keep.items():
         assert files[name] == content
@@ -169,25 +167,30 @@ def test_evaluate_refuses_a_folder_mixing_models(data, tmp_path: Path, capsys) -
     assert "['case000']" in err and "['case001']" in err
 
 
-def test_old_flat_layout_is_refused_with_its_fix(data, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "old"
-    out.mkdir()
-    for case in CASES:
-        shutil.copy(data["out_a"] / "probabilities" / f"{case}.nii.gz", out / f"{case}_prob.nii.gz")
-        shutil.copy(data["out_a"] / f"{case}.nii.gz", out / f"{case}.nii.gz")
+def test_a_folder_of_another_layout_version_is_refused_naming_it(
+    data, tmp_path: Path, capsys
+) -> None:
+    """``prediction.json`` records the layout version; a folder of another version is refused
+    by ``sap evaluate`` and ``sap predict`` in one line naming it, and nothing is written."""
+    out = tmp_path / "other_version"
+    shutil.copytree(data["out_a"], out)
+    provenance = json.loads((out / "prediction.json").read_text())
+    provenance["format"] = 1
+    (out / "prediction.json").write_text(json.dumps(provenance))
     capsys.readouterr()
     assert _evaluate(data, out, tmp_path / "evaluation") == 2
     err = capsys.readouterr().err
-    assert "case000" in err and "case000_prob.nii.gz" in err and "old flat layout" in err
+    assert "prediction folder format 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "evaluation").exists()
 
 
 def test_cross_validation_folders_evaluate_together(data, tmp_path: Path) -> None:
     """One folder per fold model: each case is read from the folder that predicted it."""
     fold0, fold1 = tmp_path / "fold0", tmp_path / "fold1"
-    predict_cases(data["a"], data["dataset"], fold0, case_ids=["case000"], threshold=0.5,
-                  progress=False)  # fmt: skip
-    predict_cases(data["b"], data["dataset"], fold1, case_ids=["case001"], threshold=0.5,
-                  progress=False)  # fmt: skip
+    for model, fold, case in (("a", fold0, "case000"), ("b", fold1, "case001")):
+        Predictor(data[model], threshold=0.5, progress=False).predict(
+            data["dataset"], fold, case_ids=[case]
+        )
     at = EvaluationSettings(threshold=0.5)
     together = evaluate_predictions([fold0, fold1], data["dataset"], CASES, at).cases
     alone_a = evaluate_predictions(data["out_a"], data["dataset"], CASES, at).cases

@@ -7,7 +7,6 @@ import argparse
 from sap_lightning.commands import _args
 from sap_lightning.config.schema import ValidationConfig
 from sap_lightning.core.precision import AUTOCAST_PRECISIONS
-from sap_lightning.inference.predict import predict_cases
 
 
 def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +61,7 @@ def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
         choices=list(AUTOCAST_PRECISIONS),
         default=None,
         help="inference precision (default: the run's validation.precision, as recorded in "
-        "its checkpoint; float32 for older checkpoints)",
+        "its checkpoint)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
@@ -74,10 +73,10 @@ def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    summaries = predict_cases(
+    from sap_lightning.inference.predict import Predictor  # torch only when predicting
+
+    predictor = Predictor(
         args.checkpoint,
-        args.input,
-        args.out,
         skeleton_checkpoint=args.skeleton_checkpoint,
         threshold=args.threshold,
         roi_size=args.roi_size,
@@ -86,8 +85,8 @@ def run_predict(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         precision=args.precision,
         progress=not args.no_progress,
-        overwrite=args.overwrite,
     )
+    summaries = predictor.predict(args.input, args.out, overwrite=args.overwrite)
     total = sum(s["lesions"] for s in summaries)
     print(f"predicted {len(summaries)} cases ({total} lesions) into {args.out}")
     return 0

@@ -47,10 +47,8 @@ from sap_lightning.dataset.images import read_image
 from sap_lightning.evaluation.plots import plot_froc
 from sap_lightning.evaluation.threshold import ThresholdChoice, tune_threshold
 from sap_lightning.inference.outputs import (
-    PREDICTION_JSON,
     case_files,
     case_paths,
-    legacy_paths,
     output_cases,
     require_single_model,
 )
@@ -211,14 +209,6 @@ def check_prediction_folder(
     for folder in folders:
         require_single_model(folder, [c for c in case_ids if where[c] == folder])
     paths = {c: case_paths(where[c], c) for c in case_ids}
-    for case_id in case_ids:
-        old = [p for p in legacy_paths(where[case_id], case_id) if p.is_file()]
-        if old and not paths[case_id].probability.is_file():
-            raise DatasetError(
-                f"case {case_id}: {old[0]} is in the old flat layout; re-run sap predict (maps "
-                f"now live in {paths[case_id].probability.parent.name}/<case>"
-                f"{layout.FILE_ENDING}, provenance in {PREDICTION_JSON})"
-            )
     has_prob = {c: paths[c].probability.is_file() for c in case_ids}
     if all(has_prob.values()):
         return "probability"

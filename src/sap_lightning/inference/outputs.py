@@ -42,9 +42,7 @@ SKELETON_DIR = "skeleton"
 LESIONS_SUFFIX = "_lesions.csv"
 SUMMARY_SUFFIX = "_summary.json"
 FORMAT_VERSION = 2
-"""Version 1 was the flat layout (``<case>_prob.nii.gz`` next to the mask, no provenance)."""
-LEGACY_SUFFIXES = ("_prob", "_skeleton")
-"""Version-1 NIfTI names ``<case>_prob<ending>`` and ``<case>_skeleton<ending>``."""
+"""Layout version recorded in ``prediction.json``; another version is refused, naming it."""
 IDENTITY_KEYS = (
     "checkpoint",
     "skeleton_checkpoint",
@@ -86,11 +84,6 @@ def case_paths(
         lesions=out / f"{case_id}{LESIONS_SUFFIX}",
         summary=out / f"{case_id}{SUMMARY_SUFFIX}",
     )
-
-
-def legacy_paths(out_dir: str | os.PathLike, case_id: str) -> list[Path]:
-    """The version-1 probability and skeleton files of a case."""
-    return [Path(out_dir) / f"{case_id}{s}{layout.FILE_ENDING}" for s in LEGACY_SUFFIXES]
 
 
 # ------------------------------------------------------------------------------ provenance
@@ -172,10 +165,8 @@ def _identity(provenance: dict[str, Any]) -> dict[str, Any]:
     identity["checkpoint"] = sha(identity["checkpoint"])
     skeleton = identity["skeleton_checkpoint"]
     identity["skeleton_checkpoint"] = sha(skeleton)
-    # Folders written before precision was recorded ran float32.
-    identity["precision"] = identity["precision"] or "32-true"
     if isinstance(skeleton, dict):
-        identity["skeleton_precision"] = skeleton.get("precision", "32-true")
+        identity["skeleton_precision"] = skeleton.get("precision")
     return identity
 
 
@@ -199,6 +190,11 @@ def read_provenance(out_dir: str | os.PathLike) -> dict[str, Any] | None:
         raise DatasetError(f"{path}: not a sap predict provenance file (no checkpoint sha256)")
     if not isinstance(raw.get("threshold"), int | float):
         raise DatasetError(f"{path}: not a sap predict provenance file (no threshold)")
+    if raw.get("format") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{path}: prediction folder format {raw.get('format')!r}; this sap_lightning reads "
+            f"format {FORMAT_VERSION} (predict again into a new folder)"
+        )
     return raw
 
 
@@ -226,26 +222,17 @@ def _stems(folder: Path, ending: str) -> set[str]:
 
 
 def output_cases(out_dir: str | os.PathLike) -> list[str]:
-    """Case ids with any ``sap predict`` output in a folder (either layout version)."""
+    """Case ids with any ``sap predict`` output in a folder."""
     out = Path(out_dir)
     ending = layout.FILE_ENDING
-    summaries = _stems(out, SUMMARY_SUFFIX)
-    top = {s for s in _stems(out, ending) if not s.startswith(".")}
-    cases = summaries | _stems(out, LESIONS_SUFFIX)
+    cases = _stems(out, SUMMARY_SUFFIX) | _stems(out, LESIONS_SUFFIX) | _stems(out, ending)
     cases |= _stems(out / PROBABILITY_DIR, ending) | _stems(out / SKELETON_DIR, ending)
-    for stem in top:  # a version-1 "<case>_prob" belongs to <case>, not to a case of its own
-        owner = next((stem[: -len(s)] for s in LEGACY_SUFFIXES if stem.endswith(s)), None)
-        if owner is not None and (owner in summaries or owner in top):
-            cases.add(owner)
-        else:
-            cases.add(stem)
     return sorted(c for c in cases if not c.startswith("."))
 
 
 def case_files(out_dir: str | os.PathLike, case_id: str) -> list[Path]:
-    """The files of a case present in a folder (either layout version), summary first."""
-    paths = [*case_paths(out_dir, case_id).removal_order(), *legacy_paths(out_dir, case_id)]
-    return [p for p in paths if p.is_file()]
+    """The files of a case present in a folder, summary first."""
+    return [p for p in case_paths(out_dir, case_id).removal_order() if p.is_file()]
 
 
 # ------------------------------------------------------------------------------ writing

@@ -56,7 +56,7 @@ from sap_lightning.evaluation.study_report import (
     study_header,
 )
 from sap_lightning.evaluation.threshold import load_threshold, save_threshold
-from sap_lightning.inference.predict import THRESHOLD_FILE, predict_cases
+from sap_lightning.inference.predict import THRESHOLD_FILE, Predictor
 from sap_lightning.pipeline.steps import (
     Clock,
     Step,
@@ -155,16 +155,10 @@ def _train(config_path: str, bases: Sequence[str], overrides: Sequence[str], run
 
 def _tune(run: Path, lesion: Path, cases: list[str], tuning_dir: Path, overlap: float) -> None:
     """Predict the tuning fold with one fold model and choose the arm's threshold on it."""
-    predict_cases(
-        run,
-        lesion,
-        _fresh(tuning_dir),
-        case_ids=cases,
-        threshold=DEFAULT_THRESHOLD,  # masks unused: tuning reads the probabilities
-        validate_input=False,  # checked in _prepare
-        overlap=overlap,
-        progress=False,
-    )
+    # Masks unused: tuning reads the probabilities.
+    predictor = Predictor(run, threshold=DEFAULT_THRESHOLD, overlap=overlap, progress=False)
+    # The dataset was checked in _prepare.
+    predictor.predict(lesion, _fresh(tuning_dir), case_ids=cases, validate_input=False)
     choice = tune_on_predictions(tuning_dir, lesion, cases, EvaluationSettings())
     save_threshold(tuning_dir / THRESHOLD_FILE, choice)
     mark_done(tuning_dir, threshold=choice.threshold)
@@ -178,16 +172,8 @@ def _predict_fold(
     threshold = load_threshold(tuning_dir / THRESHOLD_FILE)
     # The run folder keeps the threshold it is used with (sap predict reads it).
     write_text(run / THRESHOLD_FILE, (tuning_dir / THRESHOLD_FILE).read_text())
-    predict_cases(
-        run,
-        lesion,
-        _fresh(out),
-        case_ids=cases,
-        threshold=threshold,
-        validate_input=False,  # checked in _prepare
-        overlap=overlap,
-        progress=False,
-    )
+    predictor = Predictor(run, threshold=threshold, overlap=overlap, progress=False)
+    predictor.predict(lesion, _fresh(out), case_ids=cases, validate_input=False)
     mark_done(out, threshold=threshold)
 
 
