@@ -163,3 +163,28 @@ def _copy(registry: Registry) -> Registry:
     for name in registry.in_order():
         copy.register(name)(registry.get(name))
     return copy
+
+
+def test_the_documented_pretext_registers_and_learns_its_terms(monkeypatch) -> None:
+    """The example of docs/extending.md ("Adding an arm"), run as written: its module and arm
+    register, a config picks them, and a training step logs the arm's learning term."""
+    import re
+
+    from sap_lightning import modules
+
+    monkeypatch.setattr(arms, "ARMS", _copy(arms.ARMS))
+    monkeypatch.setattr(modules, "MODULES", _copy(modules.MODULES))
+    guide = (Path(__file__).parents[2] / "docs" / "extending.md").read_text()
+    section = guide.split("## Adding an arm", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/extending.md", "exec"), namespace)
+    arm = get_arm("rotation")
+    assert arm.pretraining is not None and arm.transfer == "encoder"
+    cfg = load_config(TINY_CONFIG, ["task=ssl", "pretraining=rotation"])
+    module = build_module(cfg, DATA["ssl"])
+    assert type(module).__name__ == "RotationPretraining"
+    logged = _logged_terms(module, "ssl")
+    assert {term.key for term in arm.pretraining.learning} <= logged
