@@ -22,7 +22,7 @@ FOLD ?= 1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: finetune-config smoke-paper help install panoptica-venv nnunet-venv test lint format demo data pretrain ssl finetune predict sweep agent bench bench-gpu clean
+.PHONY: finetune-config smoke-paper help install panoptica-venv nnunet-venv test test-fast mae lint format demo data pretrain ssl finetune predict sweep agent bench bench-gpu clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,6 +64,9 @@ nnunet-venv: $(NNUNET_VENV)/.installed ## Isolated nnU-Net v2 (reads and scores 
 test: install panoptica-venv nnunet-venv ## Run the whole test suite (unit, integration, distributed, notebooks)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+test-fast: install ## The unit tests only (a quick loop while editing)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS) tests/unit
+
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check src tests benchmarks notebooks
 	$(VENV)/bin/ruff format --check src tests benchmarks notebooks
@@ -85,6 +88,7 @@ data: install $(PHANTOMS)/lesion/dataset.json ## Generate, check, preprocess and
 
 PRETRAIN_RUN ?= runs/cpu_pretrain
 SSL_RUN ?= runs/cpu_ssl
+MAE_RUN ?= runs/cpu_mae
 
 # A run interrupted by Ctrl-C or a killed job has checkpoints/last.ckpt but no backbone.pt (or,
 # for fine-tuning, no finished marker): the make targets resume their own default runs.
@@ -93,8 +97,11 @@ resume_if_interrupted = $(if $(and $(wildcard $(1)/checkpoints/last.ckpt),$(if $
 pretrain: data ## Stage 1: skeleton pretraining (CONFIG=experiment.yaml ARGS="key=value ...")
 	$(SAP) pretrain --config $(or $(CONFIG),experiments/cpu/pretrain.yaml) $(call resume_if_interrupted,$(PRETRAIN_RUN)) $(ARGS)
 
-ssl: data ## SSL (Tang et al.) pretraining of the same backbone
+ssl: data ## The SSL arm's pretraining (Tang et al.) of the same backbone
 	$(SAP) ssl --config $(or $(CONFIG),experiments/cpu/ssl.yaml) $(call resume_if_interrupted,$(SSL_RUN)) $(ARGS)
+
+mae: data ## The MAE arm's pretraining (masked autoencoder) of the same backbone
+	$(SAP) ssl --config $(or $(CONFIG),experiments/cpu/mae.yaml) $(call resume_if_interrupted,$(MAE_RUN)) $(ARGS)
 
 $(PRETRAIN_RUN)/backbone.pt:
 	$(MAKE) pretrain CONFIG= ARGS=
@@ -102,14 +109,18 @@ $(PRETRAIN_RUN)/backbone.pt:
 $(SSL_RUN)/backbone.pt:
 	$(MAKE) ssl CONFIG= ARGS=
 
+$(MAE_RUN)/backbone.pt:
+	$(MAKE) mae CONFIG= ARGS=
+
 # The pretraining an arm starts from is run first when its exported backbone is absent.
 FINETUNE_CONFIG = $(or $(CONFIG),experiments/cpu/finetune_$(INIT).yaml)
 FINETUNE_RUN ?= runs/cpu_finetune_$(INIT)_fold$(FOLD)
 
 finetune-config:
-	@test -f "$(FINETUNE_CONFIG)" || { echo "make finetune: $(FINETUNE_CONFIG) does not exist (INIT must be scratch, sap or ssl, or give CONFIG=file)" >&2; exit 2; }
+	@test -f "$(FINETUNE_CONFIG)" || { echo "make finetune: $(FINETUNE_CONFIG) does not exist (INIT must be an arm: scratch, sap, ssl or mae; or give CONFIG=file)" >&2; exit 2; }
 
-finetune: finetune-config data $(if $(filter sap,$(INIT)),$(PRETRAIN_RUN)/backbone.pt) $(if $(filter ssl,$(INIT)),$(SSL_RUN)/backbone.pt) ## Lesion fine-tuning: INIT=scratch|sap|ssl FOLD=k
+ARM_SOURCE = $(if $(filter sap,$(INIT)),$(PRETRAIN_RUN)/backbone.pt) $(if $(filter ssl,$(INIT)),$(SSL_RUN)/backbone.pt) $(if $(filter mae,$(INIT)),$(MAE_RUN)/backbone.pt)
+finetune: finetune-config data $(ARM_SOURCE) ## Lesion fine-tuning: INIT=scratch|sap|ssl|mae FOLD=k
 	$(SAP) finetune --config $(FINETUNE_CONFIG) data.fold=$(FOLD) $(call resume_if_interrupted,$(FINETUNE_RUN)) $(ARGS)
 
 predict: install ## Predict with a run: RUN=runs/... INPUT=dataset OUT=folder [ARGS=...]
