@@ -48,6 +48,7 @@ from sap_lightning.backbones.checkpoints import export_backbone, make_backbone_m
 from sap_lightning.cache import open_cache
 from sap_lightning.cli import main
 from sap_lightning.config import load_config
+from sap_lightning.core.arms import get_arm, list_arms
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.io import read_json
 from sap_lightning.dataset import layout
@@ -183,13 +184,53 @@ def deterministic_mode():
     torch.use_deterministic_algorithms(previous)
 
 
+COMMAND_OF_TASK = {"skeleton": "pretrain", "ssl": "ssl", "lesion": "finetune"}
+RUN_KINDS = {
+    "fine-tuning": ("finetune", "cpu/finetune_scratch.yaml", "lesion"),
+    **{
+        f"{name} pretraining": (
+            COMMAND_OF_TASK[arm.pretraining.task],
+            f"cpu/{arm.pretraining.experiment}.yaml",
+            "skeleton",
+        )
+        for name in list_arms()
+        if (arm := get_arm(name)).pretraining is not None
+    },
+}
+"""Every kind of training run: a fine-tune, and each registered arm's pretraining."""
+
+
+def resumable_run(data: dict[str, Path], kind: str, run_dir: Path) -> list[str]:
+    command, config, dataset = RUN_KINDS[kind]
+    # Pretraining epochs hold as many patches as asked: enough for STEPS_PER_EPOCH batches.
+    epoch = [] if dataset == "lesion" else ["data.patches_per_epoch=16"]
+    return [
+        command,
+        "--config",
+        str(EXPERIMENTS / config),
+        *SMALL,
+        *epoch,
+        f"data.dataset={data[dataset]}",
+        f"run_dir={run_dir}",
+        *RESUMABLE,
+    ]
+
+
 @pytest.fixture(scope="module")
-def reference_run(data, tmp_path_factory: pytest.TempPathFactory, deterministic_mode) -> Path:
-    """The uninterrupted run the interrupted ones must reproduce."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    args = sap_train("finetune", f"data.dataset={data['lesion']}", f"run_dir={run_dir}")
-    assert main([*args, *RESUMABLE]) == 0
-    return run_dir
+def reference_runs(data, tmp_path_factory: pytest.TempPathFactory, deterministic_mode):
+    """The uninterrupted run of each kind the interrupted ones must reproduce (made on first
+    use)."""
+    root = tmp_path_factory.mktemp("reference")
+    made: dict[str, Path] = {}
+
+    def reference(kind: str) -> Path:
+        if kind not in made:
+            run_dir = root / kind.replace(" ", "_") / "run"
+            assert main(resumable_run(data, kind, run_dir)) == 0
+            made[kind] = run_dir
+        return made[kind]
+
+    return reference
 
 
 def run_until_paused(args: list[str], where: str, workdir: Path) -> tuple[int, int]:
@@ -240,36 +281,41 @@ def assert_same_training_state(path: Path, reference: Path) -> None:
 
 
 @pytest.mark.slow  # runs sap in a subprocess
+@pytest.mark.parametrize("kind", list(RUN_KINDS))
 def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(
-    data, tmp_path: Path, reference_run: Path
+    data, tmp_path: Path, reference_runs, kind: str
 ) -> None:
+    """``kill -9`` mid-epoch, ``resume=true``: the same weights, optimiser state and schedule as
+    the uninterrupted run, for every kind of run (a fine-tune and every arm's pretraining: the
+    SSL views and MAE masks are drawn per batch, not from where the generators stood)."""
     run_dir = tmp_path / "killed"
-    args = sap_train("finetune", f"data.dataset={data['lesion']}", f"run_dir={run_dir}")
-    epoch, step = run_until_paused([*args, *RESUMABLE], "batch:1:1", tmp_path)
+    args = resumable_run(data, kind, run_dir)
+    epoch, step = run_until_paused(args, "batch:1:1", tmp_path)
     assert (epoch, step) == (1, STEPS_PER_EPOCH + 2)  # mid-epoch, two steps past last.ckpt
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
     assert (saved["epoch"], saved["global_step"]) == (0, STEPS_PER_EPOCH)
+    reference = reference_runs(kind)
     assert (
-        torch.load(reference_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
         == 3 * STEPS_PER_EPOCH
     )
 
-    assert main([*args, *RESUMABLE, "resume=true"]) == 0
-    assert_same_training_state(last, reference_run / "checkpoints" / "last.ckpt")
+    assert main([*args, "resume=true"]) == 0
+    assert_same_training_state(last, reference / "checkpoints" / "last.ckpt")
     assert_same_training_state(
-        run_dir / "checkpoints" / "best.ckpt", reference_run / "checkpoints" / "best.ckpt"
+        run_dir / "checkpoints" / "best.ckpt", reference / "checkpoints" / "best.ckpt"
     )
 
 
 @pytest.mark.slow  # runs sap in a subprocess
 def test_kill_while_writing_last_checkpoint_keeps_the_previous_one(
-    data, tmp_path: Path, reference_run: Path
+    data, tmp_path: Path, reference_runs
 ) -> None:
     run_dir = tmp_path / "killed"
-    args = sap_train("finetune", f"data.dataset={data['lesion']}", f"run_dir={run_dir}")
+    args = resumable_run(data, "fine-tuning", run_dir)
     # Killed with half of the second last.ckpt (end of epoch 1) written.
-    epoch, step = run_until_paused([*args, *RESUMABLE], "checkpoint:2", tmp_path)
+    epoch, step = run_until_paused(args, "checkpoint:2", tmp_path)
     assert (epoch, step) == (1, 2 * STEPS_PER_EPOCH)
     folder = run_dir / "checkpoints"
     partial = sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
@@ -277,9 +323,10 @@ def test_kill_while_writing_last_checkpoint_keeps_the_previous_one(
     saved = torch.load(folder / "last.ckpt", weights_only=True)  # complete, the previous one
     assert (saved["epoch"], saved["global_step"]) == (0, STEPS_PER_EPOCH)
 
-    assert main([*args, *RESUMABLE, "resume=true"]) == 0
+    assert main([*args, "resume=true"]) == 0
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # leftover removed
-    assert_same_training_state(folder / "last.ckpt", reference_run / "checkpoints" / "last.ckpt")
+    reference = reference_runs("fine-tuning") / "checkpoints" / "last.ckpt"
+    assert_same_training_state(folder / "last.ckpt", reference)
 
 
 # ============================================================ crashes while writing outputs

@@ -34,6 +34,7 @@ from sap_lightning.backbones import create_backbone, get_spec
 from sap_lightning.backbones.checkpoints import META_KEY, export_backbone, make_backbone_meta
 from sap_lightning.config import ExperimentConfig, from_dict
 from sap_lightning.core.arms import Arm, get_arm, pretraining_arm
+from sap_lightning.core.case_keys import item_seed
 from sap_lightning.core.errors import ConfigError, SapError
 from sap_lightning.core.mixed_precision import guard_small_convolutions
 from sap_lightning.core.precision import inference_precision
@@ -203,6 +204,16 @@ class SapModule(L.LightningModule):
         # The weights are built identically everywhere (DDP also broadcasts rank 0's); from here
         # on every rank draws its own dropout masks and SSL views (global seed + rank).
         torch.manual_seed(self.cfg.seed + self.global_rank)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed this batch's own random draws (dropout, SSL views, MAE masks) from the run's
+        seed, the rank, the epoch and the batch: a run resumed from its end-of-epoch checkpoint
+        then draws what the uninterrupted run drew, on every rank, whatever the generators'
+        state was when it stopped. (Patches and their augmentations are seeded per patch by
+        the data module.)"""
+        torch.manual_seed(
+            item_seed(f"{self.cfg.seed}/{self.global_rank}/{self.current_epoch}/{batch_idx}")
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = self.backbone_meta()
