@@ -108,7 +108,8 @@ def add_arguments_check_data(parser: argparse.ArgumentParser) -> None:
 
 def run_check_data(args: argparse.Namespace) -> int:
     """Print every problem, one per line; exit status 1 when there is any."""
-    from sap_lightning.dataset.validate import check_dataset, load_dataset
+    from sap_lightning.dataset.info import load_dataset
+    from sap_lightning.dataset.validate import check_dataset
 
     problems = check_dataset(
         args.dataset, require_labels=not args.no_labels, workers=args.workers, task=args.task
