@@ -4,10 +4,10 @@ Commands are listed in one table and imported lazily, so ``sap --help`` stays fa
 command only pays for the libraries it uses. The data commands (``TORCH_FREE_COMMANDS``) import
 no torch, Lightning or MONAI at all: they run numpy, SimpleITK and worker processes, so torch's
 thread pool is only sized (``core.threads.configure_threads``, which imports torch) for the
-other commands, and ``sap preprocess`` on an unchanged dataset starts in well under a second
-(``benchmarks/bench_startup.py``; ``tests/integration/test_startup_imports.py`` keeps it so).
-Each command lives in
-``sap_lightning.commands.<module>`` as a pair ``add_arguments_<name>(parser)`` /
+other commands: ``sap preprocess`` of an unchanged dataset costs under a second of CPU, less
+than importing torch alone (``benchmarks/bench_startup.py``;
+``tests/integration/test_startup_imports.py`` keeps these commands free of torch). Each command
+lives in ``sap_lightning.commands.<module>`` as a pair ``add_arguments_<name>(parser)`` /
 ``run_<name>(args) -> int`` (``<name>`` is the command with ``-`` replaced by ``_``).
 
 Every failure ends in one line on stderr: a bad option (exit status 2, before anything is
