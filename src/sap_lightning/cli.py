@@ -1,8 +1,13 @@
 """The ``sap`` command line: ``sap <command> [options]``; ``sap <command> --help`` for each.
 
 Commands are listed in one table and imported lazily, so ``sap --help`` stays fast and a
-command only pays for the libraries it uses. Each command lives in
-``sap_lightning.commands.<module>`` as a pair ``add_arguments_<name>(parser)`` /
+command only pays for the libraries it uses. The data commands (``TORCH_FREE_COMMANDS``) import
+no torch, Lightning or MONAI at all: they run numpy, SimpleITK and worker processes, so torch's
+thread pool is only sized (``core.threads.configure_threads``, which imports torch) for the
+other commands: ``sap preprocess`` of an unchanged dataset costs under a second of CPU, less
+than importing torch alone (``benchmarks/bench_startup.py``;
+``tests/integration/test_startup_imports.py`` keeps these commands free of torch). Each command
+lives in ``sap_lightning.commands.<module>`` as a pair ``add_arguments_<name>(parser)`` /
 ``run_<name>(args) -> int`` (``<name>`` is the command with ``-`` replaced by ``_``).
 
 Every failure ends in one line on stderr: a bad option (exit status 2, before anything is
@@ -21,7 +26,6 @@ from typing import NoReturn
 from sap_lightning import __version__
 from sap_lightning.core.errors import SapError
 from sap_lightning.core.logs import configure_logging
-from sap_lightning.core.threads import configure_threads
 
 # command name -> (module under sap_lightning.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,6 +48,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("study", "Create a W&B sweep whose runs use this environment's interpreter."),
     "sweep-local": ("study", "Run a W&B sweep file's parameter space locally, without a server."),
 }
+
+TORCH_FREE_COMMANDS: frozenset[str] = frozenset(
+    {
+        "make-phantoms",
+        "import-folder",
+        "import-dicom",
+        "check-data",
+        "skeleton-labels",
+        "preprocess",
+        "split",
+    }
+)
+"""Commands that never run a tensor operation: they must not import torch (importing it costs
+more CPU than an unchanged dataset's whole ``sap preprocess``), so torch's thread pool is not
+sized for them. A command missing here gets torch's threads sized, which is safe, only slower."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if not argv else 2
     args = _command_parser(top_args.command).parse_args(rest)
     configure_logging(verbose=top_args.verbose or args.verbose)
-    configure_threads()
+    if top_args.command not in TORCH_FREE_COMMANDS:
+        from sap_lightning.core.threads import configure_threads  # imports torch
+
+        configure_threads()
     try:
         return int(args._run(args) or 0)
     except SapError as err:

@@ -12,7 +12,7 @@ import pytest
 from sap_lightning.cache import open_cache
 from sap_lightning.cache.splits import load_splits
 from sap_lightning.cli import main
-from sap_lightning.dataset.validate import load_dataset
+from sap_lightning.dataset.info import load_dataset
 from tests.datasets import truncate, write_authors_folder, write_tiny_dataset
 
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sap_lightning.dataset import check_cache, validate
+from sap_lightning.dataset import check_cache, file_checks
 from sap_lightning.dataset.validate import check_dataset, require_valid_dataset
 from tests.converted import convert_dataset
 from tests.datasets import truncate, write_tiny_dataset
@@ -31,13 +31,13 @@ def _age(root: Path) -> None:
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the files whose voxels the check reads, in order."""
     seen: list[str] = []
-    inspect = validate._inspect_file
+    inspect = file_checks._inspect_file
 
     def counting(path: Path, kind: str):
         seen.append(Path(path).name)
         return inspect(path, kind)
 
-    monkeypatch.setattr(validate, "_inspect_file", counting)
+    monkeypatch.setattr(file_checks, "_inspect_file", counting)
     return seen
 
 

@@ -12,16 +12,12 @@ import numpy as np
 import pytest
 
 from sap_lightning.core.errors import DatasetError
-from sap_lightning.dataset import validate as dataset_module
+from sap_lightning.dataset import file_checks
+from sap_lightning.dataset.file_checks import AFFINE_TOLERANCE_MM
 from sap_lightning.dataset.import_folder import import_folder
-from sap_lightning.dataset.validate import (
-    AFFINE_TOLERANCE_MM,
-    Problem,
-    check_dataset,
-    load_dataset,
-    read_case_arrays,
-    require_valid_dataset,
-)
+from sap_lightning.dataset.info import load_dataset, read_case_arrays
+from sap_lightning.dataset.spec import Problem
+from sap_lightning.dataset.validate import check_dataset, require_valid_dataset
 from tests.datasets import affine_for, save, truncate, write_authors_folder, write_tiny_dataset
 
 SHAPE = (20, 16, 12)
@@ -346,7 +342,7 @@ def test_voxel_statistics_are_exact_when_read_slab_by_slab(
     _rewrite(dataset / "imagesTr/case000_0000.nii.gz", _with_nan)
     _rewrite(dataset / "labelsTr/case001.nii.gz", scatter)
     expected = [str(p) for p in check_dataset(dataset)]
-    monkeypatch.setattr(dataset_module, "_CHUNK_VOXELS", 37)  # many slabs of 1 slice each
+    monkeypatch.setattr(file_checks, "_CHUNK_VOXELS", 37)  # many slabs of 1 slice each
     assert [str(p) for p in check_dataset(dataset)] == expected
     assert expected == [
         "case case000: imagesTr/case000_0000.nii.gz: 4 NaN/Inf voxels",

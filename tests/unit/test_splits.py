@@ -19,7 +19,7 @@ from sap_lightning.cache.splits import (
     splits_from_dict,
 )
 from sap_lightning.core.errors import DatasetError
-from sap_lightning.dataset.validate import load_dataset
+from sap_lightning.dataset.info import load_dataset
 from tests.datasets import write_tiny_dataset
 
 

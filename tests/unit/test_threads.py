@@ -12,6 +12,7 @@ import pytest
 
 from sap_lightning.core.threads import (
     _cpu_busy_seconds,
+    choose_threads,
     competing_cpus,
     configure_threads,
     free_cpus,
@@ -55,6 +56,30 @@ def test_the_environment_overrides_the_detected_count(monkeypatch) -> None:
         assert configure_threads(requested=2) == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux affinity")
+def test_the_thread_count_is_chosen_without_importing_torch() -> None:
+    """Data commands size SimpleITK with ``choose_threads``; it must not load torch for them."""
+    code = (
+        "import os, sys; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+        "from sap_lightning.core.threads import choose_threads; "
+        "print(choose_threads(), choose_threads(3), 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SAP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "3", "False"]
+
+
+def test_the_environment_pins_the_chosen_count(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SAP_NUM_THREADS", "3")
+    assert choose_threads() == 3
+    monkeypatch.setenv("SAP_NUM_THREADS", "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert choose_threads() == 2
+    assert choose_threads(requested=5) == 5  # an explicit request wins over both
 
 
 def test_a_cpu_counts_as_taken_once_another_process_uses_most_of_it() -> None:

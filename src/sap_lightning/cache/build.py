@@ -35,12 +35,8 @@ from sap_lightning.core.lesions import bounding_box, check_connectivity, lesion_
 from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY
 from sap_lightning.core.threads import single_threaded_children, worker_processes
 from sap_lightning.dataset import layout
-from sap_lightning.dataset.validate import (
-    CaseFiles,
-    DatasetInfo,
-    read_case,
-    require_valid_dataset,
-)
+from sap_lightning.dataset.info import CaseFiles, DatasetInfo, read_case
+from sap_lightning.dataset.validate import require_valid_dataset
 
 log = logging.getLogger(__name__)
 

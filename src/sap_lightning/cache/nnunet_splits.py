@@ -17,7 +17,8 @@ from sap_lightning.cache.splits import Splits, splits_from_dict, write_splits
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.io import read_json
 from sap_lightning.dataset import layout
-from sap_lightning.dataset.validate import DatasetInfo, require_valid_dataset
+from sap_lightning.dataset.info import DatasetInfo
+from sap_lightning.dataset.validate import require_valid_dataset
 
 
 def _shown(cases: list[str], limit: int = 5) -> str:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import cc3d
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from sap_lightning.dataset import layout
@@ -140,8 +139,10 @@ def otsu_threshold(values: np.ndarray) -> float:
     """Otsu's threshold (SimpleITK's filter, 128 bins) of an array.
 
     SimpleITK comes with TorchIO; scikit-image's ``threshold_otsu`` would add a dependency for
-    one function.
+    one function. Imported here: ``sap preprocess`` of an unchanged dataset never thresholds.
     """
+    import SimpleITK as sitk
+
     image = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.SetInsideValue(0)

@@ -32,7 +32,8 @@ from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY
 from sap_lightning.core.tasks import LABELLED_TASKS
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.images import read_image
-from sap_lightning.dataset.validate import DatasetInfo, require_valid_dataset
+from sap_lightning.dataset.info import DatasetInfo
+from sap_lightning.dataset.validate import require_valid_dataset
 
 # --------------------------------------------------------------------------- making splits
 

@@ -1,15 +1,23 @@
-"""Data commands: ``import-folder``, ``check-data``, ``preprocess`` and ``split``."""
+"""Data commands: ``import-folder``, ``check-data``, ``preprocess`` and ``split``.
+
+Each imports what it runs inside its own function, so ``sap <command> --help`` and the other
+commands do not pay for it (the configuration schema, the cache builder's scipy and SimpleITK),
+and none of them imports torch (``tests/integration/test_startup_imports.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sap_lightning.commands import _args
-from sap_lightning.config.schema import DataConfig
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.protocol import CONNECTIVITIES, DEFAULT_CONNECTIVITY
+
+if TYPE_CHECKING:
+    from sap_lightning.config.schema import DataConfig
 
 
 def _add_task_argument(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +108,8 @@ def add_arguments_check_data(parser: argparse.ArgumentParser) -> None:
 
 def run_check_data(args: argparse.Namespace) -> int:
     """Print every problem, one per line; exit status 1 when there is any."""
-    from sap_lightning.dataset.validate import check_dataset, load_dataset
+    from sap_lightning.dataset.info import load_dataset
+    from sap_lightning.dataset.validate import check_dataset
 
     problems = check_dataset(
         args.dataset, require_labels=not args.no_labels, workers=args.workers, task=args.task
@@ -166,13 +175,13 @@ def add_arguments_preprocess(parser: argparse.ArgumentParser) -> None:
 
 def run_preprocess(args: argparse.Namespace) -> int:
     from sap_lightning.cache import PreprocessParams, preprocess_dataset
+    from sap_lightning.dataset.layout import default_cache_path
 
     params = PreprocessParams(
         target_spacing=tuple(args.target_spacing) if args.target_spacing else None,
         connectivity=args.connectivity,
         seed=args.seed,
     )
-    from sap_lightning.dataset.layout import default_cache_path
 
     out = args.out if args.out is not None else default_cache_path(args.dataset)
     report = preprocess_dataset(
@@ -190,6 +199,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
 
 
 def add_arguments_split(parser: argparse.ArgumentParser) -> None:
+    from sap_lightning.config.schema import DataConfig
+
     parser.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
     # Defaults come from the config schema, so `sap split` and training's own split agree.
     data = DataConfig()
@@ -262,6 +273,7 @@ def _run_split_from_nnunet(args: argparse.Namespace, data: DataConfig) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     from sap_lightning.cache.splits import split_dataset
+    from sap_lightning.config.schema import DataConfig
 
     data = DataConfig()
     if args.from_nnunet is not None:

@@ -88,12 +88,12 @@ def add_arguments_import_dicom(parser: argparse.ArgumentParser) -> None:
 
 def run_import_dicom(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
-    import torch
 
+    from sap_lightning.core.threads import choose_threads
     from sap_lightning.scanner.importer import ImportOptions, import_dicom
 
-    # torch's thread count was sized for this machine by the command line (core.threads).
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, torch.get_num_threads()))
+    # The count torch would get here (core.threads), without importing torch: a data command.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(choose_threads(pool="SimpleITK"))
     options = ImportOptions(
         t1=args.t1,
         dwi=args.dwi,

@@ -7,8 +7,10 @@ against each other: a training step ran 6x slower next to one busy process. ``us
 reads both limits. Neither sees another process busy on the same CPUs (a second job on a shared
 node): torch's spinning OpenMP threads then lose most of their time waiting for the one that was
 preempted (measured by ``benchmarks/bench_threads.py``: 2 threads next to one busy process took
-452 ms per step, 1 thread 163 ms). ``configure_threads`` therefore also samples, for a fifth of a
-second, how much CPU other processes use on the usable CPUs and leaves those to them. Set
+452 ms per step, 1 thread 163 ms). ``choose_threads`` therefore also samples, for a fifth of a
+second, how much CPU other processes use on the usable CPUs and leaves those to them;
+``configure_threads`` gives torch that many threads. Only the latter imports torch (lazily): the
+data commands never load it, and size their own pools (SimpleITK, worker processes). Set
 ``SAP_NUM_THREADS`` (or the standard ``OMP_NUM_THREADS``) to pin the count, e.g. for bitwise
 reproducible runs: the thread count changes the order of floating-point sums.
 Worker processes run one thread each: ``single_threaded_children`` for process pools, and
@@ -107,28 +109,40 @@ def free_cpus(usable: int, competing: float) -> int:
     return max(1, usable - math.floor(competing + 0.4))
 
 
-def configure_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op threads to ``requested``, ``SAP_NUM_THREADS``, ``OMP_NUM_THREADS``,
-    or else the usable CPUs less those other processes keep busy; returns the number set."""
-    import torch
+def choose_threads(requested: int | None = None, pool: str = "torch") -> int:
+    """The thread count for this process: ``requested``, ``SAP_NUM_THREADS``, ``OMP_NUM_THREADS``,
+    or else the usable CPUs less those other processes keep busy (``pool`` names the thread pool
+    in the log line).
 
+    Imports no torch, so commands that never run a tensor operation (the data commands, which
+    size SimpleITK's pool or worker processes) decide their threads without paying for it.
+    """
     for value in (requested, os.environ.get(ENV_OVERRIDE), os.environ.get("OMP_NUM_THREADS")):
         if value not in (None, ""):
-            threads = max(1, int(value))  # type: ignore[arg-type]
-            break
-    else:
-        usable = usable_cpus()
-        competing = competing_cpus() if usable > 1 else 0.0
-        threads = free_cpus(usable, competing)
-        if threads < usable:
-            log.info(
-                "torch uses %d of %d CPUs: other processes keep %.1f CPUs busy "
-                "(set %s to pin the count)",
-                threads,
-                usable,
-                competing,
-                ENV_OVERRIDE,
-            )
+            return max(1, int(value))  # type: ignore[arg-type]
+    usable = usable_cpus()
+    competing = competing_cpus() if usable > 1 else 0.0
+    threads = free_cpus(usable, competing)
+    if threads < usable:
+        log.info(
+            "%s uses %d of %d CPUs: other processes keep %.1f CPUs busy (set %s to pin the count)",
+            pool,
+            threads,
+            usable,
+            competing,
+            ENV_OVERRIDE,
+        )
+    return threads
+
+
+def configure_threads(requested: int | None = None) -> int:
+    """Set torch's intra-op threads to :func:`choose_threads`; returns the number set.
+
+    torch is imported here, not at module level: only commands that run tensors call this.
+    """
+    import torch
+
+    threads = choose_threads(requested)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
         log.debug("torch uses %d CPU threads", threads)

@@ -18,8 +18,8 @@ from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.io import atomic_dir, atomic_path, write_json
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.images import read_image
+from sap_lightning.dataset.info import SUPPORTED_FILE_ENDINGS, DatasetInfo, load_dataset
 from sap_lightning.dataset.spec import Problem, parse_labels
-from sap_lightning.dataset.validate import SUPPORTED_FILE_ENDINGS, DatasetInfo, load_dataset
 
 # --------------------------------------------------------------------------- import
 

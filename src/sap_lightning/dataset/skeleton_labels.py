@@ -38,9 +38,10 @@ from nibabel import orientations
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.core.io import atomic_dir, atomic_path, write_json
 from sap_lightning.dataset import layout
+from sap_lightning.dataset.file_checks import AFFINE_TOLERANCE_MM
 from sap_lightning.dataset.images import IMAGE_FILE_ENDINGS, image_file_ending, read_image
 from sap_lightning.dataset.segmenter_tables import TABLES
-from sap_lightning.dataset.validate import AFFINE_TOLERANCE_MM, check_dataset
+from sap_lightning.dataset.validate import check_dataset
 
 TOOLS: tuple[str, ...] = tuple(TABLES)
 """Segmenters whose label maps are understood: ``total_mr``, ``vertebrae_mr``, ``totalvibeseg``,
