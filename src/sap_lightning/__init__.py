@@ -14,7 +14,7 @@ __version__ = "0.3.0"
 _API: dict[str, str] = {
     "make_phantom_cohort": "sap_lightning.synthetic.cohort",
     "check_dataset": "sap_lightning.dataset.validate",
-    "load_dataset": "sap_lightning.dataset.validate",
+    "load_dataset": "sap_lightning.dataset.info",
     "preprocess_dataset": "sap_lightning.cache.build",
     "open_cache": "sap_lightning.cache.reader",
     "split_dataset": "sap_lightning.cache.splits",

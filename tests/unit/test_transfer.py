@@ -18,9 +18,9 @@ from sap_lightning.backbones.checkpoints import (
     export_backbone,
     load_checkpoint_file,
     make_backbone_meta,
+    summarize_checkpoint,
 )
 from sap_lightning.backbones.transfer import adapt_input_channels, transfer_weights
-from sap_lightning.commands.weights import summarize_checkpoint
 from sap_lightning.core.errors import CheckpointError, ConfigError
 from sap_lightning.core.io import read_json
 from sap_lightning.modules.optim import param_groups

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import pickle
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 import sap_lightning
-from sap_lightning.backbones.registry import get_spec
+from sap_lightning.backbones.registry import get_spec, list_backbones
 from sap_lightning.core.errors import CheckpointError, ConfigError
 from sap_lightning.core.io import atomic_path
 from sap_lightning.core.tasks import TASKS
@@ -259,3 +260,39 @@ def read_checkpoint(source: str | Path | Mapping[str, Any] | nn.Module | Checkpo
     if isinstance(source, (str, Path)):
         return _interpret(load_checkpoint_file(source), str(source))
     raise TypeError(f"cannot read weights from a {type(source).__name__}")
+
+
+def _head_shapes(state: Mapping[str, torch.Tensor], meta: Mapping | None) -> dict[str, list[int]]:
+    """Shapes of the output-layer tensors, found through the spec of the named backbone."""
+    names = [meta["backbone"]] if meta and meta.get("backbone") in list_backbones() else []
+    for name in names or list_backbones():
+        shapes = {
+            key: list(tensor.shape)
+            for key, tensor in state.items()
+            for head_key in get_spec(name).head_keys
+            if key == head_key or key.endswith("." + head_key)
+        }
+        if shapes:
+            return shapes
+    return {}
+
+
+def summarize_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What ``sap inspect-checkpoint`` prints: metadata and a summary of the keys."""
+    checkpoint = read_checkpoint(Path(path))
+    state = checkpoint.state_dict
+    unique: dict[tuple, torch.Tensor] = {}
+    for tensor in state.values():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        unique.setdefault(identity, tensor)
+    return {
+        "file": str(path),
+        "kind": checkpoint.kind,
+        "meta": checkpoint.meta,
+        "tensors": len(state),
+        "distinct_tensors": len(unique),
+        # Values in floating-point tensors: parameters plus float buffers (norm statistics).
+        "parameters": sum(t.numel() for t in unique.values() if t.is_floating_point()),
+        "prefixes": dict(Counter(key.split(".")[0] for key in state)),
+        "head_shapes": _head_shapes(state, checkpoint.meta),
+    }

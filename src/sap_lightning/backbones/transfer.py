@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from sap_lightning.backbones.checkpoints import Checkpoint, listed, read_checkpoint, unwrap
+from sap_lightning.backbones.checkpoints import (
+    META_KEY,
+    Checkpoint,
+    export_backbone,
+    listed,
+    read_checkpoint,
+    unwrap,
+    validate_meta,
+)
 from sap_lightning.backbones.registry import BackboneSpec, get_spec, list_backbones, resolve_spec
 from sap_lightning.core.arms import TRANSFER_MODES
 from sap_lightning.core.errors import CheckpointError, ConfigError
@@ -355,3 +363,29 @@ def _is_channel_change(
     if len(source_shape) != len(target_shape) or len(source_shape) < 2:
         return False
     return all(s == t for i, (s, t) in enumerate(zip(source_shape, target_shape)) if i != 1)
+
+
+def export_from_checkpoint(checkpoint_path: str | Path, out_path: str | Path) -> TransferReport:
+    """Export the network of a library training checkpoint, with its ``sap_meta``.
+
+    The network is rebuilt from the metadata and loaded strictly, so an export always matches
+    the architecture its metadata describes.
+    """
+    from sap_lightning.backbones.registry import create_backbone
+
+    checkpoint = read_checkpoint(Path(checkpoint_path))
+    meta = checkpoint.meta
+    if meta is None:
+        raise CheckpointError(
+            f"{checkpoint_path}: has no {META_KEY!r} metadata (not written by a sap_lightning "
+            "training run), so its backbone cannot be rebuilt"
+        )
+    meta = validate_meta(meta)
+    model = create_backbone(
+        meta["backbone"], meta["in_channels"], meta["out_channels"], **meta["backbone_kwargs"]
+    )
+    report = transfer_weights(
+        model, checkpoint, mode="full", spec=meta["backbone"], in_channel_policy="error"
+    )
+    export_backbone(model, out_path, meta)
+    return report

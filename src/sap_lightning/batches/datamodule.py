@@ -64,7 +64,7 @@ from sap_lightning.config.schema import ExperimentConfig
 from sap_lightning.core.errors import ConfigError, DatasetError
 from sap_lightning.core.tasks import get_task
 from sap_lightning.dataset import layout
-from sap_lightning.dataset.validate import DatasetInfo
+from sap_lightning.dataset.info import DatasetInfo
 
 log = logging.getLogger(__name__)
 

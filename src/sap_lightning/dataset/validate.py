@@ -23,36 +23,19 @@ from sap_lightning.core.errors import DatasetError
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.file_checks import cross_check, inspect_cached, inspect_files
 from sap_lightning.dataset.info import (
-    CaseFiles,
     DatasetInfo,
     FileListing,
     format_problems,
     list_files,
     load_dataset,
-    read_case,
-    read_case_arrays,
     visible_files,
 )
 from sap_lightning.dataset.spec import DatasetSpec as _Spec
 from sap_lightning.dataset.spec import Problem, case_id_problems, read_spec, task_problem
 
-__all__ = [
-    "CaseFiles",
-    "DatasetInfo",
-    "Problem",
-    "check_case_files",
-    "check_dataset",
-    "load_dataset",
-    "read_case",
-    "read_case_arrays",
-    "require_valid_dataset",
-]
-"""``check_dataset``, ``require_valid_dataset`` and ``check_case_files`` live here (and
-``Problem``, what they return). The reading API (``DatasetInfo``, ``CaseFiles``,
-``load_dataset``, ``read_case``, ``read_case_arrays``) lives in ``info.py``; it stays importable
-here only until the modules outside ``dataset/`` and ``cache/`` that import it from this module
-(``batches/datamodule.py``, ``inference/``, the package's top-level API, the exploration
-notebook) import it from ``info.py``."""
+__all__ = ["check_case_files", "check_dataset", "require_valid_dataset"]
+"""Dataset-level checks live here; the reading API (``DatasetInfo``, ``CaseFiles``,
+``load_dataset``, ``read_case``) is ``dataset/info.py``'s, ``Problem`` ``dataset/spec.py``'s."""
 
 
 def check_dataset(

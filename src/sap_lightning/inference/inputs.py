@@ -14,13 +14,9 @@ from pathlib import Path
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.images import image_file_ending
-from sap_lightning.dataset.validate import (
-    CaseFiles,
-    Problem,
-    check_case_files,
-    load_dataset,
-    require_valid_dataset,
-)
+from sap_lightning.dataset.info import CaseFiles, load_dataset
+from sap_lightning.dataset.spec import Problem
+from sap_lightning.dataset.validate import check_case_files, require_valid_dataset
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY, DEFAULT_THRESHOLD
 from sap_lightning.core.run_layout import THRESHOLD_FILE
 from sap_lightning.core.windows import predict_volume, sliding_window_size
 from sap_lightning.dataset import layout
-from sap_lightning.dataset.validate import CaseFiles, read_case
+from sap_lightning.dataset.info import CaseFiles, read_case
 from sap_lightning.inference.burden import exam_summary, lesion_table, relabel_skeleton_by_component
 from sap_lightning.inference.inputs import iter_input_cases
 from sap_lightning.inference.models import TrainedModel, load_trained_model
