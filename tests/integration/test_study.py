@@ -65,6 +65,28 @@ def test_header_and_learning_section_name_every_arm_and_pretraining(tiny_study) 
     assert "| MAE pretraining |" in learning and "reconstruction" in learning
 
 
+def test_the_report_shows_every_arm_on_the_baselines_best_median_and_worst_patient(
+    tiny_study,
+) -> None:
+    """The patients follow the stated rule (the scratch arm's best, median and worst patient F2
+    among patients with a lesion, ties by case id), and every arm is drawn on them."""
+    import pandas as pd
+
+    report = tiny_study.report.read_text()
+    section = report.split("## What each arm found", 1)[1].split("\n## ", 1)[0]
+    scratch = pd.read_csv(
+        Path(tiny_study.config.runs_dir) / "scratch" / "evaluation" / "cases.csv",
+        dtype={"case_id": str},
+    )
+    ranked = scratch[scratch["n_gt"] > 0].sort_values(["f2", "case_id"])["case_id"].tolist()
+    expected = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}
+    for role, case in expected.items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| {case} |"))
+        assert role in row
+    assert (tiny_study.report.parent / "patients.png").is_file()
+    assert "![Each arm on three patients](patients.png)" in section
+
+
 def test_threshold_is_tuned_on_the_tuning_fold_only(tiny_study) -> None:
     config = tiny_study.config
     splits = _splits(config)

@@ -93,6 +93,11 @@ def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
         help="volume of 'clinically relevant' lesions (default %(default)s mL)",
     )
     parser.add_argument(
+        "--no-pictures",
+        action="store_true",
+        help="skip pictures/<case>.png (b1000 MIPs with true / false positives and misses)",
+    )
+    parser.add_argument(
         "--tolerance-mm",
         type=_args.positive_float,
         default=ValidationConfig.tolerance_mm,
@@ -159,6 +164,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     evaluation = evaluate_predictions(predictions, args.dataset, cases, settings, progress)
     written = write_evaluation(evaluation, args.out)
+    pictures = []
+    if not args.no_pictures:
+        from sap_lightning.evaluation.case_pictures import write_case_pictures
+
+        threshold = evaluation.summary["operating_point"].get("threshold")
+        pictures = write_case_pictures(
+            predictions, args.dataset, cases, threshold, args.out, args.connectivity
+        )
     metrics = evaluation.summary["metrics"]
     suffix = evaluation.summary["settings"]["large_suffix"]
 
@@ -177,7 +190,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"NSD detected {show('nsd_detected')}, FROC AUC {show('froc_auc')}, "
         f"mean sensitivity{suffix} {show('mean_sensitivity' + suffix)}"
     )
-    print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
+    shown = f" and {len(pictures)} case pictures in pictures/" if pictures else ""
+    print(f"wrote {', '.join(p.name for p in written)}{shown} to {args.out}")
     return 0
 
 

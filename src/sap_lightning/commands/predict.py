@@ -65,6 +65,11 @@ def add_arguments_predict(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
+        "--no-pictures",
+        action="store_true",
+        help="skip each case's <case>_mip.png (coronal and sagittal b1000 MIPs with the lesions)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="clear another model's predictions from --out first (only files sap predict "
@@ -85,6 +90,7 @@ def run_predict(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         precision=args.precision,
         progress=not args.no_progress,
+        pictures=not args.no_pictures,
     )
     summaries = predictor.predict(args.input, args.out, overwrite=args.overwrite)
     total = sum(s["lesions"] for s in summaries)

@@ -17,6 +17,7 @@ from sap_lightning.core.arms import LearningTerm
 from sap_lightning.core.io import read_json
 from sap_lightning.core.precision import describe_precision
 from sap_lightning.core.protocol import SIGNIFICANCE_LEVEL
+from sap_lightning.evaluation.case_pictures import ShownPatient
 from sap_lightning.evaluation.diagnostics import (
     RunDiagnostics,
     diagnose,
@@ -28,6 +29,7 @@ from sap_lightning.evaluation.statistics import paired_wilcoxon_power
 from sap_lightning.inference.outputs import PREDICTION_JSON
 
 CURVES_PNG = "curves.png"
+PATIENTS_PNG = "patients.png"
 TIMINGS_FILE = "timings.md"
 """Wall time of every study step, next to the report (not in it: it changes between reruns)."""
 
@@ -210,3 +212,34 @@ def study_header(
         verdict(comparison),
     ]
     return "\n".join(lines) + "\n"
+
+
+def patients_section(
+    comparison: Comparison, patients: Sequence[ShownPatient], baseline: str
+) -> str:
+    """The three patients every arm is drawn on, with each arm's F2 for them."""
+    if not patients:
+        return ""
+    f2 = {
+        run.name: dict(zip(run.cases["case_id"].astype(str), run.cases["f2"], strict=True))
+        for run in comparison.runs
+    }
+    header = "| patient | baseline F2 | " + " | ".join(f"{name} F2" for name in comparison.names)
+    lines = [
+        "## What each arm found",
+        "",
+        f"The {baseline} baseline's best, median and worst test patient by F2 (patients with a "
+        "lesion; ties by case id), every arm on the same three: coronal and sagittal b1000 MIPs "
+        "with true positives, false positives and missed lesions outlined at the arm's tuned "
+        f"threshold, counted as in Table 1. [{PATIENTS_PNG}]({PATIENTS_PNG})",
+        "",
+        header.replace("| baseline F2 | ", "| rule | ") + " |",
+        "|---|---|" + "---|" * len(comparison.names),
+    ]
+    for patient in patients:
+        cells = " | ".join(
+            f"{f2[name].get(patient.case_id, float('nan')):.3f}" for name in comparison.names
+        )
+        lines.append(f"| {patient.case_id} | {patient.role} | {cells} |")
+    lines += ["", f"![Each arm on three patients]({PATIENTS_PNG})", "", ""]
+    return "\n".join(lines)

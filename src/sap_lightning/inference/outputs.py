@@ -8,6 +8,7 @@
     OUT/probabilities/<case>.nii.gz     16-bit lesion probability (``save_probability_nifti``)
     OUT/skeleton/<case>.nii.gz          with a skeleton model: 10-class map
     OUT/<case>_lesions.csv              lesion table
+    OUT/<case>_mip.png                  coronal and sagittal b1000 MIPs with the lesions outlined
     OUT/<case>_summary.json             burden summary and the checkpoint hash; written last
 
 Only masks sit at the top level under ``<case><ending>``, so the folder is an nnU-Net
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ PROBABILITY_DIR = "probabilities"
 SKELETON_DIR = "skeleton"
 LESIONS_SUFFIX = "_lesions.csv"
 SUMMARY_SUFFIX = "_summary.json"
+PICTURE_SUFFIX = "_mip.png"
 FORMAT_VERSION = 2
 """Layout version recorded in ``prediction.json``; another version is refused, naming it."""
 IDENTITY_KEYS = (
@@ -66,10 +68,18 @@ class CasePaths:
     skeleton: Path
     lesions: Path
     summary: Path
+    picture: Path
 
     def removal_order(self) -> list[Path]:
         """The summary first: a case without it is never taken for complete."""
-        return [self.summary, self.lesions, self.mask, self.probability, self.skeleton]
+        return [
+            self.summary,
+            self.lesions,
+            self.picture,
+            self.mask,
+            self.probability,
+            self.skeleton,
+        ]
 
 
 def case_paths(
@@ -83,6 +93,7 @@ def case_paths(
         skeleton=out / SKELETON_DIR / f"{case_id}{file_ending}",
         lesions=out / f"{case_id}{LESIONS_SUFFIX}",
         summary=out / f"{case_id}{SUMMARY_SUFFIX}",
+        picture=out / f"{case_id}{PICTURE_SUFFIX}",
     )
 
 
@@ -127,10 +138,12 @@ def make_provenance(
     body_only: bool = False,
     precision: str = "32-true",
     skeleton_precision: str | None = None,
+    pictures: bool = True,
 ) -> dict[str, Any]:
     """The ``prediction.json`` record of one ``sap predict`` configuration (``body_only``: the
     lesion model labels everything outside the body background, ``validation.body_only``;
-    ``precision``: each network's inference precision, ``validation.precision``)."""
+    ``precision``: each network's inference precision, ``validation.precision``; ``pictures``:
+    each case's MIP is drawn)."""
     skeleton = None
     if skeleton_checkpoint is not None:
         skeleton = describe_checkpoint(skeleton_checkpoint, skeleton_window or window)
@@ -146,12 +159,14 @@ def make_provenance(
         "body_only": bool(body_only),
         "precision": precision,
         "connectivity": int(connectivity),
+        "pictures": bool(pictures),
         "input": str(Path(input_path).resolve()),
         "layout": {
             "mask": f"<case>{layout.FILE_ENDING}",
             "probability": f"{PROBABILITY_DIR}/<case>{layout.FILE_ENDING}",
             "skeleton": f"{SKELETON_DIR}/<case>{layout.FILE_ENDING}",
             "lesions": f"<case>{LESIONS_SUFFIX}",
+            "picture": f"<case>{PICTURE_SUFFIX}",
             "summary": f"<case>{SUMMARY_SUFFIX}",
         },
     }
@@ -226,6 +241,7 @@ def output_cases(out_dir: str | os.PathLike) -> list[str]:
     out = Path(out_dir)
     ending = layout.FILE_ENDING
     cases = _stems(out, SUMMARY_SUFFIX) | _stems(out, LESIONS_SUFFIX) | _stems(out, ending)
+    cases |= _stems(out, PICTURE_SUFFIX)
     cases |= _stems(out / PROBABILITY_DIR, ending) | _stems(out / SKELETON_DIR, ending)
     return sorted(c for c in cases if not c.startswith("."))
 
@@ -310,9 +326,11 @@ def write_case(
     summary: dict[str, Any],
     skeleton: np.ndarray | None = None,
     header: Any = None,
+    picture: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any]:
     """Write a case's files, each atomically, its old files removed first and its summary last.
-    With the input's NIfTI ``header``, the images keep its qform/sform codes and units.
+    With the input's NIfTI ``header``, the images keep its qform/sform codes and units;
+    ``picture(path=...)`` draws the case's MIP into ``path``.
 
     Returns the summary as written: ``summary`` with the case id, threshold and checkpoint hash.
     """
@@ -324,6 +342,8 @@ def write_case(
     layout.save_nifti(paths.mask, mask, affine, header)
     with atomic_path(paths.lesions) as tmp:
         table.to_csv(tmp, index=False)
+    if picture is not None:
+        picture(path=paths.picture)
     written = {
         "case_id": case_id,
         "threshold": float(provenance["threshold"]),

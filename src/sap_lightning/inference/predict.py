@@ -8,7 +8,9 @@ folder): ``<case>.nii.gz`` (uint8 mask at the run's tuned threshold),
 ``layout.save_probability_nifti``), ``skeleton/<case>.nii.gz`` (with a skeleton model: 10-class
 map, each bone component relabelled to its majority class), ``<case>_lesions.csv`` (lesion table)
 and ``<case>_summary.json`` (lesion count and volume overall and per skeletal region, and the
-checkpoint hash); ``prediction.json`` records the provenance of the whole folder. The
+checkpoint hash) and ``<case>_mip.png`` (coronal and sagittal b1000 MIPs with the lesions
+outlined by skeletal region, ``inference/pictures``); ``prediction.json`` records the
+provenance of the whole folder. The
 probability and mask files are exactly what ``sap evaluate`` reads.
 
 Every input is validated before any work (``inference/inputs.py``), so a broken file stops the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -43,6 +46,7 @@ from sap_lightning.inference.burden import exam_summary, lesion_table, relabel_s
 from sap_lightning.inference.inputs import iter_input_cases
 from sap_lightning.inference.models import TrainedModel, load_trained_model
 from sap_lightning.inference.outputs import make_provenance, prepare_output_folder, write_case
+from sap_lightning.inference.pictures import b1000_channel_of, draw_case
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ class Predictor:
         connectivity: int = DEFAULT_CONNECTIVITY,
         precision: str | None = None,
         progress: bool = True,
+        pictures: bool = True,
     ) -> None:
         if precision is not None and precision not in AUTOCAST_PRECISIONS:
             raise ConfigError(f"precision {precision!r} is not one of {list(AUTOCAST_PRECISIONS)}")
@@ -109,6 +114,7 @@ class Predictor:
         self.overlap = overlap
         self.connectivity = connectivity
         self.progress = progress
+        self.pictures = pictures
         for model in self.models:
             model.net.to(self.device)
             # What runs here (and so what prediction.json records): float32 on a CPU
@@ -145,6 +151,7 @@ class Predictor:
             body_only=bool(self.lesion.meta.get("body_only")),
             precision=self.lesion.precision,
             skeleton_precision=skeleton.precision if skeleton is not None else None,
+            pictures=self.pictures,
         )
 
     def predict(
@@ -203,6 +210,8 @@ class Predictor:
             self.lesion, image, arrays.affine, case_id=case.case_id, channels=[1], **settings
         )[0]
         lesion_prob, mask = as_stored(source.from_canonical(lesion_prob), self.threshold)
+        channels = self.lesion.channel_names or [str(i) for i in range(len(image))]
+        b1000 = source.from_canonical(image[b1000_channel_of(channels)])
         skeleton = None
         region_names = None
         if self.skeleton is not None:
@@ -235,6 +244,18 @@ class Predictor:
             summary=exam_summary(table),
             skeleton=skeleton,
             header=source.header,  # None for .mha / .nrrd inputs
+            picture=partial(
+                draw_case,
+                b1000,
+                affine,
+                prediction=mask,
+                skeleton=skeleton,
+                region_names=region_names,
+                title=case.case_id,
+                connectivity=self.connectivity,
+            )
+            if self.pictures
+            else None,
         )
 
 

@@ -345,12 +345,28 @@ class SegmentationModule(SapModule, ABC):
         label = batch["label"].cpu()
         spacing = batch["spacing"]
         for index, case_id in enumerate(batch["case_id"]):
+            case_spacing = [float(s) for s in spacing[index]]
             self.update_case_metrics(
+                str(case_id), probabilities[index], label[index, 0], case_spacing
+            )
+            self.validated_case(
                 str(case_id),
+                batch["image"][index],
                 probabilities[index],
                 label[index, 0],
-                [float(s) for s in spacing[index]],
+                case_spacing,
             )
+
+    def validated_case(
+        self,
+        case_id: str,
+        image: torch.Tensor,
+        probabilities: torch.Tensor,
+        label: torch.Tensor,
+        spacing: Sequence[float],
+    ) -> None:
+        """Called with every validated case (its image (C, X, Y, Z) as cached, on the CPU);
+        a subclass may keep something of it (the lesion module draws a few)."""
 
     def on_validation_epoch_end(self) -> None:
         values = self.compute_case_metrics()

@@ -29,6 +29,14 @@ from sap_lightning.modules.base import NORMALISATION, SegmentationModule
 
 log = logging.getLogger(__name__)
 
+PICTURED_CASES = 3
+"""Validation cases drawn at every validation: the first this rank validates, so the same ones
+every time and a W&B panel shows training progress."""
+
+CaseDrawer = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, Sequence[float]], Any]
+"""``(case_id, image, lesion probability, label, spacing) -> picture``; the training pipeline
+sets one (``inference/pictures`` is a later stage than the modules)."""
+
 SPACING_TOLERANCE = 0.05
 """Relative spacing difference above which fine-tuning warns that the source saw other voxels."""
 
@@ -108,6 +116,11 @@ class LesionSegmentation(SegmentationModule):
         self.validation_writer: Callable[[LesionSegmentation], None] | None = None
         """Called with the module after each validation (before the metrics reset); the training
         pipeline sets it to write the validation as an evaluation folder."""
+        self.case_drawer: CaseDrawer | None = None
+        """Draws a validated case (:data:`CaseDrawer`); None draws nothing."""
+        self.validation_pictures: dict[str, Any] = {}
+        """This validation's pictures by case id (rank 0); the validation writer logs them."""
+        self._pictured: list[str] = []
         val = self.cfg.validation
         self.val_metrics = make_lesion_metrics(
             threshold=val.threshold,
@@ -182,6 +195,25 @@ class LesionSegmentation(SegmentationModule):
     ) -> None:
         self.val_metrics.update(probabilities[1], label, spacing=spacing, case_id=case_id)
 
+    def validated_case(
+        self,
+        case_id: str,
+        image: torch.Tensor,
+        probabilities: torch.Tensor,
+        label: torch.Tensor,
+        spacing: Sequence[float],
+    ) -> None:
+        """Draw the first :data:`PICTURED_CASES` cases rank 0 validates, every validation."""
+        if self.case_drawer is None or self.global_rank != 0 or self.trainer.sanity_checking:
+            return
+        if case_id not in self._pictured:
+            if len(self._pictured) >= PICTURED_CASES:
+                return
+            self._pictured.append(case_id)
+        self.validation_pictures[case_id] = self.case_drawer(
+            case_id, image, probabilities[1], label, spacing
+        )
+
     def compute_case_metrics(self) -> dict[str, float]:
         values = {name: float(value) for name, value in self.val_metrics.compute().items()}
         values["val/f2_guarded"] = guarded_f2(values["val/f2"], values["val/volume_ratio"])
@@ -189,4 +221,5 @@ class LesionSegmentation(SegmentationModule):
             # Every rank takes part: the writer gathers the per-case tables from all ranks.
             self.validation_writer(self)
         self.val_metrics.reset()
+        self.validation_pictures = {}
         return values

@@ -40,6 +40,7 @@ from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.core.threads import usable_cpus
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.validate import require_valid_dataset
+from sap_lightning.evaluation.case_pictures import choose_patients, write_patient_grid
 from sap_lightning.evaluation.diagnostics import LESION_LEARNING
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
@@ -47,12 +48,19 @@ from sap_lightning.evaluation.predictions import (
     tune_on_predictions,
     write_evaluation,
 )
-from sap_lightning.evaluation.report import compare_runs, load_evaluation, write_comparison
+from sap_lightning.evaluation.report import (
+    Comparison,
+    compare_runs,
+    load_evaluation,
+    write_comparison,
+)
 from sap_lightning.evaluation.study_report import (
+    PATIENTS_PNG,
     TIMINGS_FILE,
     LearningRun,
     inference_window,
     learning_section,
+    patients_section,
     study_header,
 )
 from sap_lightning.evaluation.threshold import load_threshold, save_threshold
@@ -156,7 +164,9 @@ def _train(config_path: str, bases: Sequence[str], overrides: Sequence[str], run
 def _tune(run: Path, lesion: Path, cases: list[str], tuning_dir: Path, overlap: float) -> None:
     """Predict the tuning fold with one fold model and choose the arm's threshold on it."""
     # Masks unused: tuning reads the probabilities.
-    predictor = Predictor(run, threshold=DEFAULT_THRESHOLD, overlap=overlap, progress=False)
+    predictor = Predictor(
+        run, threshold=DEFAULT_THRESHOLD, overlap=overlap, progress=False, pictures=False
+    )
     # The dataset was checked in _prepare.
     predictor.predict(lesion, _fresh(tuning_dir), case_ids=cases, validate_input=False)
     choice = tune_on_predictions(tuning_dir, lesion, cases, EvaluationSettings())
@@ -172,7 +182,8 @@ def _predict_fold(
     threshold = load_threshold(tuning_dir / THRESHOLD_FILE)
     # The run folder keeps the threshold it is used with (sap predict reads it).
     write_text(run / THRESHOLD_FILE, (tuning_dir / THRESHOLD_FILE).read_text())
-    predictor = Predictor(run, threshold=threshold, overlap=overlap, progress=False)
+    # The report draws the patients it shows (_draw_patients); the folders skip pictures.
+    predictor = Predictor(run, threshold=threshold, overlap=overlap, progress=False, pictures=False)
     predictor.predict(lesion, _fresh(out), case_ids=cases, validate_input=False)
     mark_done(out, threshold=threshold)
 
@@ -377,7 +388,10 @@ def _run_steps_and_report(
         report_dir,
         inference_window(Path(study.runs_dir) / study.arms[0] / "tuning"),
     )
-    write_text(report, header + learning + report.read_text())
+    patients = clock.step(
+        "draw patients", partial(_draw_patients, study, splits, lesion, comparison)
+    )
+    write_text(report, header + learning + patients + report.read_text())
     write_text(
         report_dir / TIMINGS_FILE,
         f"# Study `{study.name}`: wall time\n\n{clock.describe(study.workers, threads)}\n",
@@ -386,6 +400,27 @@ def _run_steps_and_report(
     return StudyResult(
         report=report, arms=arms, seconds=clock.seconds, wall_seconds=clock.wall_seconds
     )
+
+
+def _draw_patients(study: StudyConfig, splits: Splits, lesion: Path, comparison: Comparison) -> str:
+    """Every arm's MIPs of the baseline's best, median and worst test patient (the report's
+    "What each arm found"); the baseline is ``scratch`` when listed, else the first arm."""
+    baseline = "scratch" if "scratch" in study.arms else study.arms[0]
+    runs = {run.name: run for run in comparison.runs}
+    patients = choose_patients(runs[baseline].cases)
+    arms = {
+        arm: (
+            [
+                Path(study.runs_dir) / arm / "predictions" / f"fold{fold}"
+                for fold in splits.test_folds
+            ],
+            load_threshold(Path(study.runs_dir) / arm / "tuning" / THRESHOLD_FILE),
+        )
+        for arm in study.arms
+    }
+    if patients:
+        write_patient_grid(arms, lesion, patients, Path(study.report_dir) / PATIENTS_PNG)
+    return patients_section(comparison, patients, baseline)
 
 
 def _learning_runs(study: StudyConfig, splits: Splits) -> list[LearningRun]:

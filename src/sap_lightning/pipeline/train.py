@@ -42,6 +42,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from matplotlib.image import imsave
 
 from sap_lightning.backbones import get_spec
 from sap_lightning.backbones.checkpoints import load_checkpoint_file
@@ -62,11 +63,16 @@ from sap_lightning.core.run_layout import (
     last_checkpoint_path,
 )
 from sap_lightning.core.tasks import get_task
+from sap_lightning.evaluation.case_pictures import (
+    PICTURES_DIR,
+    draw_validation_case,
+)
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
     summarize_metrics,
     write_evaluation,
 )
+from sap_lightning.inference.pictures import b1000_channel_of
 from sap_lightning.modules import SapModule, build_module, data_info_from
 from sap_lightning.modules.lesion import LesionSegmentation
 from sap_lightning.modules.losses import LOSSES
@@ -459,6 +465,12 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
         module.validation_writer = functools.partial(
             write_validation_evaluation, out_dir=run_dir / EVALUATION_DIR
         )
+        module.case_drawer = functools.partial(
+            draw_validation_case,
+            threshold=cfg.validation.threshold,
+            b1000_channel=b1000_channel_of(module.data_info["channel_names"]),
+            connectivity=cfg.validation.connectivity,
+        )
         if resume_from is None:
             report = module.initialise_from_pretrained()
 
@@ -537,6 +549,21 @@ def write_validation_evaluation(module: LesionSegmentation, out_dir: Path) -> No
     evaluation = summarize_metrics(module.val_metrics, settings, val.threshold, sources)
     if module.trainer.is_global_zero:
         write_evaluation(evaluation, out_dir)
+        _keep_validation_pictures(module)
+
+
+def _keep_validation_pictures(module: LesionSegmentation) -> None:
+    """This validation's case pictures: to W&B (``val/pictures``) with a W&B logger, else as
+    ``<run>/pictures/step<N>/<case>.png``."""
+    pictures, step = module.validation_pictures, module.global_step
+    if isinstance(module.logger, WandbLogger):
+        wandb_log.log_validation_pictures(module.logger, pictures, step)
+    elif module.cfg.run_dir is not None:
+        folder = Path(module.cfg.run_dir) / PICTURES_DIR / f"step{step:06d}"
+        for case_id, rgb in pictures.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / f"{case_id}.png") as tmp:
+                imsave(tmp, rgb, format="png")
 
 
 class StepBudget(Callback):

@@ -3,6 +3,8 @@
 - fine-tuning: the transfer report (what was loaded from where) as a table and in the run
   summary, and at the end the validation evaluation (``evaluation/cases.csv``) as a
   ``wandb.Table`` with its FROC plot;
+- fine-tuning, every validation: the b1000 MIPs of a fixed set of validation cases with their
+  true / false positives and misses (``val/pictures``);
 - pretraining: the exported ``backbone.pt`` as a W&B model artifact carrying its metadata
   (backbone, channels, labels, spacing, task), so fine-tuning runs can be traced to it.
 
@@ -64,6 +66,16 @@ def log_backbone_artifact(
     )
     artifact.add_file(str(backbone))
     logger.experiment.log_artifact(artifact)
+
+
+def log_validation_pictures(logger: WandbLogger, pictures: dict[str, Any], step: int) -> None:
+    """A validation's case pictures under one key, the same cases every time (a W&B media
+    panel with a step slider shows the network learning)."""
+    if pictures:
+        names = sorted(pictures)
+        logger.log_image(
+            key="val/pictures", images=[pictures[n] for n in names], caption=names, step=step
+        )
 
 
 def log_evaluation(logger: WandbLogger, run_dir: Path) -> None:

@@ -48,6 +48,7 @@ from sap_lightning.inference.pictures.draw import (
     CasePicture,
     DrawnLesion,
     Panel,
+    b1000_channel_of,
     draw_case,
     mip_window,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "DrawnLesion",
     "LegendEntry",
     "Panel",
+    "b1000_channel_of",
     "draw_case",
     "mip_window",
 ]

@@ -9,7 +9,7 @@ ratio holds by construction and tests can map world mm to pixels from :class:`Pa
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +124,12 @@ class CasePicture:
     window: tuple[float, float]
     """b1000 values drawn white and black."""
     path: Path | None
+
+
+def b1000_channel_of(channel_names: Sequence[str]) -> int:
+    """The channel a picture shows: ``b1000`` by name, else the second (the paper's order)."""
+    names = list(channel_names)
+    return names.index("b1000") if "b1000" in names else min(1, len(names) - 1)
 
 
 def draw_case(
