@@ -26,8 +26,10 @@ Everything is deterministic for a seed: each case draws from its own ``numpy`` g
 from ``(seed, stream, index)``, so case ``k`` is identical whatever the cohort size.
 
 Modules, by concern: ``tissues`` (signals, sizes, lesion statistics), ``geometry`` (shapes),
-``anatomy`` (subject and pose), ``body`` (the body as shapes), ``rasterize`` (shapes to voxel
-maps), ``lesions`` (metastases), ``images`` (T1 and b1000), ``cohort`` (cases and datasets).
+``anatomy`` (subject and pose), ``frame`` (one body's coordinates, spine and landmarks),
+``skeleton`` (the bones as shapes), ``body`` (soft tissues and the whole paint list),
+``rasterize`` (shapes to voxel maps), ``lesions`` (metastases), ``images`` (T1 and b1000),
+``cohort`` (cases and datasets). Modules talk through public names only.
 """
 
 from __future__ import annotations
@@ -38,9 +40,6 @@ from sap_lightning.synthetic.anatomy import (
     design_to_world,
     make_subject_anatomy,
     sample_scan_pose,
-)
-from sap_lightning.synthetic.body import (
-    Paint,
 )
 from sap_lightning.synthetic.cohort import (
     CohortPaths,
@@ -55,6 +54,10 @@ from sap_lightning.synthetic.cohort import (
     resolve_grid,
     volunteer_anatomy,
     volunteer_of_scan,
+)
+from sap_lightning.synthetic.frame import (
+    BodyFrame,
+    Paint,
 )
 from sap_lightning.synthetic.geometry import (
     Capsule,
@@ -124,6 +127,7 @@ __all__ = [
     "SKELETON_CLASSES",
     "YELLOW_MARROW_SIGNAL",
     "AnatomyMaps",
+    "BodyFrame",
     "Capsule",
     "CohortPaths",
     "Cylinder",

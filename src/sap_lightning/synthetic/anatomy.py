@@ -56,7 +56,7 @@ class ScanPose:
 
 
 _MAX_ABDUCTION = 8.0
-_ARM_LENGTHS = (300.0, 250.0)  # upper arm, forearm (design mm)
+ARM_LENGTHS = (300.0, 250.0)  # upper arm, forearm (design mm)
 _LYMPH_NODE_SITES: tuple[tuple[float, float, float], ...] = (
     (28.0, -5.0, 660.0),  # para-aortic (y relative to the trunk centre)
     (-28.0, -5.0, 700.0),
@@ -73,7 +73,8 @@ _LYMPH_NODE_SITES: tuple[tuple[float, float, float], ...] = (
 )
 
 
-def _lognormal_volumes(rng: np.random.Generator, n: int) -> np.ndarray:
+def lognormal_volumes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` volumes (mL) from the lesions' log-normal law (median and spread of ``tissues``)."""
     return np.exp(rng.normal(math.log(LESION_MEDIAN_ML), LESION_LOG_SIGMA, n))
 
 
@@ -94,7 +95,7 @@ def make_subject_anatomy(rng: np.random.Generator, fov_mm: Sequence[float]) -> S
     top_margin = rng.uniform(0.02, 0.04) * fov[2]
     u = rng.uniform(0.88, 1.0) * (fov[2] - top_margin) / body_bottom
     # Widest point: the hands with the largest abduction a pose can add; deepest: chest to toes.
-    reach = sum(_ARM_LENGTHS) * (proportions[0] + proportions[1]) / 2
+    reach = sum(ARM_LENGTHS) * (proportions[0] + proportions[1]) / 2
     half_width = (
         175.0 * shoulder + reach * math.sin(math.radians(_MAX_ABDUCTION)) + 32.0 + 0.6 * fat
     )
@@ -108,7 +109,7 @@ def make_subject_anatomy(rng: np.random.Generator, fov_mm: Sequence[float]) -> S
     nodes = []
     for site in rng.choice(len(_LYMPH_NODE_SITES), size=n_nodes, replace=False):
         center = np.asarray(_LYMPH_NODE_SITES[site]) + rng.normal(0, 6.0, 3)
-        volume = float(np.clip(_lognormal_volumes(rng, 1)[0], 0.25, 3.0))  # world mL
+        volume = float(np.clip(lognormal_volumes(rng, 1)[0], 0.25, 3.0))  # world mL
         radius_world = (3 * volume * 1000.0 / (4 * math.pi)) ** (1 / 3)
         elongation = rng.uniform(1.0, 1.6)
         radii = (radius_world / elongation**0.5, radius_world / elongation**0.5)

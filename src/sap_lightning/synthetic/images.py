@@ -12,11 +12,11 @@ from scipy import ndimage
 from sap_lightning.synthetic.anatomy import SubjectAnatomy
 from sap_lightning.synthetic.rasterize import AnatomyMaps
 from sap_lightning.synthetic.tissues import (
-    _YELLOW_MARROW_REGIONS,
     CHANNEL_SCALE,
     LESION_B1000_RANGE,
     LESION_T1_RANGE,
     SIGNAL,
+    YELLOW_MARROW_REGIONS,
     YELLOW_MARROW_SIGNAL,
     Tissue,
 )
@@ -84,7 +84,7 @@ def render_images(
     )
     texture = smooth_noise(rng, shape)
     shading = 1.0 + 0.05 * texture
-    yellow = maps.marrow & np.isin(maps.region, _YELLOW_MARROW_REGIONS)
+    yellow = maps.marrow & np.isin(maps.region, YELLOW_MARROW_REGIONS)
     in_lesion = lesion_ids > 0
     bowel = maps.tissue == Tissue.BOWEL
     fat_share = 1.0 / (1.0 + np.exp(-3.0 * (texture[bowel] - 0.6)))

@@ -13,8 +13,8 @@ from scipy import ndimage
 
 from sap_lightning.core.lesions import connected_components
 from sap_lightning.core.protocol import DEFAULT_CONNECTIVITY
-from sap_lightning.synthetic.anatomy import _lognormal_volumes
-from sap_lightning.synthetic.rasterize import AnatomyMaps, _grow
+from sap_lightning.synthetic.anatomy import lognormal_volumes
+from sap_lightning.synthetic.rasterize import AnatomyMaps, grow_box
 from sap_lightning.synthetic.tissues import (
     LESION_MAX_ML,
     LESION_SITE_WEIGHTS,
@@ -40,7 +40,7 @@ def sample_lesion_count(rng: np.random.Generator) -> int:
 
 def sample_lesion_volumes_ml(rng: np.random.Generator, n: int) -> np.ndarray:
     """Intended lesion volumes (mL): log-normal with median 0.5 mL and a quarter >= 1 mL."""
-    return np.minimum(_lognormal_volumes(rng, n), LESION_MAX_ML)
+    return np.minimum(lognormal_volumes(rng, n), LESION_MAX_ML)
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def place_lesions(
         blob, box, site = best
         index = len(lesions) + 1
         ids[box][blob] = index
-        near = _grow(box, grid)
+        near = grow_box(box, grid)
         blocked[near] |= ndimage.binary_dilation(ids[near] == index, np.ones((3, 3, 3), bool))
         lesions.append(Lesion(index, site, float(intended), float(blob.sum()) * voxel_ml))
     _check_lesions_separate(ids, len(lesions))

@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from sap_lightning.synthetic.anatomy import ScanPose, SubjectAnatomy, design_to_world
-from sap_lightning.synthetic.body import _BodyBuilder
+from sap_lightning.synthetic.body import build_body
 from sap_lightning.synthetic.geometry import Shape
 from sap_lightning.synthetic.tissues import DISTRACTOR_TISSUES, RIB_REGION, SKELETON_CLASSES, Tissue
 
@@ -90,7 +90,8 @@ def _voxel_box(
     return tuple(slice(a, b) for a, b in zip(start, stop)), design
 
 
-def _grow(box: tuple[slice, ...], grid: Sequence[int], margin: int = 1) -> tuple[slice, ...]:
+def grow_box(box: tuple[slice, ...], grid: Sequence[int], margin: int = 1) -> tuple[slice, ...]:
+    """``box`` widened by ``margin`` voxels on every side, clipped to the grid."""
     return tuple(
         slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, grid)
     )
@@ -106,7 +107,7 @@ def render_anatomy(
     to_design = np.linalg.inv(to_world)
     tissue = np.zeros(grid, np.uint8)
     region = np.zeros(grid, np.uint8)
-    for step in _BodyBuilder(anatomy, pose, spacing).build():
+    for step in build_body(anatomy, pose, spacing):
         found = _voxel_box(step.shape, to_world, to_design, grid, spacing_arr)
         if found is None:
             continue
@@ -115,7 +116,7 @@ def render_anatomy(
         if step.over is not None:
             mask &= np.isin(tissue[box], step.over)
         if step.clear_of_bone:
-            wide = _grow(box, grid)
+            wide = grow_box(box, grid)
             near = ndimage.binary_dilation(region[wide] > 0, np.ones((3, 3, 3), bool))
             inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, wide))
             mask &= ~near[inner]

@@ -94,7 +94,7 @@ SIGNAL: dict[Tissue, tuple[float, float]] = {
 (haematopoietic) in the axial skeleton; :data:`YELLOW_MARROW_SIGNAL` replaces it in long bones."""
 
 YELLOW_MARROW_SIGNAL = (0.85, 0.05)
-_YELLOW_MARROW_REGIONS = (SKELETON_CLASSES["femurs"], SKELETON_CLASSES["humeri"], OTHER_BONE_REGION)
+YELLOW_MARROW_REGIONS = (SKELETON_CLASSES["femurs"], SKELETON_CLASSES["humeri"], OTHER_BONE_REGION)
 LESION_T1_RANGE = (0.12, 0.32)
 LESION_B1000_RANGE = (0.45, 0.95)
 CHANNEL_SCALE = (1000.0, 400.0)
@@ -103,7 +103,7 @@ CHANNEL_SCALE = (1000.0, 400.0)
 BONE_TISSUES = (Tissue.BONE, Tissue.CORTEX, Tissue.MARROW, Tissue.LESION)
 DISTRACTOR_TISSUES = (Tissue.BLADDER, Tissue.KIDNEY, Tissue.CORD, Tissue.LYMPH_NODE, Tissue.SPLEEN)
 """Soft tissues that are bright on b1000 like a metastasis but lie outside bone."""
-_SOFT_TISSUES = (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL)
+SOFT_TISSUES = (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL)
 
 LESION_SITE_WEIGHTS: dict[int, float] = {
     SKELETON_CLASSES["cervical_spine"]: 0.05,
