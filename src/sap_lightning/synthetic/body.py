@@ -1,8 +1,9 @@
 """The body as an ordered paint list: soft tissues here, bones in ``skeleton``.
 
 :func:`build_body` is the one entry point: it draws the outline (fat around muscle), the
-viscera, then the skeleton (:mod:`~sap_lightning.synthetic.skeleton`) and the lymph nodes, in
-an order where later steps overwrite earlier ones.
+viscera, then the skeleton (:mod:`~sap_lightning.synthetic.skeleton`), in
+an order where later steps overwrite earlier ones. Lymph nodes, ganglia and the other mimics
+are drawn later, around the finished anatomy (:mod:`~sap_lightning.synthetic.mimics`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sap_lightning.synthetic.geometry import (
     offset,
     rotation,
 )
-from sap_lightning.synthetic.tissues import SOFT_TISSUES, Tissue
+from sap_lightning.synthetic.tissues import Tissue
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ def build_body(anatomy: SubjectAnatomy, pose: ScanPose, spacing: Sequence[float]
     skeleton.legs_bones(f)
     skeleton.arm_bones(f)
     skeleton.spine(f)
-    lymph_nodes(f)
     return f.steps
 
 
@@ -184,14 +184,3 @@ def viscera(f: BodyFrame) -> None:
         )
     fill = f.a.bladder_fill
     f.add(Ellipsoid(f.p(0, 28, 858 - 10 * fill), (48 * fill, 36 * fill, 34 * fill)), Tissue.BLADDER)
-
-
-def lymph_nodes(f: BodyFrame) -> None:
-    for center, radii in f.a.lymph_nodes:
-        x, y, zv = center
-        f.add(
-            Ellipsoid(f.p(x, y, zv), radii),
-            Tissue.LYMPH_NODE,
-            over=SOFT_TISSUES,
-            clear_of_bone=True,
-        )

@@ -27,15 +27,13 @@ log = logging.getLogger(__name__)
 class Paint:
     """One drawing step: fill ``shape`` with ``tissue`` and bone ``region`` (0 = not bone).
 
-    ``over`` restricts the fill to voxels currently holding one of those tissues;
-    ``clear_of_bone`` additionally keeps it one voxel away from any bone.
+    ``over`` restricts the fill to voxels currently holding one of those tissues.
     """
 
     shape: Shape
     tissue: Tissue
     region: int = 0
     over: tuple[Tissue, ...] | None = None
-    clear_of_bone: bool = False
 
 
 @dataclass(frozen=True)
