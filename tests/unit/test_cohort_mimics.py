@@ -222,3 +222,23 @@ def test_tissue_maps_are_written_named_and_the_datasets_stay_valid(tmp_path):
                 label = np.asarray(nib.load(layout.label_path(dataset, case)).dataobj) > 0
                 assert np.array_equal(label, np.isin(tissue, legend["metastasis"]))
         assert check_dataset(dataset, use_cache=False) == []
+
+
+def test_a_share_of_large_lesions_extends_into_soft_tissue():
+    """About 15% of the lesions of >= 1 mL grow through the cortex (docs/cohort.md 1.1): placed
+    in one patient's skeleton, 60 lesions of 1.1 mL, each extension 20-60% of its bone part."""
+    shape, spacing = ph.SIZES["small"]
+    anatomy = ph.patient_anatomy(0, 0, ph.fov_of(shape, spacing))
+    rng = np.random.default_rng(5)
+    maps = ph.render_anatomy(anatomy, ph.sample_scan_pose(rng, anatomy), shape, spacing)
+    ids, lesions = ph.place_lesions(rng, maps, spacing, [1.1] * 60)
+    assert len(lesions) >= 55
+    extended = [les for les in lesions if les.extension_ml > 0]
+    assert 0.05 <= len(extended) / len(lesions) <= 0.3, len(extended)
+    for les in extended:
+        bone_part = les.volume_ml - les.extension_ml
+        assert 0.15 * bone_part <= les.extension_ml <= 0.65 * bone_part, les
+    outside = maps.tissue == ph.Tissue.LESION_EXTENSION
+    assert not maps.bone[outside].any() and (ids[outside] > 0).all()
+    _, n = cc3d.connected_components(ids > 0, connectivity=6, return_N=True)
+    assert n == len(lesions)
