@@ -59,7 +59,7 @@ def test_counts_follow_the_table_and_the_knob(kind, cohort):
 def test_knob_two_draws_twice_the_counted_mimics_and_zero_none():
     totals = {}
     for knob in (0.0, 1.0, 2.0):
-        plans = [ph.plan_mimics([3, 6, i], "patients", knob) for i in range(300)]
+        plans = [ph.plan_mimics([3, 6, i], "patients", knob) for i in range(150)]
         counted = [p for plan in plans for p in plan if not mt.MIMIC_BY_NAME[p.kind].organ]
         totals[knob] = len(counted)
         if knob == 0:
