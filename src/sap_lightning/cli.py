@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-folder": ("data", "Convert a per-case folder layout into the nnU-Net v2 raw format."),
     "import-dicom": ("scanner", "Scanner DICOM exams to T1 + b1000 images on one grid."),
     "check-data": ("data", "Validate a dataset and report every problem found."),
+    "headroom": ("headroom", "How hard a phantom dataset is for a fixed intensity rule."),
     "skeleton-labels": ("labels", "Stage-1 skeleton labels from public MRI segmenters' maps."),
     "preprocess": ("data", "Build the normalised, memory-mappable preprocessing cache."),
     "split": ("data", "Write cross-validation splits (splits.json)."),

@@ -34,6 +34,9 @@ def test_writes_both_datasets(tmp_path, capsys):
         "imagesTr/healthy_001_0001.nii.gz",
         "labelsTr/healthy_000.nii.gz",
         "labelsTr/healthy_001.nii.gz",
+        "tissuesTr/healthy_000.nii.gz",
+        "tissuesTr/healthy_001.nii.gz",
+        "tissuesTr/tissues.json",
     ]
     assert _files(out / "lesion") == [
         "dataset.json",
@@ -45,12 +48,38 @@ def test_writes_both_datasets(tmp_path, capsys):
         "labelsTr/patient_001.nii.gz",
         "skeletonTr/patient_000.nii.gz",
         "skeletonTr/patient_001.nii.gz",
+        "tissuesTr/patient_000.nii.gz",
+        "tissuesTr/patient_001.nii.gz",
+        "tissuesTr/tissues.json",
     ]
+    assert "mimics x1: " in printed
     spec = read_json(out / "skeleton" / layout.DATASET_JSON)
     assert spec["labels"] == layout.SKELETON_LABELS and spec["numTraining"] == 2
     image = nib.load(out / "lesion" / "imagesTr" / "patient_001_0001.nii.gz")
     assert image.shape == (64, 64, 128)
     np.testing.assert_allclose(image.header.get_zooms(), (4.5, 4.5, 9.0))
+
+
+def test_mimics_knob_reaches_the_datasets_and_check_data_passes(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    args = ["make-phantoms", str(out), "--healthy", "1", "--patients", "2", *TINY]
+    assert main([*args, "--mimics", "0"]) == 0
+    assert "mimics x0: 0 drawn" in capsys.readouterr().out
+    spec = read_json(out / "lesion" / layout.DATASET_JSON)
+    assert spec["phantom"]["mimics"] == 0.0
+    assert all(not counts for counts in spec["phantom"]["mimic_counts"].values())
+    assert main([*args, "--mimics", "2.5", "--overwrite"]) == 0
+    spec = read_json(out / "lesion" / layout.DATASET_JSON)
+    assert spec["phantom"]["mimics"] == 2.5
+    drawn = spec["phantom"]["mimic_counts"]["patient_000"]
+    assert drawn["lymph_node"] > 53 and drawn["dorsal_root_ganglion"] > 20
+    capsys.readouterr()
+    for dataset in ("skeleton", "lesion"):
+        assert main(["check-data", str(out / dataset)]) == 0
+    with pytest.raises(SystemExit) as refused:
+        main([*args, "--mimics", "-1", "--overwrite"])
+    assert refused.value.code == 2
+    assert "--mimics" in capsys.readouterr().err
 
 
 def test_help_lists_the_options():
@@ -60,7 +89,15 @@ def test_help_lists_the_options():
         text=True,
         check=True,
     )
-    for option in ("--healthy", "--patients", "--seed", "--size", "--shape", "--overwrite"):
+    for option in (
+        "--healthy",
+        "--patients",
+        "--seed",
+        "--size",
+        "--shape",
+        "--overwrite",
+        "--mimics",
+    ):
         assert option in result.stdout
 
 

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from sap_lightning import synthetic as phantom
+from sap_lightning.commands._args import non_negative_float
 from sap_lightning.core.io import read_json
 from sap_lightning.dataset import layout
 
@@ -14,9 +15,10 @@ def add_arguments_make_phantoms(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Generate the synthetic whole-body MRI cohort: OUT/skeleton (healthy volunteers, 1-3 "
         "scans each, 10-class skeleton labels) and OUT/lesion (patients, bone-metastasis masks, "
-        "skeleton maps in skeletonTr), in the nnU-Net v2 raw format. The same seed always gives "
-        "the same images. Existing OUT/skeleton and OUT/lesion are only replaced with "
-        "--overwrite; nothing else in OUT is touched."
+        "skeleton maps in skeletonTr), in the nnU-Net v2 raw format, each with its tissue maps "
+        "(tissuesTr, tissues.json; docs/cohort.md). The same seed always gives the same images. "
+        "Existing OUT/skeleton and OUT/lesion are only replaced with --overwrite; nothing else "
+        "in OUT is touched."
     )
     parser.add_argument("out", metavar="OUT", help="folder to write the two datasets into")
     parser.add_argument(
@@ -70,6 +72,14 @@ def add_arguments_make_phantoms(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="processes generating cases in parallel (default %(default)s)",
     )
+    parser.add_argument(
+        "--mimics",
+        type=non_negative_float,
+        default=phantom.DEFAULT_MIMICS,
+        metavar="X",
+        help="scale the prevalence of every lesion mimic of docs/cohort.md (ganglia, nodes, "
+        "haemangiomas, Modic changes, ...): 0 none, 1 the table (default), 2 twice",
+    )
 
 
 def run_make_phantoms(args: argparse.Namespace) -> int:
@@ -84,6 +94,7 @@ def run_make_phantoms(args: argparse.Namespace) -> int:
         spacing=spacing,
         overwrite=args.overwrite,
         workers=args.workers,
+        mimics=args.mimics,
     )
     elapsed = time.perf_counter() - start
     skeleton = read_json(paths.skeleton / layout.DATASET_JSON)
@@ -99,5 +110,13 @@ def run_make_phantoms(args: argparse.Namespace) -> int:
         f"{paths.lesion}: {lesion['numTraining']} patients, {len(volumes)} lesions "
         f"({n_large} >= 1 mL)"
     )
+    mimics = sum(
+        n
+        for spec in (skeleton, lesion)
+        for counts in spec["phantom"]["mimic_counts"].values()
+        for n in counts.values()
+    )
+    cases = skeleton["numTraining"] + lesion["numTraining"]
+    print(f"mimics x{args.mimics:g}: {mimics} drawn ({mimics / cases:.1f} per scan)")
     print(f"{grid}, seed {args.seed}, {elapsed:.1f} s")
     return 0

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sap_lightning.synthetic.geometry import rotation
-from sap_lightning.synthetic.tissues import LESION_LOG_SIGMA, LESION_MEDIAN_ML, Tissue
+from sap_lightning.synthetic.tissues import Tissue
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ class SubjectAnatomy:
     organ_scale: float
     bladder_fill: float
     kidney_drop: float
-    lymph_nodes: tuple[tuple[tuple[float, float, float], tuple[float, float, float]], ...]
     intensity_jitter: tuple[tuple[float, float], ...]  # per Tissue: (T1, b1000) factors
 
 
@@ -56,25 +55,7 @@ class ScanPose:
 
 
 _MAX_ABDUCTION = 8.0
-_ARM_LENGTHS = (300.0, 250.0)  # upper arm, forearm (design mm)
-_LYMPH_NODE_SITES: tuple[tuple[float, float, float], ...] = (
-    (28.0, -5.0, 660.0),  # para-aortic (y relative to the trunk centre)
-    (-28.0, -5.0, 700.0),
-    (48.0, 5.0, 775.0),  # common iliac
-    (-48.0, 5.0, 775.0),
-    (72.0, 18.0, 830.0),  # pelvic side wall
-    (-72.0, 18.0, 830.0),
-    (82.0, 62.0, 918.0),  # inguinal
-    (-82.0, 62.0, 918.0),
-    (140.0, -15.0, 400.0),  # axillary
-    (-140.0, -15.0, 400.0),
-    (55.0, 20.0, 300.0),  # supraclavicular
-    (-55.0, 20.0, 300.0),
-)
-
-
-def _lognormal_volumes(rng: np.random.Generator, n: int) -> np.ndarray:
-    return np.exp(rng.normal(math.log(LESION_MEDIAN_ML), LESION_LOG_SIGMA, n))
+ARM_LENGTHS = (300.0, 250.0)  # upper arm, forearm (design mm)
 
 
 def make_subject_anatomy(rng: np.random.Generator, fov_mm: Sequence[float]) -> SubjectAnatomy:
@@ -94,7 +75,7 @@ def make_subject_anatomy(rng: np.random.Generator, fov_mm: Sequence[float]) -> S
     top_margin = rng.uniform(0.02, 0.04) * fov[2]
     u = rng.uniform(0.88, 1.0) * (fov[2] - top_margin) / body_bottom
     # Widest point: the hands with the largest abduction a pose can add; deepest: chest to toes.
-    reach = sum(_ARM_LENGTHS) * (proportions[0] + proportions[1]) / 2
+    reach = sum(ARM_LENGTHS) * (proportions[0] + proportions[1]) / 2
     half_width = (
         175.0 * shoulder + reach * math.sin(math.radians(_MAX_ABDUCTION)) + 32.0 + 0.6 * fat
     )
@@ -103,17 +84,6 @@ def make_subject_anatomy(rng: np.random.Generator, fov_mm: Sequence[float]) -> S
     ky = min(1.0, 0.92 * fov[1] / ((y_hi - y_lo) * u))
     scale = (u * kx, u * ky, u)
     origin = (fov[0] / 2, fov[1] / 2 - (y_lo + y_hi) / 2 * scale[1], fov[2] - top_margin)
-
-    n_nodes = int(rng.integers(2, 7))
-    nodes = []
-    for site in rng.choice(len(_LYMPH_NODE_SITES), size=n_nodes, replace=False):
-        center = np.asarray(_LYMPH_NODE_SITES[site]) + rng.normal(0, 6.0, 3)
-        volume = float(np.clip(_lognormal_volumes(rng, 1)[0], 0.25, 3.0))  # world mL
-        radius_world = (3 * volume * 1000.0 / (4 * math.pi)) ** (1 / 3)
-        elongation = rng.uniform(1.0, 1.6)
-        radii = (radius_world / elongation**0.5, radius_world / elongation**0.5)
-        radii_world = (*radii, radius_world * elongation)
-        nodes.append((tuple(center), tuple(r / s for r, s in zip(radii_world, scale))))
 
     jitter = 1.0 + rng.normal(0.0, 0.04, (len(Tissue), 2))
     return SubjectAnatomy(
@@ -132,7 +102,6 @@ def make_subject_anatomy(rng: np.random.Generator, fov_mm: Sequence[float]) -> S
         organ_scale=rng.uniform(0.9, 1.1),
         bladder_fill=rng.uniform(0.6, 1.3),
         kidney_drop=rng.uniform(-10.0, 15.0),
-        lymph_nodes=tuple(nodes),
         intensity_jitter=tuple(map(tuple, jitter.tolist())),
     )
 

@@ -28,19 +28,29 @@ from sap_lightning.synthetic.lesions import (
     sample_lesion_count,
     sample_lesion_volumes_ml,
 )
+from sap_lightning.synthetic.mimic_table import MIMIC_KINDS
+from sap_lightning.synthetic.mimics import Mimic, PlannedMimic, place_mimics, plan_mimics
 from sap_lightning.synthetic.rasterize import AnatomyMaps, render_anatomy
+from sap_lightning.synthetic.sites import PATIENT_SITE, SITES, volunteer_site
 from sap_lightning.synthetic.tissues import (
+    BONE_TISSUES,
     DEFAULT_HEALTHY,
     DEFAULT_PATIENTS,
     DEFAULT_SIZE,
+    LESION_TISSUES,
+    MIMIC_IN_BONE_TISSUES,
+    MIMIC_OUTSIDE_BONE_TISSUES,
     SIZES,
     SKELETON_CLASSES,
+    Tissue,
 )
 
 log = logging.getLogger(__name__)
 
 _STREAM_VOLUNTEER, _STREAM_HEALTHY_SCAN, _STREAM_PATIENT, _STREAM_PATIENT_SCAN = 0, 1, 2, 3
-_STREAM_VOLUNTEER_SCANS = 4
+_STREAM_VOLUNTEER_SCANS, _STREAM_VOLUNTEER_MIMICS, _STREAM_PATIENT_MIMICS = 4, 5, 6
+DEFAULT_MIMICS = 1.0
+"""The mimics knob's default: the prevalences of docs/cohort.md."""
 
 # --------------------------------------------------------------------------------------------
 # Cases and the cohort
@@ -49,7 +59,12 @@ _STREAM_VOLUNTEER_SCANS = 4
 
 @dataclass
 class PhantomCase:
-    """One rendered scan with its ground truth and the anatomy maps behind it."""
+    """One rendered scan with its ground truth and the anatomy maps behind it.
+
+    ``maps.tissue`` is the final tissue map (metastases and mimics included), ``mimic_ids``
+    numbers the placed ``mimics`` as ``lesion_ids`` numbers the ``lesions``; ``site`` is the
+    scanner site (``sites.SITES``).
+    """
 
     case_id: str
     subject_id: str
@@ -60,6 +75,9 @@ class PhantomCase:
     lesions: list[Lesion]
     anatomy: SubjectAnatomy
     pose: ScanPose
+    mimic_ids: np.ndarray
+    mimics: list[Mimic]
+    site: int = 0
 
     @property
     def skeleton(self) -> np.ndarray:
@@ -133,40 +151,70 @@ def render_case(
     shape: Sequence[int],
     spacing: Sequence[float],
     with_lesions: bool,
+    plan: Sequence[PlannedMimic] = (),
+    site: int = 0,
 ) -> PhantomCase:
-    """One scan of ``anatomy``: pose, anatomy maps, metastases (patients only) and images."""
+    """One scan of ``anatomy``: pose, anatomy maps, metastases (patients only), the person's
+    planned mimics, and the images as acquired at ``site``.
+
+    The mimics come last and draw nothing from ``rng``, so pose, metastases and noise do not
+    depend on them: a case is the same at every mimic density except for its mimics.
+    """
     pose = sample_scan_pose(rng, anatomy)
     maps = render_anatomy(anatomy, pose, shape, spacing)
     check_skeleton_map(case_id, maps.skeleton, shape, spacing)
+    base_tissue = maps.tissue.copy()
     if with_lesions:
         volumes = sample_lesion_volumes_ml(rng, sample_lesion_count(rng))
         ids, lesions = place_lesions(rng, maps, spacing, volumes)
+        if not lesions:
+            raise DatasetError(
+                f"phantom case {case_id}: no metastasis fits the bone of a {tuple(shape)} grid "
+                f"at {tuple(spacing)} mm; use a finer --spacing or a preset --size"
+            )
     else:
         ids, lesions = np.zeros(maps.tissue.shape, np.int16), []
-    t1, b1000 = render_images(rng, anatomy, maps, ids, spacing)
-    return PhantomCase(case_id, subject_id, t1, b1000, maps, ids, lesions, anatomy, pose)
-
-
-def generate_healthy_case(
-    seed: int, index: int, shape: Sequence[int], spacing: Sequence[float]
-) -> PhantomCase:
-    """Healthy scan ``index`` (``healthy_XXX``) of volunteer ``volunteer_YY``."""
-    volunteer, _ = volunteer_of_scan(seed, index)
-    anatomy = volunteer_anatomy(seed, volunteer, fov_of(shape, spacing))
-    rng = np.random.default_rng([seed, _STREAM_HEALTHY_SCAN, index])
-    return render_case(
-        f"healthy_{index:03d}", f"volunteer_{volunteer:02d}", anatomy, rng, shape, spacing, False
+    mimic_ids, mimics = place_mimics(plan, maps, ids, anatomy, pose, spacing)
+    t1, b1000 = render_images(
+        rng, anatomy, maps, base_tissue, ids, lesions, mimic_ids, mimics, spacing, SITES[site]
+    )
+    return PhantomCase(
+        case_id, subject_id, t1, b1000, maps, ids, lesions, anatomy, pose, mimic_ids, mimics, site
     )
 
 
-def generate_patient_case(
-    seed: int, index: int, shape: Sequence[int], spacing: Sequence[float]
+def generate_healthy_case(
+    seed: int,
+    index: int,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    mimics: float = DEFAULT_MIMICS,
 ) -> PhantomCase:
-    """Patient ``index`` (``patient_XXX``, one scan, subject = case) with 0-12 metastases."""
+    """Healthy scan ``index`` (``healthy_XXX``) of volunteer ``volunteer_YY``, at the
+    volunteer's site, with the volunteer's mimics (the same in each of their scans)."""
+    volunteer, _ = volunteer_of_scan(seed, index)
+    anatomy = volunteer_anatomy(seed, volunteer, fov_of(shape, spacing))
+    plan = plan_mimics([seed, _STREAM_VOLUNTEER_MIMICS, volunteer], "healthy", mimics)
+    rng = np.random.default_rng([seed, _STREAM_HEALTHY_SCAN, index])
+    case_id, subject_id = f"healthy_{index:03d}", f"volunteer_{volunteer:02d}"
+    site = volunteer_site(volunteer)
+    return render_case(case_id, subject_id, anatomy, rng, shape, spacing, False, plan, site)
+
+
+def generate_patient_case(
+    seed: int,
+    index: int,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    mimics: float = DEFAULT_MIMICS,
+) -> PhantomCase:
+    """Patient ``index`` (``patient_XXX``, one scan, subject = case) with at least one
+    metastasis, scanned at the patients' site."""
     anatomy = patient_anatomy(seed, index, fov_of(shape, spacing))
+    plan = plan_mimics([seed, _STREAM_PATIENT_MIMICS, index], "patients", mimics)
     rng = np.random.default_rng([seed, _STREAM_PATIENT_SCAN, index])
     case_id = f"patient_{index:03d}"
-    return render_case(case_id, case_id, anatomy, rng, shape, spacing, True)
+    return render_case(case_id, case_id, anatomy, rng, shape, spacing, True, plan, PATIENT_SITE)
 
 
 @dataclass(frozen=True)
@@ -202,6 +250,30 @@ def resolve_grid(
     return tuple(int(n) for n in shape), tuple(float(s) for s in spacing)  # type: ignore[return-value]
 
 
+TISSUES_DIR = "tissuesTr"
+"""Folder of each dataset holding every case's tissue map (``<case>.nii.gz``, uint8)."""
+TISSUES_JSON = "tissues.json"
+"""File beside the tissue maps naming each value and grouping them (bone, metastasis, mimics)."""
+
+
+def tissue_path(root: str | os.PathLike, case_id: str) -> Path:
+    """Where case ``case_id``'s tissue map lives in dataset ``root``."""
+    return Path(root) / TISSUES_DIR / f"{case_id}{layout.FILE_ENDING}"
+
+
+def tissue_legend() -> dict:
+    """The content of ``tissues.json``: the name of every tissue value and its groups."""
+    return {
+        "values": {str(int(t)): t.name.lower() for t in Tissue},
+        "bone": sorted(int(t) for t in BONE_TISSUES),
+        "metastasis": sorted(int(t) for t in LESION_TISSUES),
+        "mimics": {kind.name: int(kind.tissue) for kind in MIMIC_KINDS},
+        "mimics_in_bone": sorted(int(t) for t in MIMIC_IN_BONE_TISSUES),
+        "mimics_outside_bone": sorted(int(t) for t in MIMIC_OUTSIDE_BONE_TISSUES),
+        "note": "docs/cohort.md; tissue maps are for analysis, never a network input",
+    }
+
+
 def _write_case(case: PhantomCase, root: Path, affine: np.ndarray, task: str) -> None:
     layout.save_nifti(layout.image_path(root, case.case_id, 0), case.t1, affine)
     layout.save_nifti(layout.image_path(root, case.case_id, 1), case.b1000, affine)
@@ -210,39 +282,55 @@ def _write_case(case: PhantomCase, root: Path, affine: np.ndarray, task: str) ->
     else:
         layout.save_nifti(layout.label_path(root, case.case_id), case.lesion_mask, affine)
         layout.save_nifti(layout.skeleton_reference_path(root, case.case_id), case.skeleton, affine)
+    tissue = tissue_path(root, case.case_id)
+    tissue.parent.mkdir(parents=True, exist_ok=True)
+    layout.save_nifti(tissue, case.maps.tissue.astype(np.uint8), affine)
 
 
-def _make_and_write(job: tuple[str, int, int, tuple, tuple, str]) -> dict:
+def _make_and_write(job: tuple[str, int, int, tuple, tuple, str, float]) -> dict:
     """Worker: generate one case and write its files; returns what dataset.json needs."""
-    task, seed, index, shape, spacing, root = job
+    task, seed, index, shape, spacing, root, mimics = job
     generate = generate_healthy_case if task == "skeleton" else generate_patient_case
-    case = generate(seed, index, shape, spacing)
+    case = generate(seed, index, shape, spacing, mimics)
     _write_case(case, Path(root), layout.affine_from_spacing(spacing), task)
+    counts: dict[str, int] = {}
+    for mimic in case.mimics:
+        counts[mimic.kind] = counts.get(mimic.kind, 0) + 1
     return {
         "case": case.case_id,
         "subject": case.subject_id,
+        "site": case.site,
+        "mimics": counts,
         "lesion_volumes_ml": [round(les.volume_ml, 4) for les in case.lesions],
     }
 
 
-def _dataset_json(task: str, records: list[dict], seed: int, shape, spacing) -> dict:
+def _dataset_json(task: str, records: list[dict], seed: int, shape, spacing, mimics: float) -> dict:
     labels = layout.SKELETON_LABELS if task == "skeleton" else layout.LESION_LABELS
     spec = {
         "name": f"phantom_{task}",
         "description": (
-            "Synthetic whole-body MRI (sap_lightning.synthetic): "
+            "Synthetic whole-body MRI (sap_lightning.synthetic, docs/cohort.md): "
             + (
                 "healthy volunteers, skeleton labels (ribs unlabelled)"
                 if task == "skeleton"
                 else "patients, bone-metastasis masks; skeletonTr holds the skeleton maps"
             )
+            + f"; {TISSUES_DIR} holds the tissue maps ({TISSUES_JSON})"
         ),
         "channel_names": {str(i): name for i, name in enumerate(layout.CHANNEL_NAMES)},
         "labels": dict(labels),
         "numTraining": len(records),
         "file_ending": layout.FILE_ENDING,
         "subjects": {r["case"]: r["subject"] for r in records},
-        "phantom": {"seed": seed, "shape": list(shape), "spacing": list(spacing)},
+        "phantom": {
+            "seed": seed,
+            "shape": list(shape),
+            "spacing": list(spacing),
+            "mimics": float(mimics),
+            "sites": {r["case"]: r["site"] for r in records},
+            "mimic_counts": {r["case"]: r["mimics"] for r in records},
+        },
     }
     if task == "lesion":
         spec["phantom"]["lesion_volumes_ml"] = {r["case"]: r["lesion_volumes_ml"] for r in records}
@@ -258,15 +346,21 @@ def make_phantom_cohort(
     spacing: Sequence[float] | None = None,
     overwrite: bool = False,
     workers: int = 1,
+    mimics: float = DEFAULT_MIMICS,
 ) -> CohortPaths:
     """Write the synthetic cohort as ``out/skeleton`` (healthy) and ``out/lesion`` (patients).
 
-    ``shape``/``spacing`` default to the ``small`` preset. Existing datasets at those two paths
+    ``shape``/``spacing`` default to the ``small`` preset. ``mimics`` scales the prevalence of
+    every mimic of docs/cohort.md (0 none, 1 the table, 2 twice); it is recorded in each
+    ``dataset.json``, with every case's site and drawn mimics; ``tissuesTr/`` and
+    ``tissues.json`` hold the tissue maps. Existing datasets at those two paths
     are replaced only with ``overwrite=True``; nothing else in ``out`` is touched. Each dataset
     is built in a temporary folder and renamed into place when complete, so an interrupted run
     never leaves a partial dataset (nor destroys the previous one).
     """
     grid, vox = resolve_grid(shape=shape, spacing=spacing)
+    if not (math.isfinite(mimics) and mimics >= 0):
+        raise ConfigError(f"mimics must be a finite number >= 0, got {mimics}")
     if n_healthy < 1 or n_patients < 1:
         raise ConfigError(
             f"need at least one healthy scan and one patient, got {n_healthy}, {n_patients}"
@@ -288,13 +382,15 @@ def make_phantom_cohort(
             ("skeleton", n_healthy, skeleton_tmp),
             ("lesion", n_patients, lesion_tmp),
         ):
-            jobs = [(task, seed, i, grid, vox, str(tmp)) for i in range(count)]
+            jobs = [(task, seed, i, grid, vox, str(tmp), float(mimics)) for i in range(count)]
             if workers > 1:
                 with ProcessPoolExecutor(max_workers=workers) as pool:
                     records = list(pool.map(_make_and_write, jobs))
             else:
                 records = [_make_and_write(job) for job in jobs]
-            write_json(tmp / layout.DATASET_JSON, _dataset_json(task, records, seed, grid, vox))
+            spec = _dataset_json(task, records, seed, grid, vox, mimics)
+            write_json(tmp / layout.DATASET_JSON, spec)
+            write_json(tmp / TISSUES_DIR / TISSUES_JSON, tissue_legend())
     log.info(
         "wrote %d healthy scans to %s and %d patients to %s",
         n_healthy,

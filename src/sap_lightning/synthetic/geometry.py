@@ -34,7 +34,7 @@ def rotation(axis: str, degrees: float) -> np.ndarray:
     return rot
 
 
-def _frame(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
+def frame_axes(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
     """Orthonormal frame (columns) whose first axis is ``a`` and second lies in span(a, b)."""
     e0 = np.asarray(a, float) / np.linalg.norm(a)
     e1 = np.asarray(b, float) - np.dot(b, e0) * e0
@@ -136,12 +136,12 @@ class Swept:
         return inside & (zz >= self.z[0]) & (zz <= self.z[-1])
 
 
-def _plus(point: Sequence[float], dx: float, dy: float, dz: float) -> np.ndarray:
+def offset(point: Sequence[float], dx: float, dy: float, dz: float) -> np.ndarray:
     """``point`` moved by (dx, dy, dz) design mm."""
     return np.asarray(point, float) + np.array([dx, dy, dz])
 
 
-def _grown(shape: Shape, d: float) -> Shape:
+def grown(shape: Shape, d: float) -> Shape:
     """``shape`` made ``d`` mm thicker all round (fat around a muscle boundary)."""
     if isinstance(shape, Ellipsoid):
         return Ellipsoid(shape.center, tuple(r + d for r in shape.radii), shape.axes)

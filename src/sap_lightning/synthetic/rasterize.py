@@ -1,4 +1,4 @@
-"""Rasterisation of the body's shapes into tissue and region maps on the voxel grid."""
+"""Rasterisation of design-space shapes into tissue and region maps on the voxel grid."""
 
 from __future__ import annotations
 
@@ -11,24 +11,28 @@ import numpy as np
 from scipy import ndimage
 
 from sap_lightning.synthetic.anatomy import ScanPose, SubjectAnatomy, design_to_world
-from sap_lightning.synthetic.body import _BodyBuilder
+from sap_lightning.synthetic.body import build_body
 from sap_lightning.synthetic.geometry import Shape
-from sap_lightning.synthetic.tissues import DISTRACTOR_TISSUES, RIB_REGION, SKELETON_CLASSES, Tissue
+from sap_lightning.synthetic.tissues import (
+    DISTRACTOR_TISSUES,
+    LESION_TISSUES,
+    MIMIC_TISSUES,
+    RIB_REGION,
+    SKELETON_CLASSES,
+    Tissue,
+)
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------
-# Rasterisation
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class AnatomyMaps:
     """Voxel maps of one scan's anatomy, on the image grid.
 
-    ``tissue`` holds :class:`Tissue` codes (bone split into CORTEX / MARROW, lesions LESION once
-    placed); ``region`` holds the bone region (0 not bone, 1-9 the skeleton label values,
-    :data:`RIB_REGION`, :data:`OTHER_BONE_REGION`) and is never changed by lesions.
+    ``tissue`` holds :class:`Tissue` codes (bone split into CORTEX / MARROW; metastases and
+    mimics once placed); ``region`` holds the bone region (0 not bone, 1-9 the skeleton label
+    values, :data:`RIB_REGION`, :data:`OTHER_BONE_REGION`) and is never changed by metastases
+    or mimics: an in-bone mimic stays bone, a metastasis's extension into soft tissue is not.
     """
 
     tissue: np.ndarray
@@ -61,36 +65,92 @@ class AnatomyMaps:
     def distractors(self) -> np.ndarray:
         return np.isin(self.tissue, DISTRACTOR_TISSUES)
 
+    @property
+    def mimics(self) -> np.ndarray:
+        return np.isin(self.tissue, MIMIC_TISSUES)
 
-def _voxel_box(
-    shape: Shape,
-    to_world: np.ndarray,
-    to_design: np.ndarray,
-    grid: Sequence[int],
-    spacing: np.ndarray,
-) -> tuple[tuple[slice, ...], tuple[np.ndarray, ...]] | None:
-    """The voxel box covering ``shape`` and the design coordinates of its voxel centres.
+    @property
+    def lesions(self) -> np.ndarray:
+        return np.isin(self.tissue, LESION_TISSUES)
 
-    World coordinates here span the grid box from its corner: voxel ``i`` has its centre at
+
+class VoxelGrid:
+    """The map between design coordinates and voxels for one scan (subject, pose, grid).
+
+    World coordinates span the grid box from its corner: voxel ``i`` has its centre at
     ``(i + 0.5) * spacing``, so grids of equal extent hold the same body whatever the spacing.
     """
-    lo, hi = shape.bounds()
-    corners = np.array(list(itertools.product(*zip(lo, hi))))
-    world = corners @ to_world[:3, :3].T + to_world[:3, 3]
-    start = np.maximum(np.floor(world.min(axis=0) / spacing - 0.5).astype(int), 0)
-    stop = np.minimum(np.ceil(world.max(axis=0) / spacing - 0.5).astype(int) + 1, grid)
-    if np.any(stop <= start):
+
+    def __init__(
+        self,
+        anatomy: SubjectAnatomy,
+        pose: ScanPose,
+        shape: Sequence[int],
+        spacing: Sequence[float],
+    ):
+        self.shape = tuple(int(n) for n in shape)
+        self.spacing = np.asarray(spacing, float)
+        self.to_world = design_to_world(anatomy, pose)
+        self.to_design = np.linalg.inv(self.to_world)
+
+    def voxel_of(self, point: Sequence[float]) -> np.ndarray:
+        """Continuous voxel index (float, 3) of a design point."""
+        world = self.to_world[:3, :3] @ np.asarray(point, float) + self.to_world[:3, 3]
+        return world / self.spacing - 0.5
+
+    def box_of(self, shape: Shape) -> tuple[tuple[slice, ...], tuple[np.ndarray, ...]] | None:
+        """The voxel box covering ``shape`` and the design coordinates of its voxel centres."""
+        lo, hi = shape.bounds()
+        corners = np.array(list(itertools.product(*zip(lo, hi))))
+        world = corners @ self.to_world[:3, :3].T + self.to_world[:3, 3]
+        start = np.maximum(np.floor(world.min(axis=0) / self.spacing - 0.5).astype(int), 0)
+        stop = np.minimum(
+            np.ceil(world.max(axis=0) / self.spacing - 0.5).astype(int) + 1, self.shape
+        )
+        if np.any(stop <= start):
+            return None
+        axes = [(np.arange(a, b) + 0.5) * s for a, b, s in zip(start, stop, self.spacing)]
+        grids = (axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
+        m = self.to_design
+        design = tuple(
+            m[i, 0] * grids[0] + m[i, 1] * grids[1] + m[i, 2] * grids[2] + m[i, 3] for i in range(3)
+        )
+        return tuple(slice(a, b) for a, b in zip(start, stop)), design
+
+    def shape_mask(self, shape: Shape) -> tuple[tuple[slice, ...], np.ndarray] | None:
+        """``(box, mask)``: the voxels of ``shape`` within its box, or None off the grid."""
+        found = self.box_of(shape)
+        if found is None:
+            return None
+        box, design = found
+        return box, np.asarray(shape.contains(*design), bool)
+
+
+def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
+    """The box of ``mask``'s voxels widened by ``margin`` (clipped), or None when empty."""
+    where = [np.flatnonzero(mask.any(axis=tuple(j for j in range(mask.ndim) if j != i)))
+             for i in range(mask.ndim)]  # fmt: skip
+    if not where[0].size:
         return None
-    axes = [(np.arange(a, b) + 0.5) * s for a, b, s in zip(start, stop, spacing)]
-    grids = (axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
-    m = to_design
-    design = tuple(
-        m[i, 0] * grids[0] + m[i, 1] * grids[1] + m[i, 2] * grids[2] + m[i, 3] for i in range(3)
+    return tuple(
+        slice(max(int(w[0]) - margin, 0), min(int(w[-1]) + 1 + margin, n))
+        for w, n in zip(where, mask.shape)
     )
-    return tuple(slice(a, b) for a, b in zip(start, stop)), design
 
 
-def _grow(box: tuple[slice, ...], grid: Sequence[int], margin: int = 1) -> tuple[slice, ...]:
+def dilate(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    """Binary dilation by one step of ``structure`` (default the 26-neighbourhood), computed
+    on the mask's bounding box only: whole-body grids are mostly empty around a structure."""
+    structure = np.ones((3,) * mask.ndim, bool) if structure is None else structure
+    out = np.zeros(mask.shape, bool)
+    box = bounding_box(mask)
+    if box is not None:
+        out[box] = ndimage.binary_dilation(mask[box], structure)
+    return out
+
+
+def grow_box(box: tuple[slice, ...], grid: Sequence[int], margin: int = 1) -> tuple[slice, ...]:
+    """``box`` widened by ``margin`` voxels on every side, clipped to the grid."""
     return tuple(
         slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, grid)
     )
@@ -100,25 +160,16 @@ def render_anatomy(
     anatomy: SubjectAnatomy, pose: ScanPose, shape: Sequence[int], spacing: Sequence[float]
 ) -> AnatomyMaps:
     """Rasterise one scan's anatomy: tissue and bone-region maps of ``shape`` voxels."""
-    grid = tuple(int(n) for n in shape)
-    spacing_arr = np.asarray(spacing, float)
-    to_world = design_to_world(anatomy, pose)
-    to_design = np.linalg.inv(to_world)
-    tissue = np.zeros(grid, np.uint8)
-    region = np.zeros(grid, np.uint8)
-    for step in _BodyBuilder(anatomy, pose, spacing).build():
-        found = _voxel_box(step.shape, to_world, to_design, grid, spacing_arr)
+    grid = VoxelGrid(anatomy, pose, shape, spacing)
+    tissue = np.zeros(grid.shape, np.uint8)
+    region = np.zeros(grid.shape, np.uint8)
+    for step in build_body(anatomy, pose, spacing):
+        found = grid.shape_mask(step.shape)
         if found is None:
             continue
-        box, design = found
-        mask = step.shape.contains(*design)
+        box, mask = found
         if step.over is not None:
             mask &= np.isin(tissue[box], step.over)
-        if step.clear_of_bone:
-            wide = _grow(box, grid)
-            near = ndimage.binary_dilation(region[wide] > 0, np.ones((3, 3, 3), bool))
-            inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, wide))
-            mask &= ~near[inner]
         tissue[box][mask] = step.tissue
         region[box][mask] = step.region
     _split_cortex_and_marrow(tissue, region)

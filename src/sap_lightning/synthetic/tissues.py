@@ -40,11 +40,28 @@ LESION_MEDIAN_ML = 0.5
 LESION_LOG_SIGMA = math.log(2.0) / 0.6745
 """Log-normal spread giving P(volume >= 1 mL) = 0.25 around a 0.5 mL median (docs/method.md)."""
 LESION_MAX_ML = 10.0
-MAX_LESIONS = 12
+LESION_COUNT_SHAPE = 0.8
+LESION_COUNT_EXTRA_MEAN = 5.0
+"""Lesions per patient: 1 + negative binomial (shape 0.8, mean 5): at least one, median about
+4, one patient in ten with 14 or more, no upper limit (docs/cohort.md, assumption)."""
+SCLEROTIC_SHARE = 0.2
+"""Share of metastases that are sclerotic: very dark on T1, dark to iso on b1000."""
+EXTENSION_SHARE = 0.15
+"""Share of metastases of >= 1 mL that grow through the cortex into the soft tissue next to it."""
+EXTENSION_FRACTION = (0.2, 0.6)
+"""Volume of such an extension, as a fraction of the lesion's volume in bone."""
+LESION_TEXTURE = (0.10, 0.35)
+"""Per-lesion amplitude h of the internal heterogeneity: signal x (1 + h x smooth field)."""
+LESION_EDGE = (0.5, 0.8)
+"""Share of its contrast a lesion's boundary voxel keeps against the tissue it replaced."""
 
 
 class Tissue(IntEnum):
-    """Tissue classes of the anatomy map; each has a (T1, b1000) signal in :data:`SIGNAL`."""
+    """Tissue classes of the anatomy map; each has a (T1, b1000) signal in :data:`SIGNAL`.
+
+    Values 0-20 are anatomy and metastases; 21 and up are the mimics of docs/cohort.md, whose
+    signal is drawn per instance (``mimic_table``).
+    """
 
     AIR = 0
     FAT = 1
@@ -65,45 +82,94 @@ class Tissue(IntEnum):
     BONE = 16  # while drawing; split into CORTEX and MARROW once the skeleton is complete
     CORTEX = 17
     MARROW = 18
-    LESION = 19
+    LESION = 19  # a metastasis inside bone
+    LESION_EXTENSION = 20  # a metastasis's growth through the cortex into soft tissue
+    DORSAL_ROOT_GANGLION = 21
+    NODAL_METASTASIS = 22
+    PROSTATE = 23
+    SEMINAL_VESICLE = 24
+    TESTIS = 25
+    PAROTID = 26
+    SUBMANDIBULAR = 27
+    TONSIL = 28
+    BRIGHT_BOWEL = 29
+    RED_MARROW_ISLAND = 30
+    MARROW_RECONVERSION = 31
+    HAEMANGIOMA = 32
+    MODIC = 33
+    FRACTURE = 34
+    TREATED_METASTASIS = 35
+    BONE_ISLAND = 36
 
 
 SIGNAL: dict[Tissue, tuple[float, float]] = {
     Tissue.AIR: (0.0, 0.0),
     Tissue.FAT: (0.95, 0.03),
-    Tissue.MUSCLE: (0.32, 0.10),
+    Tissue.MUSCLE: (0.32, 0.05),
     Tissue.LUNG: (0.04, 0.02),
-    Tissue.HEART: (0.30, 0.05),
+    Tissue.HEART: (0.30, 0.04),
     Tissue.VESSEL: (0.22, 0.03),
-    Tissue.LIVER: (0.45, 0.14),
-    Tissue.SPLEEN: (0.38, 0.42),
-    Tissue.KIDNEY: (0.33, 0.55),
-    Tissue.BLADDER: (0.08, 0.60),
-    Tissue.BOWEL: (0.45, 0.16),
-    Tissue.BRAIN: (0.50, 0.32),
-    Tissue.CSF: (0.10, 0.08),
-    Tissue.CORD: (0.40, 0.55),
-    Tissue.DISC: (0.34, 0.18),
-    Tissue.LYMPH_NODE: (0.33, 0.75),
-    Tissue.BONE: (0.65, 0.10),
-    Tissue.CORTEX: (0.25, 0.05),  # rim voxel: thin cortical bone partial-volumed with marrow
-    Tissue.MARROW: (0.65, 0.10),
-    Tissue.LESION: (0.22, 0.70),
+    Tissue.LIVER: (0.45, 0.09),
+    Tissue.SPLEEN: (0.38, 0.55),
+    Tissue.KIDNEY: (0.33, 0.30),
+    Tissue.BLADDER: (0.08, 0.12),
+    Tissue.BOWEL: (0.45, 0.28),
+    Tissue.BRAIN: (0.50, 0.45),
+    Tissue.CSF: (0.10, 0.06),
+    Tissue.CORD: (0.40, 0.25),
+    Tissue.DISC: (0.34, 0.12),
+    Tissue.BONE: (0.65, 0.11),
+    Tissue.CORTEX: (0.25, 0.04),  # rim voxel: thin cortical bone partial-volumed with marrow
+    Tissue.MARROW: (0.65, 0.11),
 }
-"""Noise-free signal per tissue (fractions of the channel's scanner scale). Marrow is red
-(haematopoietic) in the axial skeleton; :data:`YELLOW_MARROW_SIGNAL` replaces it in long bones."""
+"""Noise-free signal of the anatomy (fractions of the channel's scanner scale; docs/cohort.md
+section 1.4). Marrow is red (haematopoietic) in the axial skeleton; :data:`YELLOW_MARROW_SIGNAL`
+replaces it in long bones. Metastases and mimics get their signal per instance."""
 
-YELLOW_MARROW_SIGNAL = (0.85, 0.05)
-_YELLOW_MARROW_REGIONS = (SKELETON_CLASSES["femurs"], SKELETON_CLASSES["humeri"], OTHER_BONE_REGION)
+RED_MARROW_B1000 = SIGNAL[Tissue.MARROW][1]
+"""The b1000 level that metastases' and in-bone mimics' contrasts are multiples of."""
+YELLOW_MARROW_SIGNAL = (0.85, 0.04)
+YELLOW_MARROW_REGIONS = (SKELETON_CLASSES["femurs"], SKELETON_CLASSES["humeri"], OTHER_BONE_REGION)
 LESION_T1_RANGE = (0.12, 0.32)
-LESION_B1000_RANGE = (0.45, 0.95)
+"""T1 of a viable metastasis: darker than muscle (0.32) and disc (0.34)."""
+LESION_B1000_RATIO = (1.2, 4.0)
+"""b1000 of a viable metastasis in multiples of red marrow (log-uniform)."""
+SCLEROTIC_T1_RANGE = (0.04, 0.12)
+SCLEROTIC_B1000_RATIO = (0.6, 1.2)
+"""A sclerotic metastasis: very dark on T1, dark to iso on b1000 (uniform multiples of marrow)."""
 CHANNEL_SCALE = (1000.0, 400.0)
 """Scanner units of T1 and b1000: intensities are not in [0, 1], as on real scans."""
 
-BONE_TISSUES = (Tissue.BONE, Tissue.CORTEX, Tissue.MARROW, Tissue.LESION)
-DISTRACTOR_TISSUES = (Tissue.BLADDER, Tissue.KIDNEY, Tissue.CORD, Tissue.LYMPH_NODE, Tissue.SPLEEN)
-"""Soft tissues that are bright on b1000 like a metastasis but lie outside bone."""
-_SOFT_TISSUES = (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL)
+LESION_TISSUES = (Tissue.LESION, Tissue.LESION_EXTENSION)
+"""The metastasis: its part in bone and its extension into soft tissue (both labelled)."""
+MIMIC_IN_BONE_TISSUES = (
+    Tissue.RED_MARROW_ISLAND,
+    Tissue.MARROW_RECONVERSION,
+    Tissue.HAEMANGIOMA,
+    Tissue.MODIC,
+    Tissue.FRACTURE,
+    Tissue.TREATED_METASTASIS,
+    Tissue.BONE_ISLAND,
+)
+MIMIC_OUTSIDE_BONE_TISSUES = (
+    Tissue.DORSAL_ROOT_GANGLION,
+    Tissue.LYMPH_NODE,
+    Tissue.NODAL_METASTASIS,
+    Tissue.PROSTATE,
+    Tissue.SEMINAL_VESICLE,
+    Tissue.TESTIS,
+    Tissue.PAROTID,
+    Tissue.SUBMANDIBULAR,
+    Tissue.TONSIL,
+    Tissue.BRIGHT_BOWEL,
+)
+MIMIC_TISSUES = MIMIC_IN_BONE_TISSUES + MIMIC_OUTSIDE_BONE_TISSUES
+BONE_TISSUES = (Tissue.BONE, Tissue.CORTEX, Tissue.MARROW, Tissue.LESION, *MIMIC_IN_BONE_TISSUES)
+"""Every tissue that is bone (has a bone region): a metastasis's extension is not."""
+DISTRACTOR_TISSUES = (Tissue.SPLEEN, Tissue.KIDNEY, Tissue.CORD, Tissue.BRAIN)
+"""Anatomy bright on b1000 outside bone, drawn in everyone whatever the mimics knob."""
+SOFT_TISSUES = (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL)
+"""Soft tissue that nodes, organs and a metastasis's extension may be drawn over."""
 
 LESION_SITE_WEIGHTS: dict[int, float] = {
     SKELETON_CLASSES["cervical_spine"]: 0.05,
