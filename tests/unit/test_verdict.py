@@ -1,69 +1,83 @@
-"""The study verdict says whether the Bonferroni-corrected test supports a higher median."""
+"""The report's headline is the protocol's primary endpoint, computed from the arms' own rows."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from sap_lightning.evaluation.report import Comparison, EvaluationRun, table_rows
-from sap_lightning.evaluation.statistics import Summary
-from sap_lightning.evaluation.study_report import PRIMARY_ROW, VERDICT_ROWS, verdict
+from sap_lightning.evaluation.report import EvaluationRun, compare_runs
+from sap_lightning.evaluation.study_report import verdict
 
 
-def _comparison(sap_f2: float, scratch_f2: float, p_adjusted: float) -> Comparison:
-    cells = {
-        row: {name: Summary(0.5, 0.4, 0.6, 0.45, 0.55, 14) for name in ("scratch", "sap")}
-        for row in VERDICT_ROWS
-    }
-    cells[PRIMARY_ROW] = {
-        "scratch": Summary(scratch_f2, 0.0, 0.1, 0.0, 0.1, 14),
-        "sap": Summary(sap_f2, 0.0, 0.2, 0.0, 0.2, 14),
-    }
-    pvalues = {PRIMARY_ROW: {"scratch vs sap": (p_adjusted / 3, p_adjusted, 14)}}
-    return Comparison(["scratch", "sap"], table_rows("_large", 1.0), cells, pvalues, [])
+def _run(name: str, f2: list[float], n_gt: list[int] | None = None) -> EvaluationRun:
+    n = len(f2)
+    cases = pd.DataFrame(
+        {
+            "case_id": [f"p{i:02d}" for i in range(n)],
+            "f2": f2,
+            "n_gt": n_gt or [2] * n,
+            "sensitivity": f2,
+            "precision": f2,
+            "n_fp": [1.0] * n,
+            "patient_mean_dice": f2,
+            "global_dice": f2,
+            "sensitivity_1ml": f2,
+            "n_fp_1ml": [0.0] * n,
+            "pred_volume_ml": [1.0] * n,
+            "gt_volume_ml": [1.1] * n,
+        }
+    )
+    lesions = pd.DataFrame(
+        {"case_id": ["p00"], "lesion_id": [1], "detected": [True], "dice": [0.5], "nsd": [0.5]}
+    )
+    summary = {"settings": {"min_volume_ml": 1.0, "large_suffix": "_1ml"}}
+    return EvaluationRun(name, None, summary, cases, lesions, pd.DataFrame())  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("sap", "scratch", "p_adjusted", "expected"),
-    [
-        (0.052, 0.023, 0.0152, "SAP beat the scratch baseline"),
-        (0.039, 0.032, 0.0655, "SAP beat the scratch baseline"),
-        (0.010, 0.032, 0.0100, "SAP did not beat the scratch baseline"),
-    ],
-)
-def test_verdict_states_whether_the_corrected_test_supports_it(
-    sap, scratch, p_adjusted, expected
-) -> None:
-    text = verdict(_comparison(sap, scratch, p_adjusted)).splitlines()[0]
-    assert expected in text
-    supported = p_adjusted < 0.05
-    assert ("The difference is significant" in text) is supported
-    assert ("The difference is not significant" in text) is not supported
+SAP = [0.3, 0.5, 0.1, 0.4, 0.2, 0.6, 0.3, 0.5, 0.1, 0.4, 0.2, 0.6, 0.3, 0.35]
+SCRATCH = [0.2, 0.6, 0.0, 0.3, 0.3, 0.4, 0.2, 0.6, 0.1, 0.2, 0.3, 0.5, 0.3, 0.30]
 
 
-def _run(name: str, f2: list[float]) -> EvaluationRun:
-    cases = pd.DataFrame({"case_id": [f"p{i}" for i in range(len(f2))], "f2": f2})
-    return EvaluationRun(name, None, {}, cases, pd.DataFrame(), pd.DataFrame())  # type: ignore[arg-type]
+def test_the_headline_is_the_hodges_lehmann_difference_with_its_test() -> None:
+    comparison = compare_runs([_run("scratch", SCRATCH), _run("sap", SAP)], n_resamples=200)
+    text = verdict(comparison, n_resamples=200).splitlines()[0]
+    differences = np.subtract(SAP, SCRATCH)
+    walsh = [(a + b) / 2 for a, b in itertools.combinations_with_replacement(differences, 2)]
+    assert f"Hodges-Lehmann {np.median(walsh):+.3f} [" in text
+    p = stats.wilcoxon(differences, zero_method="pratt").pvalue
+    assert f"Wilcoxon p = {p:.3g}" in text
+    assert "14 paired patients" in text
+    assert "SAP's F2 was higher than scratch's" in text
+    assert ("not significant" in text) == bool(p >= 0.05)
+    power = float(text.split("from the observed pairs: ")[1].split("*")[0].rstrip("."))
+    assert 0.0 <= power <= 1.0
 
 
-def test_a_non_significant_verdict_states_the_power_and_the_observed_effect() -> None:
-    """Not significant: the verdict quotes the test's power for d_z = 0.8 at the corrected level
-    (checked against the paired t-test's exact power) and the paired F2 differences'
-    standardised mean, computed here with numpy."""
-    sap = [0.3, 0.5, 0.1, 0.4, 0.2, 0.6, 0.3, 0.5, 0.1, 0.4, 0.2, 0.6, 0.3, 0.35]
-    scratch = [0.2, 0.6, 0.0, 0.3, 0.3, 0.4, 0.2, 0.6, 0.1, 0.2, 0.3, 0.5, 0.3, 0.30]
-    comparison = _comparison(0.35, 0.30, 0.9)
-    comparison.pvalues[PRIMARY_ROW].update({"a vs b": (1, 1, 14), "c vs d": (1, 1, 14)})
-    comparison.runs = [_run("scratch", scratch), _run("sap", sap)]
-    text = verdict(comparison).splitlines()[0]
-    differences = np.subtract(sap, scratch)
-    expected = differences.mean() / differences.std(ddof=1)
-    assert f"d_z = {expected:.2f}" in text
-    power = float(text.split("with probability ")[1].split(" ")[0])
-    # The paired t-test's exact power (noncentral t); the Wilcoxon test is a little weaker.
-    critical, shift = stats.t.ppf(1 - 0.05 / 3 / 2, 13), 0.8 * np.sqrt(14)
-    t_power = stats.nct.sf(critical, 13, shift) + stats.nct.cdf(-critical, 13, shift)
-    assert t_power - 0.08 < power <= t_power + 0.02
-    assert "probability" not in verdict(_comparison(0.052, 0.023, 0.0152)).splitlines()[0]
+def test_lesion_free_patients_never_enter_the_primary_endpoint() -> None:
+    """A patient without lesions would score F2 = 1 with no false positive: it is left out of
+    the pairs (and of every patient row), reported only by its false positives."""
+    with_free = [*SAP, 1.0], [*SCRATCH, 0.0], [2] * 14 + [0]
+    runs = [_run("scratch", with_free[1], with_free[2]), _run("sap", with_free[0], with_free[2])]
+    comparison = compare_runs(runs, n_resamples=200)
+    assert "14 paired patients" in verdict(comparison, n_resamples=200)
+    assert comparison.cells["f2"]["sap"].n == 14
+    assert comparison.cells["n_fp_lesion_free"]["sap"].n == 1
+
+
+@pytest.mark.parametrize(("shift", "words"), [(-0.2, "was lower than"), (0.0, "did not differ")])
+def test_the_headline_names_the_direction(shift: float, words: str) -> None:
+    sap = list(np.clip(np.add(SCRATCH, shift), 0, 1)) if shift else SCRATCH
+    comparison = compare_runs([_run("scratch", SCRATCH), _run("sap", sap)], n_resamples=100)
+    assert words in verdict(comparison, n_resamples=100).splitlines()[0]
+
+
+def test_without_the_primary_pair_there_is_no_headline_effect() -> None:
+    comparison = compare_runs([_run("scratch", SCRATCH), _run("ssl", SAP)], n_resamples=100)
+    assert verdict(comparison).startswith("No primary endpoint")
+    assert comparison.pvalues["f2"]["scratch vs ssl"][1] == pytest.approx(
+        comparison.pvalues["f2"]["scratch vs ssl"][0]  # one secondary pair: factor 1
+    )

@@ -5,15 +5,15 @@ comparison report in :mod:`sap_lightning.evaluation.report`. FROC and ICC are me
 (:mod:`sap_lightning.metrics`); they are re-exported here for convenience.
 """
 
-from sap_lightning.evaluation.statistics import (
-    Summary,
-    bonferroni,
-    bootstrap_ci,
-    mann_whitney,
-    paired_wilcoxon,
-    paired_wilcoxon_power,
-    summarize,
+from sap_lightning.evaluation.endpoints import (
+    PairedEffect,
+    hodges_lehmann,
+    observed_power,
+    paired_effect,
+    pooled_effect,
+    wilcoxon_pratt,
 )
+from sap_lightning.evaluation.statistics import Summary, bonferroni, bootstrap_ci, summarize
 from sap_lightning.evaluation.threshold import (
     ThresholdChoice,
     load_threshold,
@@ -24,18 +24,21 @@ from sap_lightning.metrics.agreement import icc_2_1
 from sap_lightning.metrics.froc import froc_auc, froc_curve
 
 __all__ = [
+    "PairedEffect",
     "Summary",
     "ThresholdChoice",
     "bonferroni",
     "bootstrap_ci",
     "froc_auc",
     "froc_curve",
+    "hodges_lehmann",
     "icc_2_1",
     "load_threshold",
-    "mann_whitney",
-    "paired_wilcoxon",
-    "paired_wilcoxon_power",
+    "observed_power",
+    "paired_effect",
+    "pooled_effect",
     "save_threshold",
     "summarize",
     "tune_threshold",
+    "wilcoxon_pratt",
 ]

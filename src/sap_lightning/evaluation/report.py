@@ -1,12 +1,13 @@
 """Compare evaluated runs (``sap compare``): the paper's Table 1 with CIs, p-values and figures.
 
-Each arm is a folder written by ``sap evaluate``. Rows are the metrics of the paper's reported
-results. Patient-level metrics: median (or mean, where the paper reports means) over patients
-with a 95% bootstrap CI over patients, and a paired Wilcoxon signed-rank test on the patients
-both arms evaluated. Lesion-level metrics (Dice and NSD of detected lesions): median over
-lesions, bootstrap over lesions, Mann-Whitney U (different arms detect different lesions).
-Cohort-level metrics (ICC of total volume, FROC AUC): the estimate on all patients with a
-bootstrap CI over patients and no test. p-values are Bonferroni-corrected over the arm pairs.
+Each arm is a folder written by ``sap evaluate``; the analysis is docs/protocol.md's. Patient
+rows: median (or mean, where the paper reports means) over the patients **with a lesion**
+(lesion-free patients are reported apart, by their false positives) with a 95% bootstrap CI
+over patients, and a paired Wilcoxon signed-rank test (Pratt) between arms. Lesion rows (Dice
+and NSD of detected lesions): median over lesions with a CI over patients; arms are compared on
+the lesions both detected, resampling patients. Cohort rows (ICC of total volume, FROC AUC):
+the estimate with a bootstrap CI over patients and no test. The primary pair (``sap`` against
+``scratch``) is not corrected; the other pairs are Bonferroni-corrected over their number.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sap_lightning.core.errors import SapError
 from sap_lightning.core.io import read_json, write_json, write_text
 from sap_lightning.core.protocol import BOOTSTRAP_RESAMPLES, FROC_MAX_FP_ALL, FROC_MAX_FP_LARGE
 from sap_lightning.core.run_layout import EVALUATION_DIR
+from sap_lightning.evaluation.endpoints import clustered_ci, clustered_difference, wilcoxon_pratt
 from sap_lightning.evaluation.plots import plot_boxes, plot_froc
 from sap_lightning.evaluation.predictions import (
     CASES_CSV,
@@ -33,13 +35,7 @@ from sap_lightning.evaluation.predictions import (
     LESIONS_CSV,
     SUMMARY_JSON,
 )
-from sap_lightning.evaluation.statistics import (
-    Summary,
-    bonferroni,
-    bootstrap_ci,
-    mann_whitney,
-    paired_wilcoxon,
-)
+from sap_lightning.evaluation.statistics import Summary, bonferroni, bootstrap_ci
 from sap_lightning.metrics.agreement import icc_2_1
 from sap_lightning.metrics.froc import froc_auc, froc_curve
 from sap_lightning.metrics.functional import detection_rates
@@ -132,7 +128,7 @@ class MetricRow:
     id: str
     """Stable key of the row (cells, p-values, JSON); ``label`` is for display only."""
     label: str
-    unit: str  # "patient", "lesion" or "cohort"
+    unit: str  # "patient", "lesion", "cohort" or "lesion_free"
     sample: Callable[[EvaluationRun], np.ndarray]
     estimate: str  # "median" or "mean" for patient and lesion rows; a name for cohort rows
     column: str | None = None  # per-case column: pairs patients for the Wilcoxon test
@@ -156,7 +152,7 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
             column,
             label,
             "patient",
-            lambda run: run.cases[column].to_numpy(np.float64),
+            lambda run: with_lesions(run.cases)[column].to_numpy(np.float64),
             estimate,
             column,
         )
@@ -166,7 +162,7 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
             rows = run.lesions["detected"].astype(bool)
             return run.lesions.loc[rows, column].to_numpy(np.float64)
 
-        return MetricRow(column, label, "lesion", detected, "median")
+        return MetricRow(column, label, "lesion", detected, "median", column)
 
     def froc_row(label: str, large: bool, max_fp: float) -> MetricRow:
         return MetricRow(
@@ -201,10 +197,32 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
         froc_row(f"FROC AUC to {FROC_MAX_FP_LARGE:g} FP/exam, {large}", True, FROC_MAX_FP_LARGE),
         patient(f"{large}: sensitivity", f"sensitivity{suffix}", "mean"),
         patient(f"{large}: FP per exam", f"n_fp{suffix}", "mean"),
+        MetricRow(
+            "n_fp_lesion_free",
+            "FP per exam, patients without lesions",
+            "lesion_free",
+            lambda run: lesion_free(run.cases)["n_fp"].to_numpy(np.float64),
+            "median",
+            "n_fp",
+        ),
     ]
 
 
+def with_lesions(cases: pd.DataFrame) -> pd.DataFrame:
+    """The patients F2 and every patient row is about: those with a reference lesion."""
+    return cases[cases["n_gt"] > 0]
+
+
+def lesion_free(cases: pd.DataFrame) -> pd.DataFrame:
+    """Patients without a reference lesion: only their false positives mean something."""
+    return cases[cases["n_gt"] == 0]
+
+
 # ------------------------------------------------------------------------------ comparison
+
+
+PRIMARY_PAIR = ("sap", "scratch")
+"""(arm, baseline) of the primary endpoint (docs/protocol.md): its p-values are not corrected."""
 
 
 @dataclass
@@ -214,6 +232,10 @@ class Comparison:
     cells: dict[str, dict[str, Summary]]  # row id -> arm -> cell
     pvalues: dict[str, dict[str, tuple[float, float, int]]]  # row -> "a vs b" -> (p, p_adj, n)
     runs: list[EvaluationRun]
+    primary: tuple[str, str] | None = None
+    """The primary pair (arm, baseline) when both arms are compared."""
+    n_secondary: int = 0
+    """The number of other pairs, the Bonferroni factor of their p-values."""
 
 
 def _cell(row: MetricRow, run: EvaluationRun, n_resamples: int, seed: int) -> Summary:
@@ -227,22 +249,45 @@ def _cell(row: MetricRow, run: EvaluationRun, n_resamples: int, seed: int) -> Su
     values = sample[~np.isnan(sample)]
     if values.size == 0:
         return Summary.undefined()
-    low, high = bootstrap_ci(values, row.reducer, n_resamples, seed=seed, vectorized=True)
+    if row.unit == "lesion" and row.column is not None:  # lesions of a patient resampled together
+        found = run.lesions[run.lesions["detected"].astype(bool)]
+        low, high = clustered_ci(found[row.column], found["case_id"], n_resamples, seed=seed)
+    else:
+        low, high = bootstrap_ci(values, row.reducer, n_resamples, seed=seed, vectorized=True)
     q1, q3 = np.percentile(values, [25, 75])
     return Summary(float(row.reducer(values)), low, high, float(q1), float(q3), int(values.size))
 
 
-def _pvalue(row: MetricRow, a: EvaluationRun, b: EvaluationRun) -> tuple[float, int]:
-    if row.unit == "lesion":
-        x, y = row.sample(a), row.sample(b)
-        return mann_whitney(x, y), int(np.sum(~np.isnan(x)) + np.sum(~np.isnan(y)))
+def paired_patients(a: EvaluationRun, b: EvaluationRun, column: str) -> pd.DataFrame:
+    """``column`` of the patients with a lesion that both arms evaluated, side by side
+    (``<column>_a``, ``<column>_b``) with ``case_id``."""
+    return with_lesions(a.cases)[["case_id", column]].merge(
+        with_lesions(b.cases)[["case_id", column]], on="case_id", suffixes=("_a", "_b")
+    )
+
+
+def paired_lesions(a: EvaluationRun, b: EvaluationRun, column: str) -> pd.DataFrame:
+    """``column`` of the reference lesions both arms detected, side by side, with ``case_id``."""
+    found = [run.lesions[run.lesions["detected"].astype(bool)] for run in (a, b)]
+    keys = ["case_id", "lesion_id"]
+    return found[0][[*keys, column]].merge(
+        found[1][[*keys, column]], on=keys, suffixes=("_a", "_b")
+    )
+
+
+def _pvalue(
+    row: MetricRow, a: EvaluationRun, b: EvaluationRun, n_resamples: int, seed: int
+) -> tuple[float, int]:
+    if row.unit == "lesion" and row.column is not None:
+        both = paired_lesions(a, b, row.column)
+        differences = (both[f"{row.column}_a"] - both[f"{row.column}_b"]).to_numpy(np.float64)
+        effect = clustered_difference(differences, both["case_id"], n_resamples, seed=seed)
+        return effect.p, effect.n
     if row.unit == "patient" and row.column is not None:
-        paired = a.cases[["case_id", row.column]].merge(
-            b.cases[["case_id", row.column]], on="case_id", suffixes=("_a", "_b")
-        )
-        x = paired[f"{row.column}_a"].to_numpy(np.float64)
-        y = paired[f"{row.column}_b"].to_numpy(np.float64)
-        return paired_wilcoxon(x, y), int(np.sum(~(np.isnan(x) | np.isnan(y))))
+        both = paired_patients(a, b, row.column)
+        differences = (both[f"{row.column}_a"] - both[f"{row.column}_b"]).to_numpy(np.float64)
+        differences = differences[~np.isnan(differences)]
+        return (wilcoxon_pratt(differences) if differences.size else math.nan), differences.size
     return math.nan, 0
 
 
@@ -259,20 +304,45 @@ def compare_runs(
     if len(volumes) != 1:
         raise SapError(f"the runs use different min_volume_ml settings: {sorted(volumes)}")
     rows = table_rows(runs[0].large_suffix, volumes.pop())
+    if not any(len(lesion_free(run.cases)) for run in runs):
+        rows = [row for row in rows if row.unit != "lesion_free"]
     cells = {row.id: {run.name: _cell(row, run, n_resamples, seed) for run in runs} for row in rows}
     pairs = list(itertools.combinations(runs, 2))
+    primary = PRIMARY_PAIR if set(PRIMARY_PAIR) <= set(names) else None
+    is_primary = [primary is not None and {a.name, b.name} == set(primary) for a, b in pairs]
+    n_secondary = len(pairs) - sum(is_primary)
     pvalues: dict[str, dict[str, tuple[float, float, int]]] = {}
     for row in rows:
-        raw = [_pvalue(row, a, b) for a, b in pairs]
-        adjusted = bonferroni([p for p, _ in raw], n_comparisons=len(pairs))
+        raw = [_pvalue(row, a, b, n_resamples, seed) for a, b in pairs]
         pvalues[row.id] = {
-            f"{a.name} vs {b.name}": (p, float(p_adj), n)
-            for (a, b), (p, n), p_adj in zip(pairs, raw, adjusted)
+            f"{a.name} vs {b.name}": (
+                p,
+                p if first else float(bonferroni([p], n_comparisons=max(1, n_secondary))[0]),
+                n,
+            )
+            for (a, b), (p, n), first in zip(pairs, raw, is_primary)
         }
-    return Comparison(names, rows, cells, pvalues, list(runs))
+    return Comparison(names, rows, cells, pvalues, list(runs), primary, n_secondary)
 
 
 # ------------------------------------------------------------------------------ writing
+
+
+TEST_NAMES = {
+    "patient": "Wilcoxon (paired, Pratt)",
+    "lesion": "lesions both found, patients resampled",
+    "lesion_free": "-",
+}
+
+
+def _correction_note(comparison: Comparison) -> str:
+    if comparison.primary is None:
+        return f"Bonferroni-corrected over {comparison.n_secondary} arm pair(s)."
+    arm, baseline = comparison.primary
+    return (
+        f"{arm} vs {baseline} is the primary comparison (docs/protocol.md), not corrected; the "
+        f"other {comparison.n_secondary} pair(s) are Bonferroni-corrected over their number."
+    )
 
 
 def _format_p(p: float) -> str:
@@ -321,7 +391,7 @@ def render_markdown(comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPL
         [
             [
                 row.label,
-                "Wilcoxon (paired)" if row.unit == "patient" else "Mann-Whitney U",
+                TEST_NAMES[row.unit],
                 *(
                     f"{_format_p(comparison.pvalues[row.id][pair][1])} "
                     f"(raw {_format_p(comparison.pvalues[row.id][pair][0])})"
@@ -360,8 +430,8 @@ def render_markdown(comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPL
         iqr,
         "",
         "## p-values",
-        f"Bonferroni-corrected over {len(pair_names)} arm pair(s); raw p in brackets. Paired "
-        "tests use the patients both arms evaluated.",
+        _correction_note(comparison) + " Raw p in brackets. Patient tests pair the patients "
+        "with a lesion both arms evaluated; lesion tests the lesions both arms detected.",
         "",
         pvalue_table if pair_names else "(one arm: no tests)",
         "",

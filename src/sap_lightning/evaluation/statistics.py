@@ -1,4 +1,5 @@
-"""Statistics of the paper: bootstrap CIs of medians, IQR, paired and unpaired tests, ICC(2,1).
+"""Statistics of Table 1: bootstrap CIs of medians, IQR, Bonferroni (the paired effects and tests of
+the protocol: ``evaluation/endpoints.py``).
 
 Bootstrap intervals are percentile intervals from seeded resamples, so a report is
 reproducible; NaN values (undefined per-patient metrics, e.g. sensitivity without lesions) are
@@ -12,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from sap_lightning.core.protocol import BOOTSTRAP_RESAMPLES, CONFIDENCE
 
@@ -102,43 +102,6 @@ def summarize(
     low, high = bootstrap_ci(values, np.median, n_resamples, confidence, seed, vectorized=True)
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     return Summary(float(median), low, high, float(q1), float(q3), int(values.size))
-
-
-def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired values (pairs with a NaN dropped).
-
-    Identical samples (every difference zero) give p = 1; fewer than 2 pairs give NaN.
-    """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples differ in length: {a.shape} vs {b.shape}")
-    keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
-    if a.size < 2:
-        return math.nan
-    if np.all(a == b):
-        return 1.0
-    return float(stats.wilcoxon(a, b).pvalue)
-
-
-def paired_wilcoxon_power(
-    n_pairs: int, effect: float, alpha: float, draws: int = 1000, seed: int = 0
-) -> float:
-    """Power of :func:`paired_wilcoxon` at level ``alpha`` for ``n_pairs`` normal paired
-    differences of standardised mean ``effect`` (Cohen's d_z), by simulation: the fraction of
-    ``draws`` cohorts whose p-value falls below ``alpha``. Sizes a study before it runs."""
-    rng = np.random.default_rng(seed)
-    differences = rng.normal(effect, 1.0, size=(draws, n_pairs))
-    pvalues = stats.wilcoxon(differences, axis=1).pvalue
-    return float(np.mean(pvalues < alpha))
-
-
-def mann_whitney(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided Mann-Whitney U p-value of two independent samples (NaNs dropped)."""
-    a, b = _finite(a), _finite(b)
-    if a.size == 0 or b.size == 0:
-        return math.nan
-    return float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
 
 
 def bonferroni(pvalues: Sequence[float], n_comparisons: int | None = None) -> np.ndarray:

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from sap_lightning.cache.splits import Splits
 from sap_lightning.config import StudyConfig
 from sap_lightning.core.arms import LearningTerm
 from sap_lightning.core.io import read_json
 from sap_lightning.core.precision import describe_precision
-from sap_lightning.core.protocol import SIGNIFICANCE_LEVEL
+from sap_lightning.core.protocol import BOOTSTRAP_RESAMPLES, SIGNIFICANCE_LEVEL
 from sap_lightning.evaluation.case_pictures import ShownPatient
 from sap_lightning.evaluation.diagnostics import (
     RunDiagnostics,
@@ -24,8 +26,8 @@ from sap_lightning.evaluation.diagnostics import (
     diagnostics_markdown,
     plot_curves,
 )
-from sap_lightning.evaluation.report import Comparison
-from sap_lightning.evaluation.statistics import paired_wilcoxon_power
+from sap_lightning.evaluation.endpoints import observed_power, paired_effect
+from sap_lightning.evaluation.report import PRIMARY_PAIR, Comparison, paired_patients
 from sap_lightning.inference.outputs import PREDICTION_JSON
 
 CURVES_PNG = "curves.png"
@@ -37,8 +39,6 @@ PRIMARY_ROW = "f2"
 """The Table 1 row the verdict decides on (the paper's headline, the F2 detection score)."""
 VERDICT_ROWS = ("f2", "sensitivity", "n_fp", "patient_mean_dice")
 """Table 1 rows (ids) the verdict quotes."""
-POWER_EFFECT = 0.8
-"""Standardised paired effect (Cohen's d_z) the verdict quotes the test's power for."""
 
 
 @dataclass(frozen=True)
@@ -50,38 +50,43 @@ class LearningRun:
     run_dir: Path
 
 
-def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch") -> str:
-    """Plain-language answer to "did SAP beat the baseline?", from the table's own numbers."""
-    if arm not in comparison.names or baseline not in comparison.names:
-        return f"No verdict: the study has no '{arm}' and '{baseline}' arms to compare."
-    f2 = comparison.cells[PRIMARY_ROW]
-    pvalues = comparison.pvalues[PRIMARY_ROW]
-    p_f2 = pvalues.get(f"{baseline} vs {arm}") or pvalues.get(f"{arm} vs {baseline}")
-    ours, theirs = f2[arm].estimate, f2[baseline].estimate
-    if math.isnan(ours) or math.isnan(theirs):
-        outcome = "could not be compared (F2 undefined for one arm)"
-    elif ours > theirs:
-        outcome = "beat"
-    elif ours == theirs:
-        outcome = "tied with"
-    else:
-        outcome = "did not beat"
-    p_text = significance = ""
-    if p_f2 is not None:
-        p_text = f", paired Wilcoxon p = {p_f2[0]:.3g} (Bonferroni {p_f2[1]:.3g})"
-        # A higher median alone is not a finding: say whether the corrected test supports it.
-        supported = p_f2[1] < SIGNIFICANCE_LEVEL
-        significance = (
-            f" The difference is {'' if supported else 'not '}significant at "
-            f"{SIGNIFICANCE_LEVEL:g} after Bonferroni correction."
+def primary_differences(comparison: Comparison, arm: str, baseline: str) -> np.ndarray:
+    """Per patient with a lesion that both arms evaluated: arm's F2 minus baseline's."""
+    runs = {run.name: run for run in comparison.runs}
+    both = paired_patients(runs[arm], runs[baseline], PRIMARY_ROW)
+    differences = (both[f"{PRIMARY_ROW}_a"] - both[f"{PRIMARY_ROW}_b"]).to_numpy(np.float64)
+    return differences[~np.isnan(differences)]
+
+
+def verdict(comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> str:
+    """The report's headline: the primary endpoint of docs/protocol.md (the paired patient F2
+    difference of the primary pair, its Hodges-Lehmann estimate, bootstrap CI and Wilcoxon
+    test, and the test's power from the observed pairs), then the arms' medians."""
+    if comparison.primary is None:
+        return (
+            f"No primary endpoint: the study compares {', '.join(comparison.names)}, not "
+            f"{' and '.join(PRIMARY_PAIR)}.\n"
         )
-        if not supported:
-            level = SIGNIFICANCE_LEVEL / max(1, len(pvalues))
-            significance += _power_note(comparison, arm, baseline, p_f2[2], level)
+    arm, baseline = comparison.primary
+    differences = primary_differences(comparison, arm, baseline)
+    effect = paired_effect(differences, n_resamples, seed=seed)
+    power = observed_power(differences, n_resamples=n_resamples, seed=seed)
+    if math.isnan(effect.estimate):
+        outcome = "could not be compared (no patient with a lesion in both arms)"
+    elif effect.estimate > 0:
+        outcome = f"was higher than {baseline}'s"
+    elif effect.estimate < 0:
+        outcome = f"was lower than {baseline}'s"
+    else:
+        outcome = f"did not differ from {baseline}'s"
+    supported = effect.significant
     labels = {row.id: row.label for row in comparison.rows}
     lines = [
-        f"**Verdict: {arm.upper()} {outcome} the {baseline} baseline on the median patient F2 "
-        f"({ours:.3f} vs {theirs:.3f}{p_text}).{significance}**",
+        f"**Primary endpoint ([protocol](docs/protocol.md)): {arm.upper()} minus {baseline} in "
+        f"patient F2, Hodges-Lehmann {effect.format()} (95% bootstrap CI, {effect.n} paired "
+        f"patients), Wilcoxon p = {effect.p:.3g}. {arm.upper()}'s F2 {outcome}; the "
+        f"difference is {'' if supported else 'not '}significant at {SIGNIFICANCE_LEVEL:g}. "
+        f"Power of the test at this size, from the observed pairs: {power:.2f}.**",
         "",
         "| metric | " + " | ".join(comparison.names) + " |",
         "|---|" + "---|" * len(comparison.names),
@@ -94,29 +99,6 @@ def verdict(comparison: Comparison, arm: str = "sap", baseline: str = "scratch")
             + " |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _power_note(comparison: Comparison, arm: str, baseline: str, n_pairs: int, level: float) -> str:
-    """Why a difference can miss significance: what the design can see, and what was seen."""
-    power = paired_wilcoxon_power(n_pairs, POWER_EFFECT, level)
-    text = (
-        f" With {n_pairs} paired patients the test finds a standardised paired effect (Cohen's "
-        f"d_z) of {POWER_EFFECT:g} with probability {power:.2f} at the corrected level"
-    )
-    runs = {run.name: run for run in comparison.runs}
-    if arm in runs and baseline in runs:
-        paired = (
-            runs[arm]
-            .cases[["case_id", "f2"]]
-            .merge(
-                runs[baseline].cases[["case_id", "f2"]], on="case_id", suffixes=("_arm", "_base")
-            )
-        )
-        differences = (paired["f2_arm"] - paired["f2_base"]).dropna().to_numpy(float)
-        if differences.size > 1 and differences.std(ddof=1) > 0:
-            effect = differences.mean() / differences.std(ddof=1)
-            text += f"; the observed F2 differences have d_z = {effect:.2f}"
-    return text + "."
 
 
 def learning_section(runs: Sequence[LearningRun], report_dir: Path, window: str) -> str:
@@ -209,7 +191,7 @@ def study_header(
         "that a rerun with the same seed on the same machine writes the same report).",
         f"- Machine: {machine_line(run_threads)}.",
         "",
-        verdict(comparison),
+        verdict(comparison, study.n_resamples, study.seed),
     ]
     return "\n".join(lines) + "\n"
 

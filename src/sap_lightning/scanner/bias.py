@@ -20,8 +20,15 @@ ITERATIONS = (50, 40, 30)
 
 
 def body_mask(image: sitk.Image) -> sitk.Image:
-    """Otsu's threshold of ``image`` with holes filled (uint8 0/1)."""
-    mask = sitk.OtsuThreshold(image, 0, 1, 128)
+    """Otsu's threshold of the log intensity with holes filled (uint8 0/1).
+
+    On the logarithm the body separates from the air's noise floor: on raw intensities a
+    diffusion image's few very bright structures (spleen, brain, nodes) take Otsu's upper class
+    and the dim muscle falls in with the air."""
+    positive = sitk.Clamp(image, lowerBound=0.0)
+    floor = max(float(np.percentile(sitk.GetArrayViewFromImage(positive), 99)) * 1e-3, 1e-6)
+    log = sitk.Log(positive + floor)
+    mask = sitk.OtsuThreshold(log, 0, 1, 128)
     return sitk.BinaryFillhole(mask, fullyConnected=False, foregroundValue=1)
 
 
