@@ -22,7 +22,7 @@ FOLD ?= 1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: finetune-config smoke-paper help install panoptica-venv nnunet-venv test test-fast mae lint format demo data pretrain ssl finetune predict sweep agent bench bench-gpu clean
+.PHONY: finetune-config smoke-paper help install panoptica-venv nnunet-venv test test-fast mae study-repeats lint format demo data pretrain ssl finetune predict sweep agent bench bench-gpu clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -155,6 +155,10 @@ smoke-paper: install ## Paper configuration end to end for 2 steps per run on th
 
 demo: install ## The study in miniature: cohort, pretraining, three arms, report (reports/demo)
 	$(SAP) study --config experiments/study/demo.yaml $(ARGS)
+
+REPEATS ?= 5
+study-repeats: install ## The demo's study REPEATS times (repeat 0 is make demo's), pooled in reports/demo_repeats
+	$(SAP) study --config experiments/study/demo.yaml --repeats $(REPEATS) $(ARGS)
 
 bench: install panoptica-venv ## Performance benchmarks: every ratio with its target in one table
 	$(PY) benchmarks/run_all.py

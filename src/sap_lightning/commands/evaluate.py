@@ -39,7 +39,7 @@ def _fold(text: str) -> int | str:
 
 
 def add_arguments_evaluate(parser: argparse.ArgumentParser) -> None:
-    from sap_lightning.metrics.lesion import THRESHOLD_GRID
+    from sap_lightning.core.protocol import THRESHOLD_GRID
 
     parser.add_argument(
         "--predictions",

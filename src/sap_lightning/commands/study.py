@@ -15,17 +15,25 @@ def add_arguments_study(parser: argparse.ArgumentParser) -> None:
         help="study YAML (e.g. experiments/study/demo.yaml); default: built-in",
     )
     parser.add_argument(
+        "--repeats",
+        type=_args.positive_int,
+        default=None,
+        help="independent repeats (cohort, splits and networks with seed + r), then a pooled "
+        "report in <report_dir>_repeats/ (the study key 'repeats')",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="study keys to override, e.g. patients=21 n_folds=7",
+        help="study keys to override, e.g. patients=21 n_folds=7 stage=training",
     )
 
 
 def run_study(args: argparse.Namespace) -> int:
     from sap_lightning.pipeline.study import run_study as run
 
-    result = run(load_study_config(args.config, args.overrides))
+    repeats = [] if args.repeats is None else [f"repeats={args.repeats}"]
+    result = run(load_study_config(args.config, [*args.overrides, *repeats]))
     minutes = result.wall_seconds / 60
     print(f"study finished in {minutes:.1f} min; report: {result.report}")
     return 0

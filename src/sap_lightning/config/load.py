@@ -31,6 +31,7 @@ from sap_lightning.core.io import write_text
 from sap_lightning.core.precision import AUTOCAST_PRECISIONS
 
 BASE_KEY = "base"
+STUDY_STAGES = ("report", "training")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...]) -> DictConfig:
@@ -320,6 +321,9 @@ def load_study_config(
             raise ConfigError("'phantom_spacing' must be three spacings in mm or null")
         for value in result.phantom_spacing:
             _check_range(value, "phantom_spacing", 0, low_open=True)
+    _check_range(result.mimics, "mimics", 0)
+    _check_range(result.repeats, "repeats", 1)
+    _check_choice(result.stage, STUDY_STAGES, "stage")
     if not result.arms:
         raise ConfigError("study: 'arms' names no arm")
     if len(set(result.arms)) != len(result.arms):

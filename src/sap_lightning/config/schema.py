@@ -299,6 +299,9 @@ class StudyConfig:
     """Use an existing cohort (folder with ``skeleton/`` and ``lesion/`` datasets) instead."""
     healthy: int = 10
     patients: int = 14
+    mimics: float = 1.0
+    """The synthetic cohort's difficulty knob: every mimic's prevalence times this (0 none, 1 the
+    table of docs/cohort.md, 2 twice)."""
     phantom_shape: list[int] | None = None
     phantom_spacing: list[float] | None = None
     n_folds: int = 3
@@ -323,6 +326,15 @@ class StudyConfig:
     """Arm -> overrides of that arm's fine-tuning runs."""
     predict_overlap: float = 0.25
     n_resamples: int = BOOTSTRAP_RESAMPLES
+    stage: str = "report"
+    """``report``: the whole study. ``training``: the pretraining and fine-tuning runs and their
+    "Did the networks learn?" section only (``<report_dir>/learning.md``), no test fold
+    predicted: a recipe is checked on the tuning fold before any test result exists
+    (docs/protocol.md). A later ``report`` run reuses the trained runs."""
+    repeats: int = 1
+    """Independent repeats (docs/protocol.md): repeat ``r`` draws cohort, splits and networks
+    with seed ``seed + r``; repeat 0 is the study's own folders, repeat ``r`` their
+    ``_repeat<r>`` siblings, and the pooled report goes to ``<report_dir>_repeats``."""
     workers: int = 1
     """Study steps run at once, each in its own process with ``usable CPUs // workers`` torch
     threads (``SAP_NUM_THREADS`` pins it). Runs that do not depend on each other (the

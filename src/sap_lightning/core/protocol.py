@@ -23,8 +23,9 @@ DEFAULT_THRESHOLD = 0.5
 """Probability threshold wherever no tuned one exists yet (validation, an untuned ``sap
 predict``); the study tunes it on the tuning fold."""
 
-THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
-"""Thresholds of the FROC curve and of threshold tuning: 0.05, 0.10, ..., 0.95."""
+THRESHOLD_GRID: tuple[float, ...] = (*(round(0.05 * k, 2) for k in range(1, 20)), 0.97, 0.99)
+"""Thresholds of the FROC curve and of threshold tuning: 0.05, 0.10, ..., 0.95, 0.97, 0.99 (a
+grid that stops at 0.95 leaves an arm tuned to its top unable to go higher)."""
 
 F_BETA = 2.0
 """The detection score is F-beta with beta = 2 (recall weighted four times precision): F2."""

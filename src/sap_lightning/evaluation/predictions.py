@@ -10,9 +10,10 @@ Cross-validated predictions may come from several folders (one per fold model). 
 come from the dataset (``labelsTr/<case>.nii.gz``, any non-zero voxel is lesion); spacing from
 the label's affine.
 
-Outputs (all written atomically): ``cases.csv`` (one row per case), ``lesions.csv`` (one row per
-ground-truth lesion), ``froc.csv`` (counts per case and threshold), ``summary.json`` (medians,
-settings, FROC points) and ``froc.png``.
+Outputs (all written atomically): ``cases.csv`` (one row per case, with its false positives
+inside and outside bone), ``lesions.csv`` (one row per ground-truth lesion), ``froc.csv`` (counts
+per case and threshold), ``false_positives.csv`` (every false-positive component, where it lies
+and its tissue), ``summary.json`` (medians, settings, FROC points) and ``froc.png``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ from sap_lightning.core.protocol import (
 from sap_lightning.core.run_layout import THRESHOLD_FILE
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.images import read_image
+from sap_lightning.evaluation.false_positives import (
+    BoneReference,
+    counts_by_location,
+    false_positive_table,
+)
 from sap_lightning.evaluation.plots import plot_froc
 from sap_lightning.evaluation.threshold import ThresholdChoice, tune_threshold
 from sap_lightning.inference.outputs import (
@@ -60,6 +66,7 @@ log = logging.getLogger(__name__)
 CASES_CSV = "cases.csv"
 LESIONS_CSV = "lesions.csv"
 FROC_CSV = "froc.csv"
+FALSE_POSITIVES_CSV = "false_positives.csv"
 SUMMARY_JSON = "summary.json"
 FROC_PNG = "froc.png"
 THRESHOLD_JSON = THRESHOLD_FILE
@@ -103,6 +110,9 @@ class Evaluation:
     lesions: pd.DataFrame
     froc: pd.DataFrame
     froc_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    false_positives: pd.DataFrame | None = None
+    """Every false-positive component with where it lies (``evaluation/false_positives.py``);
+    ``sap evaluate`` has the masks to find them, a run's validation does not."""
 
 
 # ------------------------------------------------------------------------------ finding files
@@ -384,17 +394,25 @@ def evaluate_predictions(
         min_volume_ml=settings.min_volume_ml,
         tolerance_mm=settings.tolerance_mm,
     )
+    reference = BoneReference(dataset_dir)
+    located = []
     for case_id in case_ids:
         if progress:
             progress(case_id)
         pred, label, spacing = load_case(predictions_dir, dataset_dir, case_id, mode)
         metrics.update(pred, label, spacing=spacing, case_id=case_id)
-    return summarize_metrics(
+        mask = binarize(pred, threshold) if mode == "probability" else pred
+        located.append(false_positive_table(mask, label, case_id, reference, settings.connectivity))
+    evaluation = summarize_metrics(
         metrics,
         settings,
         threshold=threshold if mode == "probability" else None,
         sources={"predictions": _describe(predictions_dir), "dataset": str(dataset_dir)},
     )
+    evaluation.false_positives = pd.concat(located, ignore_index=True)
+    counts = counts_by_location(evaluation.false_positives, list(case_ids))
+    evaluation.cases = evaluation.cases.merge(counts, on="case_id", how="left")
+    return evaluation
 
 
 def summarize_metrics(
@@ -477,6 +495,9 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> list
     _write_csv(evaluation.lesions, out / LESIONS_CSV)
     _write_csv(evaluation.froc, out / FROC_CSV)
     written = [out / CASES_CSV, out / LESIONS_CSV, out / FROC_CSV]
+    if evaluation.false_positives is not None:
+        _write_csv(evaluation.false_positives, out / FALSE_POSITIVES_CSV)
+        written.append(out / FALSE_POSITIVES_CSV)
     if evaluation.froc_curves:
         min_ml = evaluation.summary["settings"]["min_volume_ml"]
         curves = {

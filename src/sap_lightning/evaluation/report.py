@@ -31,6 +31,7 @@ from sap_lightning.evaluation.endpoints import clustered_ci, clustered_differenc
 from sap_lightning.evaluation.plots import plot_boxes, plot_froc
 from sap_lightning.evaluation.predictions import (
     CASES_CSV,
+    FALSE_POSITIVES_CSV,
     FROC_CSV,
     LESIONS_CSV,
     SUMMARY_JSON,
@@ -56,6 +57,8 @@ class EvaluationRun:
     cases: pd.DataFrame
     lesions: pd.DataFrame
     froc: pd.DataFrame
+    false_positives: pd.DataFrame | None = None
+    """``false_positives.csv`` of ``sap evaluate`` (a run's own validation has none)."""
 
     @property
     def large_suffix(self) -> str:
@@ -85,6 +88,9 @@ def load_evaluation(path: str | os.PathLike, name: str | None = None) -> Evaluat
         }
     except (OSError, ValueError) as err:
         raise SapError(f"{path}: unreadable evaluation file ({err})") from err
+    located = None
+    if (path / FALSE_POSITIVES_CSV).is_file():
+        located = pd.read_csv(path / FALSE_POSITIVES_CSV, dtype={"case_id": str}, na_filter=False)
     return EvaluationRun(
         name or path.name,
         path,
@@ -92,6 +98,7 @@ def load_evaluation(path: str | os.PathLike, name: str | None = None) -> Evaluat
         tables[CASES_CSV],
         tables[LESIONS_CSV],
         tables[FROC_CSV],
+        located,
     )
 
 
@@ -152,7 +159,7 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
             column,
             label,
             "patient",
-            lambda run: with_lesions(run.cases)[column].to_numpy(np.float64),
+            lambda run: column_of(with_lesions(run.cases), column),
             estimate,
             column,
         )
@@ -180,6 +187,8 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
         patient("lesion sensitivity", "sensitivity"),
         patient("precision", "precision"),
         patient("FP per exam", "n_fp"),
+        patient("FP per exam inside bone", "n_fp_in_bone"),
+        patient("FP per exam outside bone", "n_fp_outside_bone"),
         patient("F2 (detection score)", "f2"),
         lesion("Dice, detected lesions", "dice"),
         lesion("NSD, detected lesions", "nsd"),
@@ -206,6 +215,14 @@ def table_rows(suffix: str, min_volume_ml: float) -> list[MetricRow]:
             "n_fp",
         ),
     ]
+
+
+def column_of(cases: pd.DataFrame, column: str) -> np.ndarray:
+    """A per-case column as floats; NaN (not assessed) where the evaluation has no such column
+    (a run's own validation does not locate its false positives)."""
+    if column not in cases:
+        return np.full(len(cases), np.nan)
+    return cases[column].to_numpy(np.float64)
 
 
 def with_lesions(cases: pd.DataFrame) -> pd.DataFrame:
@@ -284,6 +301,8 @@ def _pvalue(
         effect = clustered_difference(differences, both["case_id"], n_resamples, seed=seed)
         return effect.p, effect.n
     if row.unit == "patient" and row.column is not None:
+        if row.column not in a.cases or row.column not in b.cases:
+            return math.nan, 0
         both = paired_patients(a, b, row.column)
         differences = (both[f"{row.column}_a"] - both[f"{row.column}_b"]).to_numpy(np.float64)
         differences = differences[~np.isnan(differences)]
@@ -306,6 +325,13 @@ def compare_runs(
     rows = table_rows(runs[0].large_suffix, volumes.pop())
     if not any(len(lesion_free(run.cases)) for run in runs):
         rows = [row for row in rows if row.unit != "lesion_free"]
+    rows = [  # rows no arm's evaluation has a column for (e.g. runs' own validations)
+        row
+        for row in rows
+        if row.column is None
+        or row.unit == "lesion"
+        or any(row.column in run.cases for run in runs)
+    ]
     cells = {row.id: {run.name: _cell(row, run, n_resamples, seed) for run in runs} for row in rows}
     pairs = list(itertools.combinations(runs, 2))
     primary = PRIMARY_PAIR if set(PRIMARY_PAIR) <= set(names) else None
@@ -333,6 +359,36 @@ TEST_NAMES = {
     "lesion": "lesions both found, patients resampled",
     "lesion_free": "-",
 }
+
+
+TISSUES_SHOWN = 12
+"""Tissues listed in the false-positive table (the most frequent over all arms)."""
+
+
+def _tissue_section(comparison: Comparison) -> list[str]:
+    """False positives by the tissue they lie in, summed over each arm's patients: where the
+    arms' mistakes are (a synthetic cohort's tissue map names every mimic)."""
+    tables = {
+        run.name: run.false_positives
+        for run in comparison.runs
+        if run.false_positives is not None and (run.false_positives["tissue"] != "").any()
+    }
+    if not tables:
+        return []
+    counts = pd.DataFrame(
+        {name: table["tissue"].value_counts() for name, table in tables.items()}
+    ).fillna(0)
+    counts = counts.loc[counts.sum(axis=1).sort_values(ascending=False).index[:TISSUES_SHOWN]]
+    body = [[str(tissue), *(f"{int(v)}" for v in row)] for tissue, row in counts.iterrows()]
+    return [
+        "## False positives by tissue",
+        f"Every false-positive component of the test patients by the tissue most of its voxels "
+        f"lie in (the {TISSUES_SHOWN} most frequent); the inside / outside bone rows of Table 1 "
+        "count the same components per exam.",
+        "",
+        _markdown_table(["tissue", *tables], body),
+        "",
+    ]
 
 
 def _correction_note(comparison: Comparison) -> str:
@@ -435,6 +491,7 @@ def render_markdown(comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPL
         "",
         pvalue_table if pair_names else "(one arm: no tests)",
         "",
+        *_tissue_section(comparison),
         "## Figures",
         f"![FROC curves]({FROC_PNG})",
         "",

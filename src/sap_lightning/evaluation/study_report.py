@@ -31,6 +31,8 @@ from sap_lightning.evaluation.report import PRIMARY_PAIR, Comparison, paired_pat
 from sap_lightning.inference.outputs import PREDICTION_JSON
 
 CURVES_PNG = "curves.png"
+LEARNING_MD = "learning.md"
+"""The report of a ``stage: training`` study: the learning section alone."""
 PATIENTS_PNG = "patients.png"
 TIMINGS_FILE = "timings.md"
 """Wall time of every study step, next to the report (not in it: it changes between reruns)."""

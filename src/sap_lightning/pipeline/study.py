@@ -24,13 +24,13 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 from sap_lightning.cache import preprocess_dataset
 from sap_lightning.cache.reader import open_cache
-from sap_lightning.cache.splits import Splits, cache_lesion_counts, split_dataset
+from sap_lightning.cache.splits import Splits, cache_lesion_counts, load_splits, split_dataset
 from sap_lightning.config import StudyConfig, load_config, to_yaml
 from sap_lightning.core.arms import Arm, get_arm, list_arms
 from sap_lightning.core.errors import SapError
@@ -48,6 +48,7 @@ from sap_lightning.evaluation.predictions import (
     tune_on_predictions,
     write_evaluation,
 )
+from sap_lightning.evaluation.repeats import RepeatResult, write_pooled_report
 from sap_lightning.evaluation.report import (
     Comparison,
     compare_runs,
@@ -55,6 +56,7 @@ from sap_lightning.evaluation.report import (
     write_comparison,
 )
 from sap_lightning.evaluation.study_report import (
+    LEARNING_MD,
     PATIENTS_PNG,
     TIMINGS_FILE,
     LearningRun,
@@ -103,6 +105,12 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
+def _dataset_folders(study: StudyConfig) -> tuple[Path, Path]:
+    """The skeleton and lesion datasets' folders (``dataset_root``, or the generated cohort)."""
+    root = Path(study.dataset_root) if study.dataset_root else Path(study.data_dir) / "phantoms"
+    return root / "skeleton", root / "lesion"
+
+
 def _cohort(study: StudyConfig) -> tuple[Path, Path]:
     """The skeleton and lesion datasets, generated when the study owns its data."""
     if study.dataset_root:
@@ -120,6 +128,7 @@ def _cohort(study: StudyConfig) -> tuple[Path, Path]:
                     shape=study.phantom_shape,
                     spacing=study.phantom_spacing,
                     workers=study.workers,
+                    mimics=study.mimics,
                 )
     return root / "skeleton", root / "lesion"
 
@@ -338,13 +347,16 @@ def _evaluate(study: StudyConfig, arm: str, splits: Splits, lesion: Path) -> Pat
 
 
 def run_study(study: StudyConfig) -> StudyResult:
-    """Run every step of the study and write the comparison report.
+    """Run every step of the study and write the comparison report (with ``repeats`` > 1,
+    every repeat's and the pooled one: :func:`run_repeats`).
 
     One invocation at a time per ``runs_dir`` trains and reports: a second one waits for the
     first (a file lock, taken once the data passed its checks, so a refused study writes
     nothing there) and then reuses the steps it completed, instead of training into the same
     run folders. The cohort, cache and split have locks of their own.
     """
+    if study.repeats > 1:
+        return run_repeats(study)
     clock = Clock()
     skeleton, lesion = clock.step("cohort", lambda: _cohort(study))
     splits = clock.step("check, preprocess, split", lambda: _prepare(study, skeleton, lesion))
@@ -358,8 +370,13 @@ def _run_steps_and_report(
     steps = _pretraining_steps(study, skeleton)
     for arm in study.arms:
         steps += _arm_steps(study, arm, splits, lesion)
+    if study.stage == "training":  # no test fold predicted (docs/protocol.md)
+        training = {run.step for run in pretraining_runs(study)}
+        steps = [s for s in steps if s.name in training or s.name.startswith("fine-tune ")]
     threads = threads_per_worker(study.workers, usable_cpus())
     run_steps(steps, clock, study.workers, threads)
+    if study.stage == "training":
+        return _report_training(study, clock, splits, threads)
     arms = {
         arm: clock.step(f"evaluate {arm}", partial(_evaluate, study, arm, splits, lesion))
         for arm in study.arms
@@ -421,6 +438,75 @@ def _draw_patients(study: StudyConfig, splits: Splits, lesion: Path, comparison:
     if patients:
         write_patient_grid(arms, lesion, patients, Path(study.report_dir) / PATIENTS_PNG)
     return patients_section(comparison, patients, baseline)
+
+
+def _report_training(study: StudyConfig, clock: Clock, splits: Splits, threads: int) -> StudyResult:
+    """``stage: training``: the learning section alone, in ``<report_dir>/learning.md``."""
+    report_dir = Path(study.report_dir)
+    learning = learning_section(
+        _learning_runs(study, splits), report_dir, "not run yet (stage: training)"
+    )
+    report = report_dir / LEARNING_MD
+    write_text(
+        report,
+        f"# Study `{study.name}`: training only (no test fold predicted)\n\n{learning}",
+    )
+    write_text(
+        report_dir / TIMINGS_FILE,
+        f"# Study `{study.name}`: wall time\n\n{clock.describe(study.workers, threads)}\n",
+    )
+    return StudyResult(report=report, seconds=clock.seconds, wall_seconds=clock.wall_seconds)
+
+
+def repeat_config(study: StudyConfig, repeat: int) -> StudyConfig:
+    """Repeat ``repeat`` of a study: seed ``seed + repeat`` for cohort, splits and networks;
+    repeat 0 in the study's own folders, the others in ``<folder>_repeat<r>``."""
+
+    def folder(path: str) -> str:
+        return path if repeat == 0 else f"{path.rstrip('/')}_repeat{repeat}"
+
+    return replace(
+        study,
+        seed=study.seed + repeat,
+        data_dir=folder(study.data_dir),
+        runs_dir=folder(study.runs_dir),
+        report_dir=folder(study.report_dir),
+        repeats=1,
+    )
+
+
+def run_repeats(study: StudyConfig) -> StudyResult:
+    """Every repeat in turn (each resumable, reusing its completed steps), then the pooled
+    report in ``<report_dir>_repeats/report.md`` (``evaluation/repeats.py``)."""
+    repeats = [repeat_config(study, r) for r in range(study.repeats)]
+    results = [run_study(config) for config in repeats]
+    if study.stage == "training":
+        return results[-1]
+    out = Path(f"{study.report_dir.rstrip('/')}_repeats")
+    report = write_pooled_report(
+        study,
+        [
+            RepeatResult(
+                r,
+                config,
+                {arm: Path(config.runs_dir) / arm / "evaluation" for arm in config.arms},
+                _learning_runs(config, _load_splits(config)),
+                results[r].report,
+            )
+            for r, config in enumerate(repeats)
+        ],
+        out,
+    )
+    return StudyResult(
+        report=report,
+        seconds={f"repeat {r}": result.wall_seconds for r, result in enumerate(results)},
+        wall_seconds=sum(result.wall_seconds for result in results),
+    )
+
+
+def _load_splits(study: StudyConfig) -> Splits:
+    _, lesion = _dataset_folders(study)
+    return load_splits(layout.default_splits_path(lesion))
 
 
 def _learning_runs(study: StudyConfig, splits: Splits) -> list[LearningRun]:

@@ -1,0 +1,206 @@
+"""The pooled report of a study's repeats (``sap study --repeats N``, docs/protocol.md): each
+repeat's primary effect, the effect pooled over repeats with a CI that resamples repeats and
+then patients, the secondary pairs the same way, and every repeat's learning diagnostics.
+
+One repeat is one draw of the cohort, the splits and every network's initialisation; the
+pooled CI carries that variation, which a single study's CI (patients only) does not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sap_lightning.config import StudyConfig
+from sap_lightning.core.io import write_json, write_text
+from sap_lightning.evaluation.diagnostics import LESION_LEARNING, diagnose
+from sap_lightning.evaluation.endpoints import PairedEffect, paired_effect, pooled_effect
+from sap_lightning.evaluation.report import PRIMARY_PAIR, load_evaluation, paired_patients
+from sap_lightning.evaluation.study_report import LearningRun
+
+REPORT_MD = "report.md"
+POOLED_JSON = "pooled.json"
+LEARNED_SENSITIVITY = 0.5
+"""Validation sensitivity at 0.5 above which a fine-tune has left the loss plateau."""
+
+
+@dataclass(frozen=True)
+class RepeatResult:
+    """What the pooled report reads of one repeat."""
+
+    repeat: int
+    config: StudyConfig
+    evaluations: dict[str, Path]
+    """Arm -> its evaluation folder (``sap evaluate``'s layout)."""
+    learning: list[LearningRun]
+    report: Path
+
+
+def _f2_differences(result: RepeatResult, arm: str, baseline: str) -> np.ndarray:
+    runs = {name: load_evaluation(path, name=name) for name, path in result.evaluations.items()}
+    both = paired_patients(runs[arm], runs[baseline], "f2")
+    differences = (both["f2_a"] - both["f2_b"]).to_numpy(np.float64)
+    return differences[~np.isnan(differences)]
+
+
+def _pairs(arms: Sequence[str]) -> list[tuple[str, str]]:
+    """(arm, baseline) pairs: the primary first, then every other pair of the study's arms,
+    scratch as the baseline where it is in the pair, else the later arm minus the earlier."""
+    pairs = []
+    for earlier, later in itertools.combinations(arms, 2):
+        pairs.append((later, earlier) if later != "scratch" else (earlier, later))
+    return sorted(pairs, key=lambda pair: pair != PRIMARY_PAIR)
+
+
+def _learning_cells(result: RepeatResult) -> list[str]:
+    """Per pretraining run its terms; then the fine-tunes' validation sensitivity at 0.5."""
+    cells = []
+    sensitivities = []
+    for run in result.learning:
+        diagnostics = diagnose(run.name, run.terms, run.run_dir)
+        if run.terms == LESION_LEARNING:
+            sensitivities.append(diagnostics.values[LESION_LEARNING[0].key])
+            continue
+        terms = ", ".join(
+            f"{term.label} {diagnostics.values[term.key]:.3f}"
+            + (f" ({diagnostics.chance[term.key]:.3f})" if term.key in diagnostics.chance else "")
+            for term in run.terms
+        )
+        cells.append(f"{run.name}: {terms}")
+    values = np.array(sensitivities, dtype=np.float64)
+    above = int(np.sum(values > LEARNED_SENSITIVITY))
+    cells.append(
+        f"fine-tunes {np.nanmin(values):.3f}-{np.nanmax(values):.3f}, "
+        f"{above} of {len(values)} above {LEARNED_SENSITIVITY:g}"
+        if values.size
+        else "no fine-tune"
+    )
+    return cells
+
+
+def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out_dir: Path) -> Path:
+    """``<out_dir>/report.md`` and ``pooled.json``: the repeats' effects and learning."""
+    arms = list(study.arms)
+    pairs = [pair for pair in _pairs(arms) if set(pair) <= set(arms)]
+    n = study.n_resamples
+    per_repeat: dict[tuple[str, str], list[np.ndarray]] = {pair: [] for pair in pairs}
+    for result in results:
+        for pair in pairs:
+            per_repeat[pair].append(_f2_differences(result, *pair))
+    pooled = {
+        pair: pooled_effect(groups, n, seed=study.seed) for pair, groups in per_repeat.items()
+    }
+    lines = [
+        f"# Study `{study.name}`: {len(results)} repeats",
+        "",
+        f"Repeat r draws the cohort, the splits and every network with seed {study.seed} + r "
+        "(docs/protocol.md); each has its own report:",
+        "",
+        *(
+            f"- repeat {r.repeat} (seed {r.config.seed}): "
+            f"[{r.report}]({Path('..') / r.report.relative_to(r.report.parents[1])})"
+            for r in results
+        ),
+        "",
+    ]
+    if PRIMARY_PAIR in pooled:
+        arm, baseline = PRIMARY_PAIR
+        effect = pooled[PRIMARY_PAIR]
+        excludes = not (effect.ci_low <= 0 <= effect.ci_high)
+        lines += [
+            f"**Primary endpoint pooled over {len(results)} repeats: {arm.upper()} minus "
+            f"{baseline} in patient F2, Hodges-Lehmann {effect.format()} (95% CI resampling "
+            f"repeats, then patients; {effect.n} pairs). The interval "
+            f"{'excludes' if excludes else 'includes'} 0: "
+            + (
+                f"{arm.upper()}'s F2 was {'higher' if effect.estimate > 0 else 'lower'} "
+                f"than {baseline}'s over these repeats."
+                if excludes
+                else f"these repeats do not tell {arm.upper()} and {baseline} apart."
+            )
+            + "**",
+            "",
+        ]
+    lines += ["## Effects per repeat", ""]
+    lines += _effects_table(pairs, per_repeat, pooled, n, study.seed)
+    lines += [
+        "",
+        "## Did the networks learn? (per repeat)",
+        "",
+        "Each pretraining's terms (chance level in brackets) and the fine-tunes' validation "
+        f"sensitivity at 0.5 (above {LEARNED_SENSITIVITY:g}: off the loss plateau); the "
+        "repeats' own reports have every run's curves.",
+        "",
+        "| repeat | learning |",
+        "|---|---|",
+        *(f"| {r.repeat} | " + "; ".join(_learning_cells(r)) + " |" for r in results),
+        "",
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / POOLED_JSON, _payload(study, results, pooled, per_repeat, n))
+    return write_text(out_dir / REPORT_MD, "\n".join(lines))
+
+
+def _effects_table(
+    pairs: Sequence[tuple[str, str]],
+    per_repeat: dict[tuple[str, str], list[np.ndarray]],
+    pooled: dict[tuple[str, str], PairedEffect],
+    n_resamples: int,
+    seed: int,
+) -> list[str]:
+    header = "| repeat | " + " | ".join(f"{a} minus {b}" for a, b in pairs) + " |"
+    rows = [header, "|---|" + "---|" * len(pairs)]
+    count = len(next(iter(per_repeat.values()))) if per_repeat else 0
+    for r in range(count):
+        cells = []
+        for pair in pairs:
+            effect = paired_effect(per_repeat[pair][r], n_resamples, seed=seed)
+            cells.append(f"{effect.format()}, p = {_p(effect.p)} (n = {effect.n})")
+        rows.append(f"| {r} | " + " | ".join(cells) + " |")
+    rows.append(
+        "| pooled | "
+        + " | ".join(f"**{pooled[pair].format()}** (n = {pooled[pair].n})" for pair in pairs)
+        + " |"
+    )
+    rows += [
+        "",
+        "Hodges-Lehmann estimate of the paired patient F2 differences with its 95% bootstrap CI; "
+        "per repeat the Pratt Wilcoxon p-value (the primary pair uncorrected, the others to be "
+        "read against Bonferroni over their number); pooled: repeats, then patients, "
+        "resampled.",
+    ]
+    return rows
+
+
+def _p(p: float) -> str:
+    return "n/a" if math.isnan(p) else f"{p:.3g}"
+
+
+def _payload(study, results, pooled, per_repeat, n_resamples) -> dict:
+    def effect(e: PairedEffect) -> dict:
+        return {
+            key: (None if isinstance(v, float) and math.isnan(v) else v)
+            for key, v in vars(e).items()
+        }
+
+    return {
+        "study": study.name,
+        "repeats": [{"repeat": r.repeat, "seed": r.config.seed} for r in results],
+        "pairs": [
+            {
+                "arm": a,
+                "baseline": b,
+                "pooled": effect(pooled[(a, b)]),
+                "per_repeat": [
+                    effect(paired_effect(d, n_resamples, seed=study.seed))
+                    for d in per_repeat[(a, b)]
+                ],
+            }
+            for a, b in pooled
+        ],
+    }
