@@ -34,14 +34,18 @@ from tests.tiny import TINY_NETWORK
 TINY_STUDY_OVERRIDES = [
     "logger=csv",
     "trainer.enable_progress_bar=false",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
+    "trainer.max_epochs=2",  # two epochs of one step: a checkpoint to resume from mid-run
+    "trainer.limit_train_batches=1",
     TINY_NETWORK,
     "data.samples_per_volume=1",
     "data.queue_length=2",
     "validation.roi_size=[64,64,64]",
 ]
 
+
+STUDY_ENV = {**os.environ, "SAP_NUM_THREADS": "1"}
+"""One torch thread per run: every study of the suite sums in the same order, so their reports
+can be compared byte for byte."""
 
 TINY_STUDY_ARMS = ("scratch", "ssl", "mae", "sap")
 """Every built-in arm, so the one study of the suite covers each pretraining and transfer."""
@@ -59,9 +63,10 @@ class TinyStudy:
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> TinyStudy:
     """The whole study on a tiny cohort with two-step trainings, every built-in arm, run once per
-    session through the real command line: two ``sap study`` processes with two workers each
-    started at once on fresh folders (the second waits for the first's cohort and steps). Used
-    by the study tests and by the comparison notebook."""
+    session through the real command line: two ``sap study`` processes started at once on fresh
+    folders (the second waits for the first's cohort and steps), each run on one torch thread
+    (:data:`STUDY_ENV`). Used by the study tests and by the comparison notebook. (Steps running
+    in worker processes are ``tests/unit/test_steps.py``'s.)"""
     from sap_lightning.config import StudyConfig, load_study_config, to_yaml
 
     root = tmp_path_factory.mktemp("study")
@@ -78,13 +83,15 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> TinyStudy:
         n_resamples=50,
         arms=list(TINY_STUDY_ARMS),
         overrides=list(TINY_STUDY_OVERRIDES),
-        workers=2,
+        workers=1,
     )
     study_file = root / "study.yaml"
     study_file.write_text(to_yaml(config))
     command = [sys.executable, "-m", "sap_lightning", "study", "--config", str(study_file)]
     processes = [
-        subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        subprocess.Popen(
+            command, env=STUDY_ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
         for _ in range(2)
     ]
     logs = []

@@ -9,7 +9,10 @@ Usage::
 - ``batch:E:B``: after training batch ``B`` of epoch ``E`` (so, for ``E >= 1``, mid-epoch with
   the previous epoch's ``last.ckpt`` on disk);
 - ``checkpoint:N``: in the middle of writing the ``N``-th ``last.ckpt``: half of its bytes are
-  written and flushed to the file being written, the rest never comes.
+  written and flushed to the file being written, the rest never comes;
+- ``run:SUFFIX:E``: at the start of epoch ``E`` of the training run whose folder ends with
+  ``SUFFIX`` (epoch ``E - 1``'s ``last.ckpt`` on disk), for ``sap study`` with ``workers: 1``;
+- ``predict:N``: after the ``N``-th case ``sap predict`` (or a study's prediction step) wrote.
 
 On reaching the point it writes ``MARKER`` (``"<epoch> <global step>"``) and sleeps; the test kills
 it. A run that is not killed exits with status 3, so a missing kill cannot pass as success.
@@ -51,6 +54,34 @@ class PauseAfterBatch(L.Callback):
             _pause(self.marker, trainer.current_epoch, trainer.global_step)
 
 
+class PauseAtEpochStart(L.Callback):
+    def __init__(self, marker: Path, run_suffix: str, epoch: int) -> None:
+        self.marker, self.run_suffix, self.epoch = marker, run_suffix, epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = str(getattr(pl_module.cfg, "run_dir", "")).rstrip("/")
+        if trainer.current_epoch == self.epoch and run_dir.endswith(self.run_suffix):
+            _pause(self.marker, trainer.current_epoch, trainer.global_step)
+
+
+def pause_after_predicted_case(marker: Path, occurrence: int) -> None:
+    """Make the ``occurrence``-th predicted case stop the process once it is written."""
+    from sap_lightning.inference.predict import Predictor
+
+    real = Predictor._predict_case
+    seen = 0
+
+    def predict_case(self: Predictor, *args: Any, **kwargs: Any) -> Any:
+        nonlocal seen
+        written = real(self, *args, **kwargs)
+        seen += 1
+        if seen == occurrence:
+            _pause(marker, -1, seen)
+        return written
+
+    Predictor._predict_case = predict_case  # type: ignore[method-assign]
+
+
 def pause_inside_checkpoint_write(marker: Path, occurrence: int) -> None:
     """Make the ``occurrence``-th ``torch.save`` of ``last.ckpt`` stop half-way through."""
     real_save = torch.save
@@ -85,6 +116,17 @@ def run(marker: Path, where: str, argv: list[str]) -> int:
             return [*build_callbacks(*args, **kwargs), PauseAfterBatch(marker, epoch, batch)]
 
         train.build_callbacks = with_pause
+    elif kind == "run":
+        suffix, _, epoch_text = spec.rpartition(":")
+        build_callbacks = train.build_callbacks
+
+        def with_epoch_pause(*args: Any, **kwargs: Any) -> list[L.Callback]:
+            pause = PauseAtEpochStart(marker, suffix, int(epoch_text))
+            return [*build_callbacks(*args, **kwargs), pause]
+
+        train.build_callbacks = with_epoch_pause
+    elif kind == "predict":
+        pause_after_predicted_case(marker, int(spec))
     elif kind == "checkpoint":
         pause_inside_checkpoint_write(marker, int(spec))
     else:

@@ -114,6 +114,7 @@ def test_overwrite_clears_only_prediction_outputs(data, tmp_path: Path) -> None:
     assert ours == [
         "case000.nii.gz",
         "case000_lesions.csv",
+        "case000_mip.png",
         "case000_summary.json",
         "prediction.json",
         "probabilities/case000.nii.gz",

@@ -31,10 +31,8 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,10 +54,10 @@ from sap_lightning.dataset.layout import PREPROCESSED_ENV, SPLITS_JSON
 from sap_lightning.modules import build_module
 from tests.datasets import save, truncate
 from tests.integration.test_concurrency import assert_same_cache
+from tests.killing import run_until_paused
 from tests.tiny import TINY_CONFIG, TINY_NETWORK
 from tests.training import EXPERIMENTS, TINY_TRAINING, prepare_tiny_datasets
 
-PAUSING_CLI = Path(__file__).with_name("_pausing_cli.py")
 TINY = TINY_NETWORK
 SMALL = TINY_TRAINING
 CONFIG = {
@@ -233,32 +231,6 @@ def reference_runs(data, tmp_path_factory: pytest.TempPathFactory, deterministic
     return reference
 
 
-def run_until_paused(args: list[str], where: str, workdir: Path) -> tuple[int, int]:
-    """Start ``sap <args>`` in a subprocess, wait until it pauses at ``where``, ``kill -9`` it.
-
-    Returns the (epoch, global step) at which it was killed.
-    """
-    marker, log = workdir / "paused.txt", workdir / "killed_run.log"
-    command = [sys.executable, str(PAUSING_CLI), str(marker), where, "--", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=output, stderr=output)
-        try:
-            deadline = time.monotonic() + 240
-            while not (marker.is_file() and marker.read_text().endswith("\n")):
-                if process.poll() is not None:
-                    pytest.fail(f"run ended before pausing:\n{log.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"run never paused at {where}:\n{log.read_text()[-3000:]}")
-                time.sleep(0.1)
-        finally:
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    epoch, step = (int(v) for v in marker.read_text().split())
-    return epoch, step
-
-
 def assert_same_training_state(path: Path, reference: Path) -> None:
     """Same counters, weights, optimiser state and schedule (tight tolerance)."""
     got = torch.load(path, weights_only=True)
@@ -333,7 +305,9 @@ def test_kill_while_writing_last_checkpoint_keeps_the_previous_one(
 
 
 def _predict(data: dict[str, Path], model: Path, out: Path, *extra: str) -> int:
+    """``sap predict`` without pictures (they are ``test_pictures_wiring.py``'s)."""
     args = ["predict", "--checkpoint", str(model), "--input", str(data["lesion"])]
+    extra = ("--no-pictures", *extra)
     return main([*args, "--out", str(out), "--threshold", "0.5", "--no-progress", *extra])
 
 

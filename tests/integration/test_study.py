@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
+import pytest
 import torch
 
 from sap_lightning.backbones import get_spec
 from sap_lightning.cache.splits import load_splits
-from sap_lightning.config import load_config
+from sap_lightning.config import load_config, to_yaml
 from sap_lightning.core import mixed_precision
 from sap_lightning.core.arms import get_arm
 from sap_lightning.dataset import layout
 from sap_lightning.pipeline.steps import DONE_FILE
 from sap_lightning.pipeline.study import run_study
-from tests.conftest import TINY_STUDY_ARMS
+from tests.conftest import STUDY_ENV, TINY_STUDY_ARMS
+from tests.killing import run_until_paused
 
 
 def _splits(config):
@@ -27,7 +32,7 @@ def _splits(config):
 
 def test_report_has_every_arm_with_statistics(tiny_study) -> None:
     report = tiny_study.report.read_text()
-    assert "Verdict" in report
+    assert "**Primary endpoint ([protocol](docs/protocol.md)): SAP minus scratch" in report
     for arm in TINY_STUDY_ARMS:
         assert f" {arm} |" in report.split("## Table 1", 1)[1]
     assert "F2 (detection score)" in report and "p" in report
@@ -45,7 +50,7 @@ def test_header_and_learning_section_name_every_arm_and_pretraining(tiny_study) 
     pretraining run (MAE included) with its own learning terms, every fine-tune."""
     report = tiny_study.report.read_text()
     header = next(line for line in report.splitlines() if line.startswith("- Experiments:"))
-    learning = report.split("## Did the networks learn?", 1)[1].split("**Verdict", 1)[0]
+    learning = report.split("## Did the networks learn?", 1)[1].split("\n## What each", 1)[0]
     for name in TINY_STUDY_ARMS:
         arm = get_arm(name)
         assert f"{name} `experiments/cpu/finetune_{name}.yaml`" in header
@@ -168,10 +173,80 @@ def test_a_rerun_reuses_completed_steps(tiny_study) -> None:
     stamps = {p: os.stat(p).st_mtime_ns for p in checkpoints}
     assert all((p.parents[1] / DONE_FILE).is_file() for p in checkpoints)
     first_report = tiny_study.report.read_text()
-    second = run_study(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the study ran (STUDY_ENV): the report names the threads
+    try:
+        second = run_study(config)
+    finally:
+        torch.set_num_threads(threads)
     assert {p: os.stat(p).st_mtime_ns for p in checkpoints} == stamps
     assert second.report.read_text() == first_report
     assert "[timings.md](timings.md)" in first_report and "Wall time" not in first_report.replace(
         "Wall time of every step: [timings.md]", ""
     )
     assert "reused from an earlier invocation" in (second.report.parent / "timings.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_study_killed_in_training_and_prediction_ends_with_the_uninterrupted_report(
+    tiny_study, tmp_path: Path
+) -> None:
+    """``kill -9`` of the study's process group during a pretraining, during a fine-tune (each
+    mid-run, its first epoch's checkpoint on disk) and during prediction; started again each
+    time, the study resumes the runs and writes the uninterrupted study's report byte for byte
+    (one torch thread per run in both, so the same sums)."""
+    config = replace(
+        tiny_study.config,
+        data_dir=str(tmp_path / "data"),
+        runs_dir=str(tmp_path / "runs"),
+        report_dir=str(tmp_path / "report"),
+        workers=1,
+    )
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(to_yaml(config))
+    args = ["study", "--config", str(study_file)]
+    logs = []
+    for where in ("run:pretrain:1", "run:sap/fold1:1", "predict:1"):
+        run_until_paused(args, where, tmp_path, STUDY_ENV)
+        logs.append((tmp_path / "killed_run.log").read_text())
+    assert "resuming interrupted run" in logs[1]  # the killed pretraining, resumed
+    assert "resuming interrupted run" in logs[2]  # the killed fine-tune, resumed
+    finish = subprocess.run(
+        [sys.executable, "-m", "sap_lightning", *args],
+        env=STUDY_ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    assert "redoing incomplete step" in finish.stderr  # the killed prediction, redone
+    expected = tiny_study.report.read_text().replace(tiny_study.config.runs_dir, config.runs_dir)
+    assert (tmp_path / "report" / "report.md").read_text() == expected
+
+
+@pytest.mark.slow
+def test_repeats_reuse_the_study_and_pool_a_second_draw(tiny_study, tmp_path: Path) -> None:
+    """``sap study --repeats 2``: repeat 0 is the suite's study (every step reused, the same
+    report), repeat 1 a new draw (seed + 1) in sibling folders; the pooled report has both
+    repeats' effects and learning."""
+    config = tiny_study.config
+    before = tiny_study.report.read_text()
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(to_yaml(config))
+    command = [sys.executable, "-m", "sap_lightning", "study", "--config", str(study_file)]
+    done = subprocess.run(
+        [*command, "--repeats", "2"], env=STUDY_ENV, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    pooled = Path(f"{config.report_dir}_repeats") / "report.md"
+    text = pooled.read_text()
+    assert f"repeat 1 (seed {config.seed + 1})" in text
+    second = Path(f"{config.runs_dir}_repeat1")
+    assert (second / "pretrain" / DONE_FILE).is_file()
+    assert load_config(second / "sap" / "fold1" / "config.yaml").seed == config.seed + 1
+    rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 1 |", "| pooled |"))]
+    assert len(rows) == 2 + 2 + 1  # effects per repeat and pooled; learning per repeat
+    assert tiny_study.report.read_text() == before  # repeat 0: every step reused, same report
+    assert (
+        "reused from an earlier invocation" in (Path(config.report_dir) / "timings.md").read_text()
+    )

@@ -235,8 +235,8 @@ def transfer_weights(
     model = unwrap(model)
     checkpoint = read_checkpoint(source)
     origin = checkpoint.origin
+    spec = _resolve_transfer_spec(spec, mode, checkpoint)  # another network: the first problem
     _check_source(checkpoint, expected_task, expected_recipe)
-    spec = _resolve_transfer_spec(spec, mode, checkpoint)
 
     groups = _alias_groups(model)
     target_state = model.state_dict()

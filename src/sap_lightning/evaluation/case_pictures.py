@@ -6,6 +6,7 @@ study report (three patients chosen by a stated rule, every arm side by side).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from sap_lightning.evaluation.predictions import PredictionDirs, load_case
 from sap_lightning.inference.pictures import CasePicture, b1000_channel_of, draw_case
 from sap_lightning.metrics.arrays import binarize
 
+log = logging.getLogger(__name__)
+
 PICTURES_DIR = "pictures"
 """Folder of an evaluation holding ``<case>.png``."""
 STUDY_PANEL_PX = 420
@@ -32,8 +35,12 @@ BACKGROUND = 255
 
 
 def b1000_channel(dataset_dir: str | os.PathLike) -> int:
-    """:func:`b1000_channel_of` the channels ``dataset.json`` names."""
-    names = json.loads((Path(dataset_dir) / layout.DATASET_JSON).read_text())["channel_names"]
+    """:func:`b1000_channel_of` the channels ``dataset.json`` names (the second channel for a
+    folder without one)."""
+    path = Path(dataset_dir) / layout.DATASET_JSON
+    if not path.is_file():
+        return 1
+    names = json.loads(path.read_text())["channel_names"]
     return b1000_channel_of([names[key] for key in sorted(names, key=int)])
 
 
@@ -77,11 +84,22 @@ def write_case_pictures(
     out_dir: str | os.PathLike,
     connectivity: int = DEFAULT_CONNECTIVITY,
 ) -> list[Path]:
-    """``<out_dir>/pictures/<case>.png`` for every case (each written atomically)."""
+    """``<out_dir>/pictures/<case>.png`` for every case whose b1000 image the dataset holds
+    (each written atomically); a folder of labels alone has nothing to draw on."""
+    channel = b1000_channel(dataset_dir)
+    drawable = [c for c in case_ids if layout.image_path(dataset_dir, c, channel).is_file()]
+    if len(drawable) < len(case_ids):
+        log.info(
+            "%d of %d cases have no b1000 image in %s: no picture for them",
+            len(case_ids) - len(drawable),
+            len(case_ids),
+            dataset_dir,
+        )
     folder = Path(out_dir) / PICTURES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    if drawable:
+        folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for case_id in case_ids:
+    for case_id in drawable:
         path = folder / f"{case_id}.png"
         draw_evaluated_case(
             predictions_dir, dataset_dir, case_id, threshold, path=path, connectivity=connectivity

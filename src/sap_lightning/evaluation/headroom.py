@@ -34,7 +34,8 @@ from sap_lightning.core.io import read_json
 from sap_lightning.core.lesions import component_boxes, connected_components
 from sap_lightning.dataset import layout
 from sap_lightning.dataset.images import read_canonical
-from sap_lightning.dataset.validate import DatasetInfo, read_case, require_valid_dataset
+from sap_lightning.dataset.info import DatasetInfo, read_case
+from sap_lightning.dataset.validate import require_valid_dataset
 from sap_lightning.metrics.functional import lesion_detection, match_lesions
 from sap_lightning.synthetic import TISSUES_DIR, TISSUES_JSON, tissue_path
 

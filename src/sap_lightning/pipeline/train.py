@@ -42,7 +42,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from matplotlib.image import imsave
 
 from sap_lightning.backbones import get_spec
 from sap_lightning.backbones.checkpoints import load_checkpoint_file
@@ -63,10 +62,7 @@ from sap_lightning.core.run_layout import (
     last_checkpoint_path,
 )
 from sap_lightning.core.tasks import get_task
-from sap_lightning.evaluation.case_pictures import (
-    PICTURES_DIR,
-    draw_validation_case,
-)
+from sap_lightning.evaluation.case_pictures import draw_validation_case
 from sap_lightning.evaluation.predictions import (
     EvaluationSettings,
     summarize_metrics,
@@ -549,21 +545,7 @@ def write_validation_evaluation(module: LesionSegmentation, out_dir: Path) -> No
     evaluation = summarize_metrics(module.val_metrics, settings, val.threshold, sources)
     if module.trainer.is_global_zero:
         write_evaluation(evaluation, out_dir)
-        _keep_validation_pictures(module)
-
-
-def _keep_validation_pictures(module: LesionSegmentation) -> None:
-    """This validation's case pictures: to W&B (``val/pictures``) with a W&B logger, else as
-    ``<run>/pictures/step<N>/<case>.png``."""
-    pictures, step = module.validation_pictures, module.global_step
-    if isinstance(module.logger, WandbLogger):
-        wandb_log.log_validation_pictures(module.logger, pictures, step)
-    elif module.cfg.run_dir is not None:
-        folder = Path(module.cfg.run_dir) / PICTURES_DIR / f"step{step:06d}"
-        for case_id, rgb in pictures.items():
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(folder / f"{case_id}.png") as tmp:
-                imsave(tmp, rgb, format="png")
+        wandb_log.keep_validation_pictures(module)
 
 
 class StepBudget(Callback):

@@ -19,8 +19,11 @@ from typing import Any
 
 import pandas as pd
 from lightning.pytorch.loggers import WandbLogger
+from matplotlib.image import imsave
 
+from sap_lightning.core.io import atomic_path
 from sap_lightning.core.run_layout import EVALUATION_DIR
+from sap_lightning.evaluation.case_pictures import PICTURES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +93,17 @@ def log_evaluation(logger: WandbLogger, run_dir: Path) -> None:
         payload["evaluation/froc"] = wandb.Image(str(folder / FROC_PNG))
     if payload:
         logger.experiment.log(payload)
+
+
+def keep_validation_pictures(module: Any) -> None:
+    """This validation's case pictures: to W&B (``val/pictures``) with a W&B logger, else as
+    ``<run>/pictures/step<N>/<case>.png``."""
+    pictures, step = module.validation_pictures, module.global_step
+    if isinstance(module.logger, WandbLogger):
+        log_validation_pictures(module.logger, pictures, step)
+    elif module.cfg.run_dir is not None:
+        folder = Path(module.cfg.run_dir) / PICTURES_DIR / f"step{step:06d}"
+        for case_id, rgb in pictures.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / f"{case_id}.png") as tmp:
+                imsave(tmp, rgb, format="png")
