@@ -21,7 +21,12 @@ import yaml
 
 from sap_lightning.config import load_config
 from sap_lightning.core.mixed_precision import training_precision
-from sap_lightning.pipeline.launch import Launch, detect_launch, devices_per_node
+from sap_lightning.pipeline.launch import (
+    Launch,
+    detect_launch,
+    devices_per_node,
+    share_node_cpus,
+)
 from tests.datasets import write_tiny_dataset
 from tests.distributed._cluster import (
     FAST,
@@ -95,6 +100,30 @@ def test_launch_is_read_as_lightning_reads_it(case: str, monkeypatch: pytest.Mon
     assert trainer.node_rank * trainer.num_devices + trainer.local_rank == launch.global_rank
     assert trainer.num_devices * trainer.num_nodes == launch.world_size
     assert launch.primary == (expected[2] == 0)
+
+
+def test_unbound_processes_of_a_node_share_its_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from sap_lightning.core import threads
+
+    monkeypatch.delenv("SAP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(16)
+        four_per_node = Launch("slurm", True, 5, 1, 1, 8, 2, "slurm:1", 0)
+        assert share_node_cpus(four_per_node) == 4 and torch.get_num_threads() == 4
+        assert share_node_cpus(Launch("lightning", False, 0, 0, 0, 1, 1, None, 0)) is None
+        monkeypatch.setattr(os, "cpu_count", lambda: 64)  # bound to 16 of 64 CPUs: kept
+        assert share_node_cpus(four_per_node) is None
+        monkeypatch.setenv("SAP_NUM_THREADS", "2")
+        monkeypatch.setattr(os, "cpu_count", lambda: 16)
+        assert share_node_cpus(four_per_node) is None
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_device_counts_follow_lightnings_parsing() -> None:

@@ -99,15 +99,18 @@ def suggested_shm_size(need_bytes: int) -> str:
     return f"{math.ceil(wanted / 1024**3)}g"
 
 
-def check_shared_memory(need: SharedMemoryNeed, processes: int, path: Path = SHM_PATH) -> None:
-    """Refuse in one line when the ``processes`` of this node would not fit in ``path``."""
-    free = shm_free_bytes(path)
+def check_shared_memory(
+    need: SharedMemoryNeed, processes: int, path: Path = SHM_PATH, free_bytes: int | None = None
+) -> None:
+    """Refuse in one line when the ``processes`` of this node would not fit in ``path`` (its
+    free space, or ``free_bytes``)."""
+    free = shm_free_bytes(path) if free_bytes is None else free_bytes
     total = need.total_bytes * processes
     if free is None or total == 0 or total <= free:
         return
-    who = "this process" if processes == 1 else f"this node's {processes} processes"
+    who = "this process needs" if processes == 1 else f"this node's {processes} processes need"
     raise ConfigError(
-        f"shared memory: {who} need {total / MIB:.0f} MiB in {path} ({need.describe()} each), "
+        f"shared memory: {who} {total / MIB:.0f} MiB in {path} ({need.describe()} each), "
         f"but it has {free / MIB:.0f} MiB free; in a container start it with --shm-size="
         f"{suggested_shm_size(total)} or --ipc=host (or lower data.num_workers / "
         "data.queue_length)"

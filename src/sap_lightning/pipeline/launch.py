@@ -212,6 +212,39 @@ def is_launching_process() -> bool:
     return int(environment.global_rank()) == 0
 
 
+def share_node_cpus(launch: Launch) -> int | None:
+    """Give each of a node's processes its share of the node's CPUs; returns the threads set.
+
+    Every process sizes torch's thread pool to the CPUs it may use (``core/threads.py``). When
+    the launcher did not bind each process to CPUs of its own (SLURM without CPU binding,
+    processes started by hand), N processes of a node would each start a thread per CPU of the
+    node and spin against each other; each then takes 1/N of them. ``SAP_NUM_THREADS`` /
+    ``OMP_NUM_THREADS`` (torchrun and Lightning's launcher set it) keep their count.
+    """
+    import torch
+
+    from sap_lightning.core.threads import ENV_OVERRIDE, usable_cpus
+
+    if (
+        launch.local_world_size <= 1
+        or os.environ.get(ENV_OVERRIDE)
+        or os.environ.get("OMP_NUM_THREADS")
+    ):
+        return None
+    usable = usable_cpus()
+    if usable < (os.cpu_count() or usable):
+        return None  # bound to some CPUs already (cpuset, taskset, SLURM's binding)
+    threads = max(1, usable // launch.local_world_size)
+    if torch.get_num_threads() > threads:
+        torch.set_num_threads(threads)
+        log.info(
+            "%d processes on this node: torch uses %d threads each",
+            launch.local_world_size,
+            threads,
+        )
+    return threads
+
+
 # --------------------------------------------------------------------------------------------
 # Decision handed to Lightning's child processes
 

@@ -80,6 +80,7 @@ from sap_lightning.pipeline.launch import (
     decision_for_children,
     detect_launch,
     is_launching_process,
+    share_node_cpus,
 )
 from sap_lightning.pipeline.run_folder import (
     clear_run_dir,
@@ -444,6 +445,7 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
     _check_strategy(cfg)
     check_registered_choices(cfg)
     launch = detect_launch(cfg.trainer)
+    share_node_cpus(launch)
     run_dir = resolve_run_dir(cfg)
     cfg = dataclasses.replace(
         cfg,
