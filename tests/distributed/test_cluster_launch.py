@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from sap_lightning.config import load_config
+from sap_lightning.core.errors import SapError
 from sap_lightning.core.mixed_precision import training_precision
 from sap_lightning.pipeline.launch import (
     Launch,
@@ -124,6 +125,19 @@ def test_unbound_processes_of_a_node_share_its_cpus(monkeypatch: pytest.MonkeyPa
         assert share_node_cpus(four_per_node) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_process_that_never_starts_is_named_by_rank_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from sap_lightning.pipeline import launch as launch_module
+
+    monkeypatch.setattr(launch_module, "JOIN_TIMEOUT_S", 1.0)
+    endpoint = SimpleNamespace(main_address="127.0.0.1", main_port=free_port())
+    alone = Launch("slurm", True, 0, 0, 0, 2, 1, "slurm:9", 0, environment=endpoint)
+    channel = launch_module.StartChannel(alone)
+    with pytest.raises(SapError, match=r"^process 1 of 2 \(slurm\) did not start within 1 s"):
+        channel.check_everyone_joined()
 
 
 def test_device_counts_follow_lightnings_parsing() -> None:
@@ -241,6 +255,7 @@ NAN_DRIVER = """
 import sys
 from lightning.pytorch.callbacks import Callback
 from sap_lightning.config import load_config
+from sap_lightning.core.errors import SapError
 from sap_lightning.core.mixed_precision import training_precision
 from sap_lightning.core.errors import SapError
 from sap_lightning.pipeline.train import run_training

@@ -54,7 +54,9 @@ CONNECT_TIMEOUT_S = 45.0
 PREPARE_TIMEOUT_S = 4 * 3600.0
 """How long processes wait for their node's cache (a large cohort takes a while to build)."""
 STEP_TIMEOUT_S = 600.0
-"""How long processes wait for the others at any other step of the start."""
+"""How long processes wait for rank 0's decision and its writes."""
+JOIN_TIMEOUT_S = 120.0
+"""How long rank 0 waits for every process to reach the store (launchers start them together)."""
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,22 @@ class StartChannel:
         self.hosts = hosts
         if hosts:
             _STORES.append(self.store)
+        self.put(f"joined{self.index}", self.host)
+
+    def check_everyone_joined(self) -> None:
+        """Rank 0: refuse the start when a process never reached the store."""
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for other in range(1, self.count):
+            remaining = max(1.0, deadline - time.monotonic())
+            try:
+                self.get(f"joined{other}", f"process {other} to start", remaining)
+            except StartFailed:
+                raise
+            except SapError:
+                raise SapError(
+                    f"process {other} of {self.count} ({self.launch.launcher}) did not start "
+                    f"within {JOIN_TIMEOUT_S:.0f} s; see its log (or the launcher's)"
+                ) from None
 
     def _endpoint(self) -> tuple[str, int]:
         environment = self.launch.environment
@@ -415,6 +433,7 @@ class Start:
             if self.launch.primary:
                 decision = decide()
                 if self.channel is not None:
+                    self.channel.check_everyone_joined()
                     self.channel.put("decision", decision)
                 return decision
             assert self.channel is not None
@@ -443,8 +462,10 @@ class Start:
         with self.step():
             self.channel.put(f"ready{self.channel.index}", digest)
             if self.channel.index == 0:
-                for other in range(1, self.channel.count):
-                    theirs = self.channel.get(f"ready{other}", f"process {other} to be ready")
+                for other in range(1, self.channel.count):  # maybe still building its cache
+                    theirs = self.channel.get(
+                        f"ready{other}", f"process {other} to be ready", PREPARE_TIMEOUT_S
+                    )
                     if theirs != digest:
                         raise SapError(
                             f"process {other} reads another cache or splits than rank 0 ({theirs} "
@@ -453,7 +474,7 @@ class Start:
                         )
                 self.channel.put("all-ready", True)
             else:
-                self.channel.get("all-ready", "every process to be ready")
+                self.channel.get("all-ready", "every process to be ready", PREPARE_TIMEOUT_S)
 
     def started(self) -> None:
         """Rank 0 has written the run folder (the others wait for it before training)."""
