@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from sap_lightning.config import load_config
 from sap_lightning.core.errors import SapError
@@ -77,6 +78,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_launch_is_read_as_lightning_reads_it(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     variables, devices, nodes, expected = CASES[case]
+    # A Trainer built under another rank's variables sets the rank-zero-only rank: restored.
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     for name in base_env().keys() ^ os.environ.keys():
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():

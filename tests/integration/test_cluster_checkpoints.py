@@ -17,7 +17,8 @@ from sap_lightning.config import load_config
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.run_layout import LAUNCH_FILE, resume_checkpoint_path
 from sap_lightning.pipeline import train
-from sap_lightning.pipeline.train import per_process_batch, run_training
+from sap_lightning.pipeline.launch import per_process_batch
+from sap_lightning.pipeline.train import run_training
 from tests.datasets import write_tiny_dataset
 from tests.training import EXPERIMENTS, TINY_TRAINING
 
@@ -138,9 +139,9 @@ def test_the_newest_of_last_and_lightnings_requeue_checkpoint_is_resumed(tmp_pat
 def test_the_global_batch_is_kept_on_any_gpu_count(world: int, accumulate: int, batch: int):
     cfg = load_config(
         "experiments/paper/finetune_scratch.yaml",
-        [f"trainer.accumulate_grad_batches={accumulate}"],
+        [f"trainer.accumulate_grad_batches={accumulate}", f"trainer.devices={world}"],
     )
-    assert cfg.trainer.global_batch_size == 4 and cfg.trainer.devices == "auto"
+    assert cfg.trainer.global_batch_size == 4 and cfg.trainer.devices == world
     assert per_process_batch(cfg, world).data.batch_size == batch
 
 

@@ -29,6 +29,7 @@ to the processes it creates in an environment variable (:data:`DECISION_ENV`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sap_lightning.config.schema import TrainerConfig
+from sap_lightning.config.schema import ExperimentConfig, TrainerConfig
 from sap_lightning.core.errors import ConfigError, SapError
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,33 @@ def share_node_cpus(launch: Launch) -> int | None:
             threads,
         )
     return threads
+
+
+def per_process_batch(cfg: ExperimentConfig, world_size: int) -> ExperimentConfig:
+    """``cfg`` with ``data.batch_size`` derived from ``trainer.global_batch_size`` for
+    ``world_size`` processes (unchanged without a global batch); an uneven split is refused."""
+    total = cfg.trainer.global_batch_size
+    if total is None:
+        return cfg
+    share = world_size * cfg.trainer.accumulate_grad_batches
+    if total % share:
+        raise ConfigError(
+            f"trainer.global_batch_size={total} does not split over {world_size} process(es) x "
+            f"{cfg.trainer.accumulate_grad_batches} accumulated batch(es): use a multiple of "
+            f"{share} (and scale the learning rates) or another trainer.devices"
+        )
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=total // share))
+
+
+def check_world_size(trainer: Any, launch: Launch) -> None:
+    """The processes the launcher started must be the ones the Trainer will use."""
+    expected = int(trainer.num_devices) * int(trainer.num_nodes)
+    if expected != launch.world_size:
+        raise ConfigError(
+            f"{launch.launcher} runs {launch.world_size} process(es), but trainer.devices x "
+            f"trainer.num_nodes = {trainer.num_devices} x {trainer.num_nodes}: make them agree "
+            "(under SLURM, --ntasks-per-node = trainer.devices and --nodes = trainer.num_nodes)"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sap_lightning.backbones import get_spec
 from sap_lightning.batches.planners import PLANNERS
@@ -76,10 +77,12 @@ from sap_lightning.pipeline import wandb_log
 from sap_lightning.pipeline.launch import (
     Launch,
     Start,
+    check_world_size,
     data_digest,
     decision_for_children,
     detect_launch,
     is_launching_process,
+    per_process_batch,
     share_node_cpus,
 )
 from sap_lightning.pipeline.run_folder import (
@@ -254,8 +257,17 @@ def build_trainer(
     cfg: ExperimentConfig, run_dir: Path, logger: Logger | None, callbacks: list[Callback]
 ) -> L.Trainer:
     """The Trainer of ``cfg.trainer`` (DDP: ``strategy=ddp``, gloo on CPU, NCCL on GPU)."""
-    t = cfg.trainer
     _check_strategy(cfg)
+    try:
+        return _trainer(cfg, run_dir, logger, callbacks)
+    except (MisconfigurationException, ValueError) as err:  # devices the node lacks, and such
+        raise ConfigError(f"trainer: {str(err).strip().splitlines()[0]}") from None
+
+
+def _trainer(
+    cfg: ExperimentConfig, run_dir: Path, logger: Logger | None, callbacks: list[Callback]
+) -> L.Trainer:
+    t = cfg.trainer
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -384,33 +396,6 @@ def _discard_unstarted_run_on_os_error(train: Any) -> Any:
     return wrapper
 
 
-def per_process_batch(cfg: ExperimentConfig, world_size: int) -> ExperimentConfig:
-    """``cfg`` with ``data.batch_size`` derived from ``trainer.global_batch_size`` for
-    ``world_size`` processes (unchanged without a global batch); an uneven split is refused."""
-    total = cfg.trainer.global_batch_size
-    if total is None:
-        return cfg
-    share = world_size * cfg.trainer.accumulate_grad_batches
-    if total % share:
-        raise ConfigError(
-            f"trainer.global_batch_size={total} does not split over {world_size} process(es) x "
-            f"{cfg.trainer.accumulate_grad_batches} accumulated batch(es): use a multiple of "
-            f"{share} (and scale the learning rates) or another trainer.devices"
-        )
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=total // share))
-
-
-def _check_world_size(trainer: L.Trainer, launch: Launch) -> None:
-    """The processes the launcher started must be the ones the Trainer will use."""
-    expected = int(trainer.num_devices) * int(trainer.num_nodes)
-    if expected != launch.world_size:
-        raise ConfigError(
-            f"{launch.launcher} runs {launch.world_size} process(es), but trainer.devices x "
-            f"trainer.num_nodes = {trainer.num_devices} x {trainer.num_nodes}: make them agree "
-            "(under SLURM, --ntasks-per-node = trainer.devices and --nodes = trainer.num_nodes)"
-        )
-
-
 def _write_run_folder(
     cfg: ExperimentConfig,
     run_dir: Path,
@@ -485,7 +470,7 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
             *extra_callbacks,
         ]
         trainer = build_trainer(cfg, run_dir, logger, callbacks)
-        _check_world_size(trainer, launch)
+        check_world_size(trainer, launch)
     start.ready(data_digest(datamodule.cache_root / CACHE_JSON, datamodule.splits_path))
 
     # The folder is written only once every process is ready.
