@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from sap_lightning.config import load_config
@@ -34,10 +36,15 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_launcher(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No launcher's variables; one torch thread (the tiny network gains nothing from more)."""
     for name in list(os.environ):
         if name.startswith(LAUNCHER_VARIABLES):
             monkeypatch.delenv(name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _config(dataset: Path, run_dir: Path, *overrides: str):
@@ -47,6 +54,7 @@ def _config(dataset: Path, run_dir: Path, *overrides: str):
             *TINY_TRAINING, "logger=none", f"data.dataset={dataset}", f"run_dir={run_dir}",
             "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "task=lesion",
             "trainer.max_epochs=1", "trainer.max_steps=-1", "optim.warmup_steps=0",
+            "trainer.precision=32-true", "validation.precision=32-true",
             *overrides,
         ],
     )  # fmt: skip
