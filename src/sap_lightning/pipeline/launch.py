@@ -319,6 +319,8 @@ def describe_error(err: BaseException) -> str:
 
 _STORES: list[Any] = []
 """Rank 0's start store, kept for the life of the process: the process group reuses its server."""
+_STARTS: list[str] = []
+"""The key prefixes of this process's starts so far."""
 
 
 class StartChannel:
@@ -333,7 +335,9 @@ class StartChannel:
         self.host = socket.gethostname()
         address, port = self._endpoint()
         hosts = self.index == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-        self.prefix = f"sap-start/{launch.restarts}/"
+        # Every process counts its runs alike (a driver may train twice in one process).
+        self.prefix = f"sap-start/{launch.restarts}/{len(_STARTS)}/"
+        _STARTS.append(self.prefix)
         try:
             self.store = dist.TCPStore(
                 address, port, None, hosts,
