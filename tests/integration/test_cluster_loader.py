@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,7 +122,7 @@ def test_whole_cases_cross_with_a_uint8_label_and_arrive_as_int64(dataset: Path)
     for batch in datamodule.val_dataloader():
         assert batch["label"].dtype == torch.int64
         case = datamodule.store.get(batch["case_id"][0])
-        assert torch.equal(batch["label"][0, 0], torch.from_numpy(case.label).long())
+        assert torch.equal(batch["label"][0, 0], torch.from_numpy(np.array(case.label)).long())
 
 
 def test_too_little_shared_memory_is_refused_with_the_size_and_the_fix(tmp_path: Path) -> None:
