@@ -44,11 +44,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+LAUNCHER_VARIABLES = ("SLURM_", "TORCHELASTIC_", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK",
+                      "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_", "SAP_START_DECISION", "PL_")  # fmt: skip
+"""Prefixes of what launchers (and Lightning's launcher) set."""
+
+
 def base_env(**extra: str) -> dict[str, str]:
     """This environment without any launcher's variables, plus ``extra``."""
-    launcher = ("SLURM_", "TORCHELASTIC_", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK",
-                "WORLD_SIZE", "MASTER_", "SAP_START_DECISION", "PL_")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARIABLES)}
     env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
     env.update(extra)

@@ -32,6 +32,7 @@ from sap_lightning.pipeline.launch import (
 from tests.datasets import write_tiny_dataset
 from tests.distributed._cluster import (
     FAST,
+    LAUNCHER_VARIABLES,
     REPO,
     base_env,
     finetune,
@@ -80,8 +81,8 @@ def test_launch_is_read_as_lightning_reads_it(case: str, monkeypatch: pytest.Mon
     variables, devices, nodes, expected = CASES[case]
     # A Trainer built under another rank's variables sets the rank-zero-only rank: restored.
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
-    for name in base_env().keys() ^ os.environ.keys():
-        monkeypatch.delenv(name, raising=False)
+    for name in [name for name in os.environ if name.startswith(LAUNCHER_VARIABLES)]:
+        monkeypatch.delenv(name)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     cfg = load_config(
