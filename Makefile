@@ -5,10 +5,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SAP := $(VENV)/bin/sap
-# The CPU wheel is the default; GPU users set TORCH_SPEC (e.g. 'torch==2.13.0' from the CUDA index)
-# or install torch into the venv first: the package's torch range then installs nothing more.
+# torch is installed first, from TORCH_INDEX when given (a wheel index such as PyTorch's CUDA
+# one): make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu126
+# (docs/cluster.md). The install stamp names both, so changing either reinstalls torch.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PIP_FLAGS ?= -q --disable-pip-version-check
+TORCH_KEY := $(shell printf '%s %s' '$(TORCH_SPEC)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
+INSTALLED := $(VENV)/.installed-torch-$(TORCH_KEY)
 
 DATA ?= data
 PHANTOMS := $(DATA)/phantoms
@@ -27,17 +31,18 @@ PYTEST_ARGS ?=
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(VENV)/.installed: pyproject.toml
+$(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip 'setuptools>=70.1'  # builds wheels (tests)
-	$(VENV)/bin/pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install $(PIP_FLAGS) $(if $(TORCH_INDEX),--index-url '$(TORCH_INDEX)') "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[dev]'
 	# nnU-Net's ResEnc U-Net (backbone resenc_unet): without its timm/torchvision dependencies,
-	# which would replace the CPU torch; the backbone uses none of them.
+	# which would replace the chosen torch; the backbone uses none of them.
 	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps 'dynamic-network-architectures>=0.4.4,<0.5'
-	touch $@
+	rm -f $(VENV)/.installed $(VENV)/.installed-torch-*
+	printf '%s\n%s\n' '$(TORCH_SPEC)' '$(TORCH_INDEX)' > $@
 
-install: $(VENV)/.installed ## Create .venv and install the package (editable) with dev extras
+install: $(INSTALLED) ## Create .venv and install the package (editable); TORCH_SPEC=, TORCH_INDEX= pick torch
 
 # panoptica is the independent reference for one-to-one lesion matching; its pins clash with ours
 # (older numpy, pandas and cc3d), so it lives in its own venv and the tests call it in a subprocess.
@@ -138,7 +143,7 @@ agent: install ## Run a W&B sweep agent: SWEEP_ID=entity/project/id
 SMOKE ?= runs/smoke_paper
 SMOKE_PRECISION ?= bf16-mixed
 SMOKE_ARGS = trainer.max_steps=2 trainer.max_epochs=1 trainer.limit_val_batches=1 \
-	trainer.accelerator=cpu trainer.devices=1 trainer.strategy=auto \
+	trainer.accelerator=cpu trainer.devices=1 trainer.strategy=auto trainer.global_batch_size=null \
 	trainer.precision=$(SMOKE_PRECISION) trainer.enable_progress_bar=false logger=csv \
 	data.num_workers=0 data.queue_length=4 data.samples_per_volume=2 validation.sw_batch_size=1
 SMOKE_LESION = data.dataset=$(SMOKE)/data/lesion data.n_folds=3 data.fold=1
@@ -163,8 +168,9 @@ study-repeats: install ## The demo's study REPEATS times (repeat 0 is make demo'
 bench: install panoptica-venv ## Performance benchmarks: every ratio with its target in one table
 	$(PY) benchmarks/run_all.py
 
-bench-gpu: install ## First-GPU measurements: Swin UNETR steps/s, loader feed, inference, peak memory
-	$(PY) benchmarks/bench_gpu.py
+BENCH_GPU_ARGS ?=
+bench-gpu: install ## First-GPU measurements: steps/s with the real loader and from memory, inference, variants
+	$(PY) benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)
 
 clean: ## Remove generated data, runs and reports (keeps .venv)
 	rm -rf $(DATA) runs reports wandb lightning_logs

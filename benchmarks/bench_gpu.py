@@ -1,23 +1,31 @@
 """What a first GPU run of the paper configuration should measure, in one script (< 10 min).
 
-1. **train**: Swin UNETR (feature size 48) training steps per second on 96^3 two-channel
-   patches, batch 2 (the paper's per-GPU batch), 16-bit mixed precision with a gradient scaler
-   (float32 on the CPU), Adam, MONAI Dice + cross-entropy; the first steps are not timed.
-2. **loader**: patches per second the library's training loader sustains with ``--workers``
-   workers on a synthetic cohort of whole-body grids (192 x 192 x 384), 96^3 patches, the paper's
-   augmentations, against what the training step consumes (``feed ratio``: loader patches/s over
-   trained patches/s; >= 1 means the GPU never waits for data).
-3. **inference**: ``sap predict``'s in-memory path (normalisation, sliding window with
-   Gaussian blending at overlap 0.25, softmax) on a whole-body volume, under autocast.
+Every row is printed as soon as it is measured:
 
-Peak memory per phase is ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS
-so far on the CPU. Prints one table, then ``feed ratio: R.RRx`` (target >= 1x).
+1. **train (memory)**: Swin UNETR (feature size 48) training steps per second on 96^3
+   two-channel patches, batch 2 per GPU, at the run's precision (``--precision``, default the
+   paper's ``16-mixed``, with a gradient scaler), Adam, the library's Dice + cross-entropy, the
+   batch already on the GPU. Warm-up steps are not timed.
+2. **train (loader)**: the same loop fed by the library's training loader (``--workers``
+   workers, the paper's augmentations, a synthetic cohort of whole-body 192 x 192 x 384 grids):
+   what training really gets. ``feed ratio`` = loader-fed / memory-fed steps per second; below
+   0.95 the GPU waits for data. (Timing the loader alone hides that wait.)
+3. **variants** of the memory-fed loop, each with its own warm-up: ``bf16-mixed``,
+   ``channels_last_3d``, TF32 matmuls and convolutions at ``32-true``, and ``torch.compile``;
+   a variant the device cannot run is listed as skipped, one that fails with its reason.
+4. **inference**: ``sap predict``'s in-memory path (normalisation, sliding window with Gaussian
+   blending at overlap 0.25, softmax) on a whole-body volume at the run's precision, after one
+   untimed warm-up prediction.
 
-``--quick`` runs the same phases at sizes a CPU finishes in seconds (feature size 12, batch 1
-of 64^3 for one step, the loader on the ``tiny`` 64 x 64 x 128 grid with 32^3 patches, a
-64^3 volume); the tests run it so this script keeps working until a GPU runs it for real.
+cuDNN's autotuner is on, as training turns it on (``trainer.deterministic=false``). Memory
+columns: the GPU's ``max_memory_allocated`` and this process's peak resident memory, both reset
+before each row (loader workers are separate processes, not counted).
 
-    python benchmarks/bench_gpu.py [--quick] [--workers N] [--steps 20] [--device cuda]
+Without CUDA the script refuses to run the full sizes; ``--quick`` runs every row at sizes a
+CPU finishes in seconds (the tiny U-Net on 32^3 patches of the ``tiny`` grid, a 64^3 volume),
+which the tests run so the script keeps working until a GPU runs it for real.
+
+    python benchmarks/bench_gpu.py [--quick] [--precision 16-mixed] [--workers N] [--steps 20]
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,36 +48,39 @@ import torch
 
 @dataclass(frozen=True)
 class Sizes:
-    feature_size: int
+    backbone: str
+    kwargs: dict[str, Any]
     patch: int
     batch: int
     steps: int
     warmup: int
     grid: str
-    loader_patch: int
     patients: int
-    loader_patches: int
     volume: tuple[int, int, int]
     sw_batch: int
+    predictions: int
 
 
-FULL = Sizes(48, 96, 2, 20, 5, "large", 96, 4, 96, (192, 192, 384), 4)
-QUICK = Sizes(12, 64, 1, 1, 0, "tiny", 32, 5, 16, (64, 64, 64), 1)
-"""Quick: Swin UNETR needs 64^3 to train (its 1/32 bottleneck must be more than one voxel for
-instance norm); the tiny grid plans only 32^3 patches, so the quick feed ratio is not meaningful."""
+FULL = Sizes("swin_unetr", {"feature_size": 48}, 96, 2, 20, 5, "large", 4, (192, 192, 384), 4, 3)
+QUICK = Sizes(
+    "unet_tiny", {"features": [4, 8, 8, 8, 8, 4]}, 32, 2, 3, 1, "tiny", 5, (64,) * 3, 2, 1
+)
+"""Quick: the tiny U-Net on the tiny grid, whose 64-voxel width plans 32^3 patches."""
+
+COLUMNS = (("phase", 16), ("setting", 58), ("rate", 34), ("GPU MB", 8), ("host MB", 8))
+
+
+def _row(*cells: str) -> None:
+    print("  ".join(f"{c:<{w}}" for c, (_, w) in zip(cells, COLUMNS)).rstrip(), flush=True)
 
 
 def _rate(per_second: float) -> str:
-    """Two decimals, or two significant digits below 1: a quick CPU step can take a minute."""
+    """Two decimals, or two significant digits below 1."""
     return f"{per_second:.2f}" if per_second >= 1 else f"{per_second:.2g}"
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """16-bit mixed precision on a GPU; float32 elsewhere: a CPU without native bfloat16 runs
-    the quick Swin UNETR step 7 times slower under bfloat16 autocast (59 s against 8 s)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.float16)
+# --------------------------------------------------------------------------------------------
+# Memory
 
 
 def _sync(device: torch.device) -> None:
@@ -75,164 +88,276 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak(device: torch.device) -> None:
+def _reset_peaks(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError):  # Linux: "5" resets the peak resident size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peaks(device: torch.device) -> tuple[str, str]:
+    gpu = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
+    try:
+        status = Path("/proc/self/status").read_text()
+        host_kb = int(
+            next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
+        )
+    except (OSError, StopIteration, ValueError):
+        host_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return gpu, f"{host_kb / 1024:.0f}"
 
 
-def _network(sizes: Sizes, device: torch.device) -> torch.nn.Module:
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    precision: str
+    channels_last: bool = False
+    tf32: bool = False
+    compile: bool = False
+
+
+def _network(sizes: Sizes, device: torch.device, variant: Variant) -> torch.nn.Module:
     from sap_lightning.backbones import create_backbone
 
     torch.manual_seed(0)
-    return create_backbone("swin_unetr", 2, 2, feature_size=sizes.feature_size).to(device)
+    net = create_backbone(sizes.backbone, 2, 2, **sizes.kwargs).to(device)
+    if variant.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    return torch.compile(net) if variant.compile else net
 
 
-def train_steps(sizes: Sizes, device: torch.device) -> tuple[float, float]:
-    """Seconds per training step and peak memory (MB)."""
-    from monai.losses import DiceCELoss
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
-    net = _network(sizes, device).train()
+
+def train_rate(
+    sizes: Sizes, device: torch.device, variant: Variant, batches: Callable[[], Iterator[dict]]
+) -> float:
+    """Optimiser steps per second of the library's loss on ``batches()`` (warm-up untimed)."""
+    from sap_lightning.config.schema import LossConfig
+    from sap_lightning.core.mixed_precision import AUTOCAST_DTYPES
+    from sap_lightning.modules.losses import create_loss, loss_in_float32
+
+    net = _network(sizes, device, variant).train()
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-5, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    shape = (sizes.batch, 2, *(sizes.patch,) * 3)
-    image = torch.rand(shape, device=device)
-    label = (torch.rand((sizes.batch, 1, *shape[2:]), device=device) > 0.95).long()
-    _reset_peak(device)
+    loss_fn = create_loss(LossConfig())
+    dtype = AUTOCAST_DTYPES[variant.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    memory_format = torch.channels_last_3d if variant.channels_last else torch.contiguous_format
+    stream = batches()
     start = 0.0
-    for step in range(sizes.warmup + sizes.steps):
-        if step == sizes.warmup:
-            _sync(device)
-            start = time.perf_counter()
-        optimiser.zero_grad(set_to_none=True)
-        with _autocast(device):
-            loss = loss_fn(net(image), label)
-        scaler.scale(loss).backward()
-        scaler.step(optimiser)
-        scaler.update()
-    _sync(device)
-    return (time.perf_counter() - start) / sizes.steps, _peak_mb(device)
+    with _tf32(variant.tf32):
+        for step in range(sizes.warmup + sizes.steps):
+            if step == sizes.warmup:
+                _sync(device)
+                start = time.perf_counter()
+            batch = next(stream)
+            image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+            label = batch["label"].to(device, non_blocking=True)
+            optimiser.zero_grad(set_to_none=True)
+            with torch.autocast(
+                device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ):
+                logits = net(image)
+            loss = loss_in_float32(loss_fn, logits, label)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+        _sync(device)
+    return sizes.steps / (time.perf_counter() - start)
 
 
-def loader_rate(sizes: Sizes, workers: int, seed: int = 0) -> float:
-    """Training patches per second of the library's loader (augmentations on)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_loader import _ours
-    from sap_lightning.batches.datamodule import build_datamodule
+def loader_batches(datamodule: Any) -> Iterator[dict]:
+    """The training loader's batches, epoch after epoch (as the Trainer draws them)."""
+    loader = datamodule.train_dataloader()
+    epoch = 0
+    while True:
+        datamodule.set_train_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def build_datamodule(root: Path, sizes: Sizes, workers: int) -> Any:
+    """The lesion data module on a synthetic cohort of ``sizes.grid`` phantoms, set up for fit."""
+    from sap_lightning.batches.datamodule import build_datamodule as build
     from sap_lightning.cache import preprocess_dataset
     from sap_lightning.config import load_config
     from sap_lightning.synthetic import SIZES, make_phantom_cohort
 
     shape, spacing = SIZES[sizes.grid]
-    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
-        cohort = make_phantom_cohort(
-            Path(tmp) / "phantoms", n_healthy=1, n_patients=sizes.patients, seed=seed,
-            shape=shape, spacing=spacing, workers=max(1, workers),
-        )  # fmt: skip
-        cfg = load_config(
-            None,
-            [
-                "task=lesion",
-                f"data.dataset={cohort.lesion}",
-                "data.n_folds=3",
-                "data.fold=1",
-                "data.tuning_fold=0",
-                f"data.patch_size=[{','.join([str(sizes.loader_patch)] * 3)}]",
-                f"data.batch_size={sizes.batch}",
-                f"data.num_workers={workers}",
-                f"seed={seed}",
-            ],
-        )
-        datamodule = build_datamodule(cfg)
-        preprocess_dataset(cohort.lesion, datamodule.cache_root, workers=max(1, workers))
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        seconds, count = _ours(datamodule, sizes.loader_patches)
-        del datamodule
-    return count / seconds
+    cohort = make_phantom_cohort(
+        root / "phantoms", n_healthy=1, n_patients=sizes.patients, seed=0, shape=shape,
+        spacing=spacing, workers=max(1, workers),
+    )  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "task=lesion", f"data.dataset={cohort.lesion}", "data.n_folds=3", "data.fold=1",
+            "data.tuning_fold=0", f"data.patch_size=[{','.join([str(sizes.patch)] * 3)}]",
+            f"data.batch_size={sizes.batch}", f"data.num_workers={workers}",
+        ],
+    )  # fmt: skip
+    datamodule = build(cfg)
+    preprocess_dataset(cohort.lesion, datamodule.cache_root, workers=max(1, workers))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
 
 
-def inference(sizes: Sizes, device: torch.device) -> tuple[float, float]:
-    """Seconds for one whole-volume prediction and peak memory (MB)."""
+# --------------------------------------------------------------------------------------------
+# Inference
+
+
+def inference_seconds(sizes: Sizes, device: torch.device, precision: str) -> float:
+    """Seconds per whole-volume prediction at ``precision`` (one untimed warm-up first)."""
     from sap_lightning.cache import prepare_image
     from sap_lightning.core.windows import predict_volume
 
-    net = _network(sizes, device).eval()
+    net = _network(sizes, device, Variant("inference", precision)).eval()
     raw = np.random.default_rng(0).gamma(2.0, 100.0, size=(2, *sizes.volume)).astype(np.float32)
-    _reset_peak(device)
+
+    def predict() -> None:
+        normed, _, _ = prepare_image(raw, np.eye(4))
+        probs = predict_volume(
+            net, torch.from_numpy(normed)[None], [sizes.patch] * 3, sw_batch_size=sizes.sw_batch,
+            overlap=0.25, device=device, channels=[1], precision=precision,
+        )  # fmt: skip
+        assert probs.shape[-3:] == sizes.volume and bool(torch.isfinite(probs).all())
+
+    predict()
     _sync(device)
     start = time.perf_counter()
-    normed, _, _ = prepare_image(raw, np.eye(4))
-    with _autocast(device):
-        probs = predict_volume(
-            net, torch.from_numpy(normed)[None], [sizes.patch] * 3,
-            sw_batch_size=sizes.sw_batch, overlap=0.25, device=device, channels=[1],
-        )  # fmt: skip
+    for _ in range(sizes.predictions):
+        predict()
     _sync(device)
-    seconds = time.perf_counter() - start
-    assert probs.shape[-3:] == sizes.volume and bool(torch.isfinite(probs).all())
-    return seconds, _peak_mb(device)
+    return (time.perf_counter() - start) / sizes.predictions
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def variants(precision: str, device: torch.device, quick: bool) -> list[tuple[Variant, str]]:
+    """The variants to time, each with why it is skipped ("" when it runs)."""
+    from sap_lightning.core.mixed_precision import cpu_has_fast_kernels
+
+    cuda = device.type == "cuda"
+    bf16 = (
+        torch.cuda.is_bf16_supported(including_emulation=False)
+        if cuda
+        else cpu_has_fast_kernels("bf16-mixed")
+    )
+    return [
+        (Variant("bf16-mixed", "bf16-mixed"), "" if bf16 else f"no bfloat16 on this {device.type}"),
+        (Variant("channels_last_3d", precision, channels_last=True), ""),
+        (Variant("tf32", "32-true", tf32=True), "" if cuda else "TF32 is a CUDA feature"),
+        (
+            Variant("torch.compile", precision, compile=True),
+            "" if cuda else ("--quick on the CPU" if quick else ""),
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sap_lightning.core.precision import AUTOCAST_PRECISIONS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU-sized smoke run (seconds)")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--workers", type=int, default=None, help="default: usable CPUs, <= 8")
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    parser.add_argument("--precision", choices=list(AUTOCAST_PRECISIONS), default=None,
+                        help="default: 16-mixed on a GPU (the paper), 32-true on the CPU")  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=None, help="loader workers (default: CPUs, <= 8)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed training steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from sap_lightning.core.mixed_precision import effective_precision
     from sap_lightning.core.threads import configure_threads, usable_cpus
 
-    configure_threads()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if device.type != "cuda" and not args.quick:
+        print(
+            f"bench_gpu: error: no CUDA device ({device}): the full sizes are a GPU's; run on a GPU "
+            "node (make bench-gpu) or pass --quick for the CPU smoke run",
+            file=sys.stderr,
+        )
+        return 2
+    configure_threads()
+    torch.backends.cudnn.benchmark = True  # as training (fixed patch shapes)
     sizes = QUICK if args.quick else FULL
     if args.steps is not None:
-        sizes = Sizes(**{**sizes.__dict__, "steps": args.steps})
-    workers = args.workers if args.workers is not None else min(8, usable_cpus())
-    if args.quick and args.workers is None:
-        workers = min(2, usable_cpus())
-    precision = "16-mixed" if device.type == "cuda" else "32-true"
+        sizes = replace(sizes, steps=args.steps)
+    workers = (
+        args.workers if args.workers is not None else min(2 if args.quick else 8, usable_cpus())
+    )
+    precision = effective_precision(
+        args.precision or ("16-mixed" if device.type == "cuda" else "32-true"), device
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    memory = "max_memory_allocated" if device.type == "cuda" else "peak RSS so far"
+    print(f"device: {name} ({device}); torch {torch.__version__}; precision {precision}; "
+          f"{workers} loader workers", flush=True)  # fmt: skip
+    _row(*(title for title, _ in COLUMNS))
+    net_name = f"{sizes.backbone} {sizes.patch}^3 batch {sizes.batch}"
 
-    step_s, train_mb = train_steps(sizes, device)
-    patches_s = loader_rate(sizes, workers)
-    infer_s, infer_mb = inference(sizes, device)
-    trained_patches_s = sizes.batch / step_s
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
+        datamodule = build_datamodule(Path(tmp), sizes, workers)
+        resident = next(loader_batches(datamodule))
+        resident = {k: v.to(device) for k, v in resident.items() if k in ("image", "label")}
+
+        def from_memory() -> Iterator[dict]:
+            while True:
+                yield resident
+
+        rates: dict[str, float] = {}
+        plain = Variant("memory", precision)
+        for label, variant, source, what in (
+            ("train (memory)", plain, from_memory, "batch on the device"),
+            ("train (loader)", plain, lambda: loader_batches(datamodule), f"training loader, {workers} workers"),
+        ):  # fmt: skip
+            _reset_peaks(device)
+            rates[label] = train_rate(sizes, device, variant, source)
+            _row(
+                label,
+                f"{net_name} {precision}, {what}",
+                f"{_rate(rates[label])} steps/s",
+                *_peaks(device),
+            )
+        for variant, skipped in variants(precision, device, args.quick):
+            setting = f"{net_name} {variant.precision}, batch on the device"
+            if skipped:
+                _row(variant.name, setting, f"skipped: {skipped}", "-", "-")
+                continue
+            _reset_peaks(device)
+            try:
+                rate = train_rate(sizes, device, variant, from_memory)
+            except Exception as err:  # a variant that fails is reported, not fatal
+                _row(variant.name, setting, f"failed: {str(err).splitlines()[0][:60]}", "-", "-")
+                continue
+            relative = rate / rates["train (memory)"]
+            _row(variant.name, setting, f"{_rate(rate)} steps/s ({relative:.2f}x)", *_peaks(device))
+        datamodule.queue.close()  # the loader's feed thread
+
+    _reset_peaks(device)
+    seconds = inference_seconds(sizes, device, precision)
     volume = "x".join(map(str, sizes.volume))
-    rows = [
-        (
-            "train",
-            f"swin_unetr fs{sizes.feature_size} {sizes.patch}^3 batch {sizes.batch} {precision}",
-            f"{_rate(1 / step_s)} steps/s ({_rate(trained_patches_s)} patches/s)",
-            f"{train_mb:.0f}",
-        ),
-        (
-            "loader",
-            f"{workers} workers, {sizes.grid} grid, {sizes.loader_patch}^3, augmented",
-            f"{patches_s:.1f} patches/s",
-            "-",
-        ),
-        (
-            "inference",
-            f"{volume} volume, roi {sizes.patch}^3, sw batch {sizes.sw_batch}, overlap 0.25",
-            f"{infer_s:.2f} s per volume",
-            f"{infer_mb:.0f}",
-        ),
-    ]
-    print(f"device: {name} ({device}); torch {torch.__version__}; peak memory = {memory}")
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    print(f"{'phase':<{widths[0]}}  {'setting':<{widths[1]}}  {'rate':<{widths[2]}}  peak MB")
-    for row in rows:
-        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}")
-    print(f"feed ratio: {patches_s / trained_patches_s:.2f}x")
+    setting = f"{volume} volume, roi {sizes.patch}^3, sw batch {sizes.sw_batch}, {precision}"
+    _row("inference", setting, f"{seconds:.2f} s per volume", *_peaks(device))
+    ratio = rates["train (loader)"] / rates["train (memory)"]
+    print(f"feed ratio: {ratio:.2f}x (loader-fed / memory-fed steps per second; below 0.95 the "
+          "GPU waits for data)", flush=True)  # fmt: skip
     return 0
 
 

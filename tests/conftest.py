@@ -24,7 +24,9 @@ os.environ["SAP_CACHE_DIR"] = tempfile.mkdtemp(prefix="sap-test-cache-")
 # The suite's own processes compete with each other by design; letting every in-process
 # ``sap`` call sample the load would drop the whole pytest process to one thread after one busy
 # moment. Pin torch to the CPUs the suite may use (tests of the sampling clear this variable).
-os.environ.setdefault("SAP_NUM_THREADS", str(usable_cpus()))
+# Under pytest-xdist (``make test`` runs two workers) the workers share the CPUs.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("SAP_NUM_THREADS", str(max(1, usable_cpus() // _WORKERS)))
 
 
 import pytest

@@ -24,34 +24,29 @@ STARTS = {"01_explore_data": "notebooks", "02_patch_sampling": "repo_root"}
 repository root (``make``); each notebook runs once, and both starts are covered."""
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(
-    path: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
-) -> None:
-    """Each notebook runs in a kernel started where :data:`STARTS` says."""
-    start = STARTS.get(path.stem, "notebooks")
-    if path.stem.startswith("03"):  # compares the runs of a (tiny) study
-        config = request.getfixturevalue("tiny_study").config
-        monkeypatch.setenv("SAP_NOTEBOOK_STUDY", config.runs_dir)
-        monkeypatch.setenv("SAP_NOTEBOOK_RESAMPLES", "50")
-    monkeypatch.setenv("SAP_NOTEBOOK_DATA", str(tmp_path / "phantoms"))
-    monkeypatch.setenv("SAP_NOTEBOOK_SIZE", "tiny")
-    monkeypatch.setenv("SAP_NOTEBOOK_WORK", str(tmp_path / "work"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        notebook,
-        timeout=600,
-        kernel_name="python3",
-        resources={
-            "metadata": {"path": str(path.parent if start == "notebooks" else path.parents[1])}
-        },
-    )
-    client.execute()
+def run_notebook(path: Path, work: Path, start: str = "notebooks", **env: str) -> None:
+    """Execute a notebook in a kernel started in ``notebooks/`` or at the repository root, on a
+    tiny synthetic cohort under ``work``; ``env`` adds environment variables; no cell may
+    fail."""
+    values = {
+        "SAP_NOTEBOOK_DATA": str(work / "phantoms"),
+        "SAP_NOTEBOOK_SIZE": "tiny",
+        "SAP_NOTEBOOK_WORK": str(work / "work"),
+        "MPLBACKEND": "Agg",
+        **env,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in values.items():
+            patch.setenv(name, value)
+        notebook = nbformat.read(path, as_version=4)
+        folder = path.parent if start == "notebooks" else path.parents[1]
+        client = NotebookClient(
+            notebook,
+            timeout=600,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(folder)}},
+        )
+        client.execute()
     errors = [
         output
         for cell in notebook.cells
@@ -60,3 +55,14 @@ def test_notebook_runs(
         if output.output_type == "error"
     ]
     assert not errors
+
+
+STANDALONE = [p for p in NOTEBOOKS if not p.stem.startswith("03")]
+"""Notebook 03 compares a study's runs: ``test_study.py`` runs it on the suite's study."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", STANDALONE, ids=[p.stem for p in STANDALONE])
+def test_notebook_runs(path: Path, tmp_path: Path) -> None:
+    """Each notebook runs in a kernel started where :data:`STARTS` says."""
+    run_notebook(path, tmp_path, STARTS.get(path.stem, "notebooks"))

@@ -23,6 +23,7 @@ from sap_lightning.dataset import layout
 from sap_lightning.pipeline.steps import DONE_FILE
 from sap_lightning.pipeline.study import run_study
 from tests.conftest import STUDY_ENV, TINY_STUDY_ARMS
+from tests.integration.test_notebooks import run_notebook
 from tests.killing import run_until_paused
 
 
@@ -250,3 +251,11 @@ def test_repeats_reuse_the_study_and_pool_a_second_draw(tiny_study, tmp_path: Pa
     assert (
         "reused from an earlier invocation" in (Path(config.report_dir) / "timings.md").read_text()
     )
+
+
+@pytest.mark.slow
+def test_the_comparison_notebook_reads_the_study(tiny_study, tmp_path: Path) -> None:
+    """notebooks/03_compare_runs.ipynb on the suite's study (kernel started in notebooks/)."""
+    notebook = Path(__file__).parents[2] / "notebooks" / "03_compare_runs.ipynb"
+    study = {"SAP_NOTEBOOK_STUDY": tiny_study.config.runs_dir, "SAP_NOTEBOOK_RESAMPLES": "50"}
+    run_notebook(notebook, tmp_path, **study)

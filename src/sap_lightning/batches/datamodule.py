@@ -7,7 +7,7 @@ Batches:
   "case_id": list[str], "task_index": int64 (B,), "location": int64 (B, 6)}``, streamed
   through ``queue.py``;
 - validation / test: whole cases, batch size 1, ``{"image": (1, C, X, Y, Z), "label":
-  (1, 1, X, Y, Z) int64, "body": bool (1, 1, X, Y, Z), "case_id": [str], "spacing": float64
+  (1, 1, X, Y, Z) int64 (uint8 in shared memory, widened by the loader), "body": bool (1, 1, X, Y, Z), "case_id": [str], "spacing": float64
   (1, 3)}``, split over ranks by a
   ``DistributedSampler`` without shuffling (its padding repeats a case: metrics drop duplicate
   case ids). SSL validates on a fixed set of un-augmented patches of its validation cases
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from sap_lightning.batches.augment import build_augmentation, check_augment_config
-from sap_lightning.batches.patches import PatchDataset, WholeCaseDataset
+from sap_lightning.batches.patches import PatchDataset, WholeCaseDataset, WholeCaseLoader
 from sap_lightning.batches.planners import (
     PLANNERS,
     BodyUniformPlanner,
@@ -51,6 +51,7 @@ from sap_lightning.batches.queue import (
     collate_patches,
     patch_nbytes,
 )
+from sap_lightning.batches.shared_memory import SharedMemoryNeed, training_need, whole_case_bytes
 from sap_lightning.batches.store import CaseStore
 from sap_lightning.cache import (
     CACHE_JSON,
@@ -87,7 +88,9 @@ class SapDataModule(L.LightningDataModule):
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.prepare_data_per_node = False  # the cache lives on storage every node sees
+        # Training runs prepare on every node themselves (pipeline/launch.py); Lightning's own
+        # call then finds the files in place.
+        self.prepare_data_per_node = False
         data = cfg.data
         self.dataset_root = Path(data.dataset)
         self.cache_root = (
@@ -244,9 +247,15 @@ class SapDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def prepare_data(self) -> None:
-        """Build the cache and ``splits.json`` when missing (global rank 0 only)."""
+        """Build the cache and ``splits.json`` when missing (global rank 0 only; a training run
+        has its first process of every node call :meth:`prepare_cache_and_splits` itself)."""
         if rank_zero_only.rank != 0:
             return
+        self.prepare_cache_and_splits()
+
+    def prepare_cache_and_splits(self) -> None:
+        """Build the cache and ``splits.json`` when missing, in this process. Safe beside other
+        processes doing the same on one shared folder: both writers take the file's lock."""
         if not (self.cache_root / CACHE_JSON).is_file():
             rank_zero_info(f"building preprocessing cache {self.cache_root}")
             spacing = self.cfg.data.target_spacing
@@ -392,12 +401,31 @@ class SapDataModule(L.LightningDataModule):
             dataset, num_replicas=self.world_size, rank=self.rank, shuffle=False
         )
 
+    def shared_memory_need(self) -> SharedMemoryNeed:
+        """The shared memory this process's training and validation loaders hold at most."""
+        data = self.cfg.data
+        channels = self.in_channels
+        with_label = self.task != "ssl"
+        label_itemsize = None
+        if with_label:
+            label = self.store.get(self.train_case_ids[0]).label
+            label_itemsize = 1 if label is None else int(label.dtype.itemsize)
+        if self.task == "ssl":
+            item = data.batch_size * int(np.prod(self.patch_size)) * 4 * channels
+        else:
+            shapes = [self.cache.meta(c)["shape"] for c in self.val_case_ids] or [[0, 0, 0]]
+            item = max(whole_case_bytes(shape, channels, with_label) for shape in shapes)
+        return training_need(
+            channels, self.patch_size, label_itemsize, data.batch_size, data.queue_length,
+            data.num_workers, item,
+        )  # fmt: skip
+
     def _whole_case_loader(self, case_ids: Sequence[str]) -> DataLoader:
         dataset = WholeCaseDataset(self.store, case_ids, with_label=True)
         # One background worker loads the next case during inference on the current one; more
         # would hold more whole-body volumes in memory for no gain.
         workers = min(1, self.cfg.data.num_workers)
-        return DataLoader(
+        return WholeCaseLoader(
             dataset,
             batch_size=1,
             sampler=self._distributed(dataset),
@@ -454,6 +482,18 @@ class PatchPlanCallback(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.datamodule.set_train_epoch(trainer.current_epoch)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_feed()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._stop_feed()
+
+    def _stop_feed(self) -> None:
+        if self.datamodule.queue is not None:
+            self.datamodule.queue.close()
 
     def _check_equal_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Ranks with different step counts would hang DDP at the first missing all-reduce."""

@@ -7,13 +7,13 @@ cases (:class:`WholeCaseDataset`), one at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from sap_lightning.batches.planners import EpochPlan, PatchTask, choose_patch_origin
 from sap_lightning.batches.store import CaseStore
@@ -162,8 +162,12 @@ def _random_foreground_voxel(
 
 class WholeCaseDataset(Dataset):
     """Whole cases for validation and test: ``image`` (C, X, Y, Z) float32, ``label``
-    (1, X, Y, Z) int64 (when ``with_label``), ``body`` (1, X, Y, Z) bool (the cache's body
-    mask, for ``validation.body_only``), ``case_id`` and ``spacing`` (3,) float64."""
+    (1, X, Y, Z) as cached (uint8; when ``with_label``), ``body`` (1, X, Y, Z) bool (the cache's
+    body mask, for ``validation.body_only``), ``case_id`` and ``spacing`` (3,) float64.
+
+    The label stays uint8 here: a loader worker hands each case over in shared memory, where an
+    int64 label would take 8 bytes a voxel (more than a two-channel float32 image);
+    :class:`WholeCaseLoader` widens it in the main process."""
 
     def __init__(self, store: CaseStore, case_ids: Sequence[str], with_label: bool) -> None:
         self.store = store
@@ -187,5 +191,49 @@ class WholeCaseDataset(Dataset):
                 raise DatasetError(
                     f"cache case {case_id}: {case.folder}: no label.npy to validate against"
                 )
-            sample[LABEL] = torch.from_numpy(np.array(case.label)).long()[None]
+            sample[LABEL] = torch.from_numpy(np.array(case.label))[None]
         return sample
+
+
+def widen_labels(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with an integer ``label`` as int64 (what losses and metrics index with)."""
+    label = batch.get(LABEL)
+    if isinstance(label, torch.Tensor) and label.dtype != torch.int64:
+        batch[LABEL] = label.long()
+    return batch
+
+
+class WholeCaseLoader(DataLoader):
+    """The whole-case loader: cases cross from the worker in their cached dtypes (uint8 label)
+    and reach the caller with an int64 ``label``."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return map(widen_labels, super().__iter__())
+
+
+class HostBatch(Mapping[str, Any]):
+    """A whole-case batch that stays on the CPU: a read-only mapping that is not a ``dict``.
+
+    DDP's forward on CUDA (``device_ids`` set) moves every tensor it finds in the dicts, lists
+    and tuples of its inputs to the GPU (``torch.distributed.utils._recursive_to``), so a whole
+    case handed to ``validation_step`` would be copied to the GPU although sliding-window
+    inference moves one window batch at a time and stitches on the CPU. Any other type is passed
+    through untouched.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"HostBatch({self._items!r})"

@@ -14,6 +14,10 @@ for the training loader. Under DDP (docs/data_flow.md, "TorchIO Queue under DDP"
 - the plan length is a multiple of ``world size x batch size`` and the outer loader drops
   incomplete batches, so every rank runs the same number of steps.
 
+With loader workers, a background thread keeps the queue topped up (:class:`PatchFeed`): the
+stock queue refills only when it is empty, cutting ``max_length`` patches while the training
+step waits, and its workers sit idle while it is consumed (they hold two tasks each).
+
 Loader workers are started once and kept (``persistent_workers``): each epoch restart of the
 stock queue forked them again, which cost more than loading the patches. A worker's copy of the
 plan is brought to the right epoch by the task itself: the sampler yields ``(epoch, index,
@@ -26,8 +30,11 @@ descriptor over a socket, which cost more than cutting the patch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Generator, Sequence
+import queue
+import threading
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +153,79 @@ class _RingDataset(Dataset):
         return self.ring.put(slot, self.dataset[(epoch, index)])
 
 
+def ring_slots(queue_length: int, batch_size: int, num_workers: int) -> int:
+    """Patches alive at once with loader workers: the queue, a batch being popped, the feed's
+    patch waiting for room and the tasks in flight in the workers."""
+    return int(queue_length + batch_size + num_workers * LOADER_PREFETCH + 1)
+
+
+class PatchFeed:
+    """A thread that moves one pass of patches from the loader workers into a bounded FIFO of
+    ``max_length`` as soon as there is room, so the queue refills ahead of need.
+
+    Patches come out in the order the workers' loader yields them, as the stock queue's would
+    (``shuffle_patches=False``): the batches do not change, only when they are cut. The thread
+    holds at most one patch beyond the FIFO (the ring counts it) and ends with the pass (this
+    rank's share of the plan), so nothing is cut for an epoch that has ended. Only used with
+    workers: without them patches are cut in the training process itself, where the
+    augmentations reseed torch's global generator, which a thread must not do beside the step.
+    """
+
+    def __init__(self, patches: Iterator[tio.Subject], max_length: int) -> None:
+        self._fifo: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(max_length)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(patches,), name="sap-patch-feed", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        """Wait for room (False: the feed was closed meanwhile)."""
+        while not self._stop.is_set():
+            try:
+                self._fifo.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, patches: Iterator[tio.Subject]) -> None:
+        try:
+            for patch in patches:
+                if not self._put(patch):
+                    return
+            self._put(_FeedEnd(None))
+        except BaseException as error:  # raised in the training process by get()
+            self._put(_FeedEnd(error))
+
+    def get(self) -> tio.Subject | None:
+        """The next patch (waiting only when the workers fell behind); None once the pass is
+        over."""
+        item = self._fifo.get()
+        if isinstance(item, _FeedEnd):
+            if item.error is not None:
+                raise item.error
+            return None
+        return item
+
+    def __len__(self) -> int:
+        return self._fifo.qsize()
+
+    def close(self) -> None:
+        """Stop the thread and drop what it holds (an epoch ended, or was cut short)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._fifo.get_nowait()
+            self._thread.join(timeout=0.05)
+
+
+@dataclass(frozen=True)
+class _FeedEnd:
+    error: BaseException | None
+
+
 class EpochQueue(tio.Queue):
     """A ``tio.Queue`` that can be restarted at an epoch boundary.
 
@@ -156,6 +236,7 @@ class EpochQueue(tio.Queue):
     """
 
     def start_epoch(self, epoch: int) -> None:
+        self._close_feed()
         self.subjects_dataset.set_epoch(epoch)
         if isinstance(self.subject_sampler, DistributedSampler):
             self.subject_sampler.set_epoch(epoch)
@@ -169,13 +250,45 @@ class EpochQueue(tio.Queue):
 
     _subjects_loader: DataLoader | None = None
     _ring: PatchRing | None = None
+    _feed: PatchFeed | None = None
     consumer_batch_size: int | None = None
     """Patches the outer loader pops per batch (``build_patch_loader`` sets it; sizes the ring)."""
 
     def _ring_size(self) -> int:
         """Patches alive at once: the queue, a batch being popped, the tasks in flight."""
         batch = self.consumer_batch_size or self.max_length
-        return int(self.max_length + batch + int(self.num_workers) * LOADER_PREFETCH + 1)
+        return ring_slots(self.max_length, batch, int(self.num_workers))
+
+    def __getitem__(self, index: int) -> tio.Subject:
+        if int(self.num_workers) == 0:
+            return super().__getitem__(index)
+        for _ in range(2):  # a pass that ended is followed by a new one, as tio's queue does
+            if self._feed is None:
+                self._feed = PatchFeed(self._patches(), self.max_length)
+            patch = self._feed.get()
+            if patch is not None:
+                return patch
+            self._feed = None
+        raise RuntimeError("the patch loader yielded no patch")
+
+    def _patches(self) -> Iterator[tio.Subject]:
+        """One pass over this rank's share of the plan, a patch per task (the feed's source)."""
+        for subject in self._get_subjects_iterable():
+            yield from self.sampler(subject)
+
+    def close(self) -> None:
+        """Stop refilling (training ended): the feed's thread would otherwise wait for room."""
+        self._close_feed()
+
+    def _close_feed(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
+
+    @property
+    def num_patches(self) -> int:
+        """Patches ready in the queue (with workers: in the feed)."""
+        return len(self._feed) if self._feed is not None else len(self.patches_list)
 
     def _get_subjects_iterable(self):
         """tio.Queue's subject loader, created once with persistent workers (each new iterator

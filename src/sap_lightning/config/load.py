@@ -28,7 +28,7 @@ from sap_lightning.config.schema import (
 from sap_lightning.core.arms import get_arm, list_arms, pretraining_arm
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.io import write_text
-from sap_lightning.core.precision import AUTOCAST_PRECISIONS
+from sap_lightning.core.precision import AUTOCAST_PRECISIONS, trainer_precision
 
 BASE_KEY = "base"
 STUDY_STAGES = ("report", "training")
@@ -194,7 +194,19 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("ssl.reconstruction_weight", cfg.ssl.reconstruction_weight),
     ):
         _check_range(value, key, 0)
-    _check_range(cfg.trainer.gradient_clip_val, "trainer.gradient_clip_val", 0)
+    _check_trainer(cfg)
+
+
+def _check_trainer(cfg: ExperimentConfig) -> None:
+    """The ``trainer`` keys Lightning would check only once a run has started (if at all);
+    ``trainer.precision`` is stored as Lightning's own name for it."""
+    trainer = cfg.trainer
+    _check_range(trainer.gradient_clip_val, "trainer.gradient_clip_val", 0)
+    trainer.precision = trainer_precision(trainer.precision)
+    _check_range(trainer.global_batch_size, "trainer.global_batch_size", 1)
+    _check_range(
+        trainer.checkpoint_every_minutes, "trainer.checkpoint_every_minutes", 0, low_open=True
+    )
 
 
 def validate_config(cfg: ExperimentConfig) -> None:

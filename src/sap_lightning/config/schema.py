@@ -216,13 +216,29 @@ class ValidationConfig:
 
 @dataclass
 class TrainerConfig:
-    """Passed to ``lightning.Trainer``; see its documentation for each key."""
+    """Passed to ``lightning.Trainer``; see its documentation for each key.
+
+    The defaults are the paper's two GPUs with batch 2 each (a global batch of 4).
+    ``experiments/hardware/gpu.yaml`` keeps that global batch on any number of GPUs instead:
+    ``devices: auto`` with ``global_batch_size: 4`` (docs/cluster.md).
+    """
 
     accelerator: str = "gpu"
     devices: Any = 2
     num_nodes: int = 1
     strategy: str = "ddp"
     precision: str = "16-mixed"
+    """One of Lightning's precisions this library trains at: ``16-mixed``, ``bf16-mixed`` or
+    ``32-true`` (Lightning's aliases ``16``, ``bf16`` and ``32`` are read as those)."""
+    global_batch_size: int | None = None
+    """Patches per optimiser step over all processes; when set, ``data.batch_size`` is derived
+    at start as this / (processes x ``accumulate_grad_batches``) and recorded in the run's
+    config, so the schedule and learning rates keep their meaning on any number of GPUs. A
+    global batch that does not split evenly is refused. None: ``data.batch_size`` per process."""
+    checkpoint_every_minutes: float | None = None
+    """Write ``checkpoints/last.ckpt`` every this many minutes of training (inside an epoch if
+    need be) and when training ends, instead of after every epoch: with Adam's state it is
+    about 0.75 GB for Swin UNETR, flushed to disk each time. None: after every epoch."""
     max_epochs: int = 400
     max_steps: int = -1
     """Optimiser steps of the run; when > 0 it ends training and drives the schedule, so every

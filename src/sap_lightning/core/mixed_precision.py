@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.precision import AUTOCAST_PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,30 @@ def runs_on_cpu(accelerator: str) -> bool:
     return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
+def runs_on_cuda(accelerator: str) -> bool:
+    """Whether Lightning's ``accelerator`` setting trains on CUDA GPUs on this machine."""
+    return accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+
+
 def training_precision(precision: str, accelerator: str) -> str:
     """The precision a run trains at: ``precision``, except bfloat16 / float16 autocast on a CPU
     without fast kernels for the type (oneDNN's check, as for inference), which trains in
-    float32 (warned once): emulated, it would be several times slower for no gain."""
-    if precision not in AUTOCAST_PRECISIONS or not runs_on_cpu(accelerator):
+    float32 (warned once): emulated, it would be several times slower for no gain. On CUDA,
+    ``16-mixed`` and ``bf16-mixed`` are both kept; ``bf16-mixed`` on a GPU without bfloat16
+    (before Ampere) is refused in one line rather than silently run at another precision."""
+    if precision not in AUTOCAST_PRECISIONS:
+        return precision
+    if runs_on_cuda(accelerator):
+        if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported(
+            including_emulation=False
+        ):
+            name = torch.cuda.get_device_name()
+            raise ConfigError(
+                f"trainer.precision=bf16-mixed: {name} has no bfloat16 arithmetic (it needs an "
+                "Ampere or newer GPU); use trainer.precision=16-mixed"
+            )
+        return precision
+    if not runs_on_cpu(accelerator):
         return precision
     if cpu_has_fast_kernels(precision):
         return precision

@@ -8,6 +8,8 @@ evaluation and the study driver.
     transfer_report.json     fine-tuning runs: what was initialised from where
     evaluation/              fine-tuning runs: the last validation, in ``sap evaluate``'s layout
     threshold.json           the tuned threshold ``sap predict`` applies
+    launch.json              how the run was last started (launcher, job, processes)
+    hpc_ckpt_<N>.ckpt        Lightning's checkpoint on SLURM's requeue signal (``--signal``)
 """
 
 from __future__ import annotations
@@ -26,12 +28,32 @@ BACKBONE_FILE = "backbone.pt"
 TRANSFER_REPORT = "transfer_report.json"
 EVALUATION_DIR = "evaluation"
 THRESHOLD_FILE = "threshold.json"
+LAUNCH_FILE = "launch.json"
+"""The launcher and job that last started the run: a requeued job continues only its own run."""
+HPC_CHECKPOINT_PREFIX = "hpc_ckpt_"
+"""Lightning's SLURM auto-requeue checkpoints (``hpc_ckpt_<N>.ckpt`` in the run folder)."""
 WANDB_ID_FILE = "wandb_run_id.txt"
 """The W&B run id of the run folder, so a resumed run continues the same W&B run."""
 
 
 def last_checkpoint_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def resume_checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    """The checkpoint a resumed run continues from: the newer of ``last.ckpt`` and Lightning's
+    latest ``hpc_ckpt_<N>.ckpt`` (written when SLURM signals a requeue, after the last epoch's
+    ``last.ckpt``); ``last.ckpt``'s path when neither exists."""
+    last = last_checkpoint_path(run_dir)
+    candidates = [last] if last.is_file() else []
+    hpc = [
+        p
+        for p in Path(run_dir).glob(f"{HPC_CHECKPOINT_PREFIX}*.ckpt")
+        if p.stem[len(HPC_CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    if hpc:
+        candidates.append(max(hpc, key=lambda p: int(p.stem[len(HPC_CHECKPOINT_PREFIX) :])))
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else last
 
 
 def load_threshold(path: str | os.PathLike) -> float:

@@ -12,7 +12,8 @@
   ``optim.min_lr_ratio`` x lr at ``max_steps``), so every arm and fold gets the same schedule
   whatever its epoch length; otherwise once per epoch (``optim.warmup_epochs``, decay at
   ``trainer.max_epochs``), as the paper counts its warm-up. Both resume exactly.
-- A non-finite training loss stops training with an error naming the step and the cases.
+- A non-finite training loss stops training on every rank at once, with an error naming the
+  step, the rank and the cases.
 - Whole-case validation batches stay on the CPU; sliding-window inference moves one window batch
   at a time to the module's device and stitches on the CPU.
 """
@@ -32,6 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from sap_lightning.backbones import create_backbone, get_spec
 from sap_lightning.backbones.checkpoints import META_KEY, export_backbone, make_backbone_meta
+from sap_lightning.batches.patches import HostBatch
 from sap_lightning.config import ExperimentConfig, from_dict
 from sap_lightning.core.arms import Arm, get_arm, pretraining_arm
 from sap_lightning.core.case_keys import item_seed
@@ -266,14 +268,31 @@ class SapModule(L.LightningModule):
         }
 
     def check_finite(self, loss: torch.Tensor, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """Stop on a NaN / Inf loss, naming where it happened, instead of training on."""
-        if not bool(torch.isfinite(loss.detach())):
-            cases = ", ".join(map(str, batch.get("case_id", []))) or "unknown"
+        """Stop on a NaN / Inf loss, naming where it happened, instead of training on.
+
+        Under DDP every rank learns whether any rank's loss is non-finite (one all-gather of a
+        flag per step) and all stop at the same step: a rank that stopped alone would leave the
+        others waiting in the gradient all-reduce until the process group's timeout.
+        """
+        finite = torch.isfinite(loss.detach()).all().reshape(1).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.all_gather(finite).reshape(-1)
+        bad_ranks = [rank for rank, ok in enumerate(finite.tolist()) if not ok]
+        if not bad_ranks:
+            return
+        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}"
+        advice = "Lower the learning rate, check the inputs, or use 32-true precision."
+        if len(finite) > 1 and self.global_rank not in bad_ranks:
             raise SapError(
-                f"training loss is {loss.item()} at global step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}, cases {cases}); stopping. "
-                "Lower the learning rate, check the inputs, or use 32-true precision."
+                f"training loss is not finite on rank(s) {bad_ranks} at {where}); every rank "
+                f"stops (the rank(s) concerned name their cases). {advice}"
             )
+        cases = ", ".join(map(str, batch.get("case_id", []))) or "unknown"
+        on_rank = f" on rank {self.global_rank}" if len(finite) > 1 else ""
+        raise SapError(
+            f"training loss is {loss.item()}{on_rank} at {where}, cases {cases}); stopping. "
+            f"{advice}"
+        )
 
     # ------------------------------------------------------------------ whole-case batches
 
@@ -282,8 +301,9 @@ class SapModule(L.LightningModule):
     ) -> Any:
         # Whole cases (validation, test) stay on the CPU: sliding-window inference moves one
         # window batch at a time to the device, so a whole-body volume never has to fit on it.
+        # A HostBatch is no dict, so DDP's forward on CUDA does not move it either.
         if self.whole_case_validation and self._trainer is not None and not self.trainer.training:
-            return batch
+            return HostBatch(batch) if isinstance(batch, Mapping) else batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
 

@@ -1,7 +1,8 @@
 """Training losses: a registry of segmentation losses (``loss.name``), and the three SSL terms
 of Tang et al.
 
-The paper's segmentation loss (``dice_ce``) is MONAI's ``DiceCELoss``, whose
+The paper's segmentation loss (``dice_ce``) is MONAI's ``DiceCELoss`` (its cross-entropy kept
+deterministic on CUDA when ``trainer.deterministic=true``: :class:`DeterministicCrossEntropy`), whose
 ``include_background`` applies to the Dice term
 only: the cross-entropy always covers every class, background included (docs/method.md: background
 excluded from the Dice term only). ``tests/unit/test_losses.py`` checks this against MONAI's
@@ -60,8 +61,48 @@ def create_loss(cfg: LossConfig, deep_supervision: bool = False) -> nn.Module:
     return DeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss
 
 
+class DeterministicCrossEntropy(nn.CrossEntropyLoss):
+    """``nn.CrossEntropyLoss`` that, while ``torch.use_deterministic_algorithms`` is on
+    (``trainer.deterministic=true``), picks each voxel's log-probability with an elementwise
+    class mask instead of NLLLoss's kernel.
+
+    CUDA has no deterministic NLLLoss for a 5-D input: a deterministic run raised at its first
+    step. The mask's forward and backward are elementwise products and sums, deterministic on
+    every device; equal to the stock loss within float tolerance (``tests/unit/
+    test_precision_losses.py``). Class weights and label smoothing keep the stock kernel.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if (
+            not torch.are_deterministic_algorithms_enabled()
+            or torch.is_floating_point(target)
+            or self.weight is not None
+            or self.label_smoothing > 0
+        ):
+            return super().forward(input, target)
+        return masked_cross_entropy(input, target, self.ignore_index, self.reduction)
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of logits ``(B, K, ...)`` against class indices ``(B, ...)`` from
+    elementwise operations only (see :class:`DeterministicCrossEntropy`)."""
+    log_p = torch.log_softmax(logits, dim=1)
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    mask = target.unsqueeze(1) == classes.view(1, -1, *([1] * (logits.dim() - 2)))
+    per_voxel = -torch.where(mask, log_p, torch.zeros((), dtype=log_p.dtype, device=log_p.device))
+    per_voxel = per_voxel.sum(dim=1)
+    if reduction == "none":
+        return per_voxel
+    if reduction == "sum":
+        return per_voxel.sum()
+    counted = (target != ignore_index).sum()
+    return per_voxel.sum() / counted  # an ignored voxel's mask row is all False: it adds 0
+
+
 def _dice_ce(cfg: LossConfig, batch: bool) -> nn.Module:
-    return DiceCELoss(
+    loss = DiceCELoss(
         include_background=False,  # Dice term only; the CE term keeps the background class
         to_onehot_y=True,
         softmax=True,
@@ -71,6 +112,14 @@ def _dice_ce(cfg: LossConfig, batch: bool) -> nn.Module:
         lambda_ce=cfg.ce_weight,
         batch=batch,
     )
+    stock = loss.cross_entropy
+    loss.cross_entropy = DeterministicCrossEntropy(
+        weight=stock.weight,
+        reduction=stock.reduction,
+        label_smoothing=stock.label_smoothing,
+        ignore_index=stock.ignore_index,
+    )
+    return loss
 
 
 @register_loss("dice_ce")

@@ -4,27 +4,29 @@
 A run folder (``run_dir``, default ``<output_dir>/<name>``) holds::
 
     config.yaml              the resolved configuration of the run (config.resume<N>.yaml per resume)
+    launch.json              how it was last started (launcher, job, processes, batch per process)
     checkpoints/last.ckpt    the model after the last finished epoch (the one the paper uses);
-                             written after every training epoch, atomically, so a job killed at
-                             any moment resumes from its last finished epoch
+                             written after every training epoch (or every
+                             ``trainer.checkpoint_every_minutes``), atomically, so a job killed at
+                             any moment resumes from its last checkpoint
     checkpoints/best.ckpt    the best epoch by the module's monitored validation value
     backbone.pt              pretraining runs: the exported network with its metadata
     transfer_report.json     fine-tuning runs: what was initialised from where
     csv/ or wandb/           logs (``logger=csv`` / ``logger=wandb``)
 
-A new run never writes into a folder that already holds files: it stops and says so (pass
-``resume=true`` to continue that run, or choose another ``name`` / ``run_dir``). Versioning the
-folder instead was rejected because under DDP every rank re-executes the command and must find
-the same folder.
+A new run never writes into a folder that already holds files (``pipeline/run_folder.py``:
+``resume=true`` continues one, and a requeued job continues its own).
 
 Distributed training (``trainer.devices=N`` / ``trainer.num_nodes=M`` with ``trainer.strategy=ddp``)
-re-executes the command in every extra process; work that must happen once (checking the
-folder, writing files) is done by the launching process only, and the data module shards the
-data itself (the Trainer is built with ``use_distributed_sampler=False``).
+runs the command in every process, however it was launched (torchrun, SLURM, Lightning's own
+launcher: ``pipeline/launch.py``). The processes agree on how the run starts before anything is
+written, rank 0 alone writes the folder, and the data module shards the data itself (the
+Trainer is built with ``use_distributed_sampler=False``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -34,6 +36,7 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +45,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sap_lightning.backbones import get_spec
-from sap_lightning.backbones.checkpoints import load_checkpoint_file
 from sap_lightning.batches.planners import PLANNERS
-from sap_lightning.config import ExperimentConfig, save_config
+from sap_lightning.config import ExperimentConfig
 from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.io import atomic_path, write_json, write_text
 from sap_lightning.core.mixed_precision import training_precision
@@ -54,7 +57,6 @@ from sap_lightning.core.run_layout import (
     BACKBONE_FILE,
     BEST_CHECKPOINT,
     CHECKPOINT_DIR,
-    CONFIG_FILE,
     EVALUATION_DIR,
     LAST_CHECKPOINT,
     TRANSFER_REPORT,
@@ -74,6 +76,25 @@ from sap_lightning.modules.lesion import LesionSegmentation
 from sap_lightning.modules.losses import LOSSES
 from sap_lightning.modules.optim import OPTIMIZERS
 from sap_lightning.pipeline import wandb_log
+from sap_lightning.pipeline.launch import (
+    Launch,
+    Start,
+    check_world_size,
+    data_digest,
+    decision_for_children,
+    detect_launch,
+    is_launching_process,
+    per_process_batch,
+    share_node_cpus,
+)
+from sap_lightning.pipeline.run_folder import (
+    clear_run_dir,
+    decide_start,
+    remove_partial_checkpoints,
+    resolve_run_dir,
+    save_run_config,
+    write_launch_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,80 +120,7 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Run folder
-
-
-def resolve_run_dir(cfg: ExperimentConfig) -> Path:
-    """``cfg.run_dir``, or ``<output_dir>/<name>``."""
-    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.output_dir) / cfg.name
-
-
-def is_launching_process() -> bool:
-    """True in the process that starts a run, False in the processes DDP starts for it.
-
-    Read from the environment, before Lightning has set up distributed training: launchers
-    set ``RANK`` (torchrun), ``SLURM_PROCID`` (SLURM) or ``LOCAL_RANK`` / ``NODE_RANK``
-    (Lightning's own launcher).
-    """
-    for variable in ("RANK", "SLURM_PROCID"):
-        if variable in os.environ:
-            return int(os.environ[variable]) == 0
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Refuse to start over an existing run; for ``resume`` return the checkpoint to resume.
-
-    The checkpoint to resume is read once here (``weights_only=True``), so a truncated or
-    unsafe file is refused with its name before anything in the folder changes.
-    """
-    if resume:
-        last = last_checkpoint_path(run_dir)
-        if not last.is_file():
-            raise ConfigError(
-                f"resume=true but {last} does not exist: nothing to resume in {run_dir} "
-                "(drop resume=true to start a new run in an empty folder)"
-            )
-        load_checkpoint_file(last)
-        return last
-    if run_dir.exists() and any(run_dir.iterdir()):
-        content = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
-        unfinished = (
-            ""
-            if last_checkpoint_path(run_dir).is_file()
-            else " It has no checkpoint (its run stopped before finishing an epoch): delete "
-            "the folder to start over."
-        )
-        raise ConfigError(
-            f"run folder {run_dir} already holds a run ({content}); pass resume=true to "
-            f"continue it, or choose another 'name' or 'run_dir' (nothing was changed).{unfinished}"
-        )
-    return None
-
-
-def _save_run_config(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """``config.yaml`` for a new run; ``config.resume<N>.yaml`` for the N-th resume."""
-    target = run_dir / CONFIG_FILE
-    if cfg.resume:
-        number = 1
-        while (run_dir / f"config.resume{number}.yaml").exists():
-            number += 1
-        target = run_dir / f"config.resume{number}.yaml"
-    return save_config(cfg, target)
-
-
-def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
-    """Delete the temporary files of checkpoint writes that a killed job left behind.
-
-    They are hidden (``.last.ckpt.tmp-<pid>``, see :class:`AtomicCheckpointIO`), never read,
-    and as large as a checkpoint.
-    """
-    folder = run_dir / CHECKPOINT_DIR
-    leftovers = sorted(folder.glob(".*.ckpt.tmp-*")) if folder.is_dir() else []
-    for path in leftovers:
-        log.info("removing %s, left by an interrupted checkpoint write", path)
-        path.unlink(missing_ok=True)
-    return leftovers
+# Checkpoints, logger, callbacks, Trainer
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -198,21 +146,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(file.fileno())
 
 
-# --------------------------------------------------------------------------------------------
-# Logger, callbacks, Trainer
-
-
 def _wandb_run_id(run_dir: Path, primary: bool) -> str | None:
-    """The run folder's W&B id: created with the folder, reused on resume. Under a W&B sweep
-    agent the agent's ``WANDB_RUN_ID`` is used, so the run reports to its sweep."""
+    """The run folder's W&B id: created with the folder (rank 0 writes it with the rest of the
+    folder), reused on resume. Under a W&B sweep agent the agent's ``WANDB_RUN_ID`` is used, so
+    the run reports to its sweep."""
     path = run_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
     if not primary:
         return None  # only the launching process talks to W&B
-    run_id = os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]  # lowercase + digits
-    write_text(path, run_id + "\n")
-    return run_id
+    return os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]  # lowercase + digits
 
 
 def build_logger(cfg: ExperimentConfig, run_dir: Path, primary: bool = True) -> Logger | None:
@@ -252,19 +195,22 @@ def wandb_mode(configured: str | None) -> str:
 def build_callbacks(
     module: SapModule, run_dir: Path, datamodule: Any, logger: Logger | None
 ) -> list[Callback]:
-    """Checkpoints (last after every epoch, best by the module's monitor), the data module's
-    epoch callback and, with a logger, the learning-rate monitor."""
+    """Checkpoints (last after every epoch or every ``trainer.checkpoint_every_minutes``, best
+    by the module's monitor), the data module's epoch callback and, with a logger, the
+    learning-rate monitor."""
     checkpoint_dir = run_dir / CHECKPOINT_DIR
+    minutes = module.cfg.trainer.checkpoint_every_minutes
     callbacks: list[Callback] = [
         # last.ckpt as the one "top-k" file of an unmonitored checkpoint, saved at the end of
         # every training epoch. (``save_last=True`` with ``save_top_k=0`` writes it only when
         # training ends, so a killed job would lose every epoch.)
-        ModelCheckpoint(
+        LastCheckpoint(
             dirpath=checkpoint_dir,
             filename=Path(LAST_CHECKPOINT).stem,
             monitor=None,
             save_top_k=1,
-            every_n_epochs=1,
+            every_n_epochs=None if minutes else 1,
+            train_time_interval=timedelta(minutes=minutes) if minutes else None,
             save_on_train_epoch_end=True,
             enable_version_counter=False,
         ),
@@ -285,6 +231,21 @@ def build_callbacks(
     return callbacks
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``: Lightning's checkpoint, which on a time interval also writes the final
+    model when training ends (its timer alone would leave the last minutes unsaved)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        timed = self._train_time_interval is not None
+        if (
+            timed
+            and not trainer.interrupted
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_checkpoint(trainer, self.format_checkpoint_name({}))
+            self._last_global_step_saved = trainer.global_step
+
+
 def _check_strategy(cfg: ExperimentConfig) -> None:
     if cfg.trainer.strategy in UNSUPPORTED_STRATEGIES:
         raise ConfigError(
@@ -298,8 +259,17 @@ def build_trainer(
     cfg: ExperimentConfig, run_dir: Path, logger: Logger | None, callbacks: list[Callback]
 ) -> L.Trainer:
     """The Trainer of ``cfg.trainer`` (DDP: ``strategy=ddp``, gloo on CPU, NCCL on GPU)."""
-    t = cfg.trainer
     _check_strategy(cfg)
+    try:
+        return _trainer(cfg, run_dir, logger, callbacks)
+    except (MisconfigurationException, ValueError) as err:  # devices the node lacks, and such
+        raise ConfigError(f"trainer: {str(err).strip().splitlines()[0]}") from None
+
+
+def _trainer(
+    cfg: ExperimentConfig, run_dir: Path, logger: Logger | None, callbacks: list[Callback]
+) -> L.Trainer:
+    t = cfg.trainer
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -337,9 +307,8 @@ def build_trainer(
 def _build_datamodule(cfg: ExperimentConfig, primary: bool) -> Any:
     """The task's data module, its cache and splits ready, on a dataset that passed its check.
 
-    Only the launching process checks and prepares. Lightning's own launcher starts DDP's extra
-    processes afterwards, so they find the cache in place; under torchrun or SLURM every process
-    starts at once, and the others wait until the launching one has written the cache and splits.
+    ``primary``: this process checks the dataset and builds what is missing (the first process
+    of each node does: ``pipeline/launch.py``); the others wait for the files it writes.
     """
     from sap_lightning.batches.datamodule import build_datamodule
     from sap_lightning.cache import CACHE_JSON
@@ -360,11 +329,11 @@ def _build_datamodule(cfg: ExperimentConfig, primary: bool) -> Any:
             workers=max(1, cfg.data.num_workers),
             task=datamodule.dataset_task,  # the experiment's task reads an ambiguous label set
         )
-        datamodule.prepare_data()  # builds the cache and splits.json when missing
+        datamodule.prepare_cache_and_splits()  # builds the cache and splits.json when missing
     else:
         _wait_for(
             [datamodule.cache_root / CACHE_JSON, datamodule.splits_path],
-            "the launching process to build the preprocessing cache and splits",
+            "the node's first process to build the preprocessing cache and splits",
         )
     return datamodule
 
@@ -429,15 +398,41 @@ def _discard_unstarted_run_on_os_error(train: Any) -> Any:
     return wrapper
 
 
+def _write_run_folder(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    launch: Launch,
+    decision: dict[str, Any],
+    logger: Logger | None,
+    report: dict[str, Any] | None,
+) -> Path | None:
+    """Rank 0's writes, once every process is ready; the transfer report's path if written."""
+    if decision.get("start_over"):
+        clear_run_dir(run_dir)
+    if cfg.resume:
+        remove_partial_checkpoints(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, run_dir)
+    write_launch_record(run_dir, launch, cfg.data.batch_size)
+    if isinstance(logger, WandbLogger) and not (run_dir / WANDB_ID_FILE).is_file():
+        write_text(run_dir / WANDB_ID_FILE, str(logger.version) + "\n")
+    return None if report is None else write_json(run_dir / TRANSFER_REPORT, report)
+
+
 @_discard_unstarted_run_on_os_error
 def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train ``cfg`` in its run folder; export (pretraining) or record the transfer (fine-tuning).
 
-    ``extra_callbacks`` are added to the Trainer (used by tests and custom drivers).
+    ``extra_callbacks`` are added to the Trainer (used by tests and custom drivers). Every
+    process of a distributed run calls this; they start together (``pipeline/launch.py``).
     """
+    from sap_lightning.batches.shared_memory import check_shared_memory
+    from sap_lightning.cache import CACHE_JSON
+
     _check_strategy(cfg)
     check_registered_choices(cfg)
-    primary = is_launching_process()
+    launch = detect_launch(cfg.trainer)
+    share_node_cpus(launch)
     run_dir = resolve_run_dir(cfg)
     cfg = dataclasses.replace(
         cfg,
@@ -447,55 +442,60 @@ def run_training(cfg: ExperimentConfig, extra_callbacks: Sequence[Callback] = ()
             precision=training_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         ),
     )
-    resume_from = (
-        check_run_dir(run_dir, cfg.resume)
-        if primary
-        else (last_checkpoint_path(run_dir) if cfg.resume else None)
-    )
+    cfg = per_process_batch(cfg, launch.world_size)
+    start = Start(launch)
+    decision = start.decision(functools.partial(decide_start, cfg, run_dir, launch))
+    resume_from = Path(decision["resume_from"]) if decision.get("resume_from") else None
+    if resume_from is not None:
+        cfg = dataclasses.replace(cfg, resume=True)
 
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = _build_datamodule(cfg, primary)
-    module = build_module(cfg, data_info_from(datamodule))
-    report = None
-    if isinstance(module, LesionSegmentation):
-        module.validation_writer = functools.partial(
-            write_validation_evaluation, out_dir=run_dir / EVALUATION_DIR
-        )
-        module.case_drawer = functools.partial(
-            draw_validation_case,
-            threshold=cfg.validation.threshold,
-            b1000_channel=b1000_channel_of(module.data_info["channel_names"]),
-            connectivity=cfg.validation.connectivity,
-        )
-        if resume_from is None:
-            report = module.initialise_from_pretrained()
+    prepared: list[Any] = []
+    start.prepare_node(lambda: prepared.append(_build_datamodule(cfg, primary=True)))
+    with start.step():
+        datamodule = prepared[0] if prepared else _build_datamodule(cfg, primary=False)
+        check_shared_memory(datamodule.shared_memory_need(), launch.local_world_size)
+        module = build_module(cfg, data_info_from(datamodule))
+        report = None
+        if isinstance(module, LesionSegmentation):
+            module.validation_writer = functools.partial(
+                write_validation_evaluation, out_dir=run_dir / EVALUATION_DIR
+            )
+            module.case_drawer = functools.partial(
+                draw_validation_case,
+                threshold=cfg.validation.threshold,
+                b1000_channel=b1000_channel_of(module.data_info["channel_names"]),
+                connectivity=cfg.validation.connectivity,
+            )
+            if resume_from is None:
+                report = module.initialise_from_pretrained()
+        logger = build_logger(cfg, run_dir, launch.primary)
+        last_validation = LastValidation()
+        callbacks = [
+            *build_callbacks(module, run_dir, datamodule, logger),
+            last_validation,
+            *([StepBudget(cfg.trainer.max_steps)] if cfg.trainer.max_steps > 0 else []),
+            *extra_callbacks,
+        ]
+        trainer = build_trainer(cfg, run_dir, logger, callbacks)
+        check_world_size(trainer, launch)
+    start.ready(data_digest(datamodule.cache_root / CACHE_JSON, datamodule.splits_path))
 
-    # The folder is written only once everything above succeeded.
+    # The folder is written only once every process is ready.
     report_path = None
-    if primary:
-        if resume_from is not None:
-            remove_partial_checkpoints(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _save_run_config(cfg, run_dir)
-        if report is not None:
-            report_path = write_json(run_dir / TRANSFER_REPORT, report)
-
-    logger = build_logger(cfg, run_dir, primary)
-    last_validation = LastValidation()
-    callbacks = [
-        *build_callbacks(module, run_dir, datamodule, logger),
-        last_validation,
-        *([StepBudget(cfg.trainer.max_steps)] if cfg.trainer.max_steps > 0 else []),
-        *extra_callbacks,
-    ]
-    trainer = build_trainer(cfg, run_dir, logger, callbacks)
+    with start.step():
+        if launch.primary:
+            report_path = _write_run_folder(cfg, run_dir, launch, decision, logger, report)
+    start.started()
+    # Processes Lightning's launcher creates during fit read the decision (not the folder).
+    children = contextlib.nullcontext() if launch.external else decision_for_children(decision)
     try:
-        with warnings.catch_warnings():
+        with children, warnings.catch_warnings():
             # Keeping whole-case batches on the CPU is deliberate (SapModule docstring).
             warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`")
             # Only a resumed run finds checkpoints in its folder (a new one refuses a used one).
             warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
-            if isinstance(logger, WandbLogger) and report is not None and primary:
+            if isinstance(logger, WandbLogger) and report is not None and launch.primary:
                 wandb_log.log_transfer_report(logger, report)
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
             if _final_model_unvalidated(cfg, trainer, last_validation):
