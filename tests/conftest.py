@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sap_lightning.core.threads import usable_cpus
+from tests.tiny import TINY_NETWORK
 
 # Keep every run offline and free of secrets: W&B never reaches a server from the tests.
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -28,10 +31,6 @@ os.environ["SAP_CACHE_DIR"] = tempfile.mkdtemp(prefix="sap-test-cache-")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 os.environ.setdefault("SAP_NUM_THREADS", str(max(1, usable_cpus() // _WORKERS)))
 
-
-import pytest
-
-from tests.tiny import TINY_NETWORK
 
 TINY_STUDY_OVERRIDES = [
     "logger=csv",
