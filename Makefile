@@ -26,7 +26,7 @@ FOLD ?= 1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: finetune-config smoke-paper help install panoptica-venv nnunet-venv test test-fast mae study-repeats lint format demo data pretrain ssl finetune predict sweep agent bench bench-gpu clean
+.PHONY: finetune-config smoke-paper help install panoptica-venv nnunet-venv test test-fast test-learning mae study-repeats lint format demo data pretrain ssl finetune predict sweep agent bench bench-gpu clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,11 +66,17 @@ $(NNUNET_VENV)/.installed:
 
 nnunet-venv: $(NNUNET_VENV)/.installed ## Isolated nnU-Net v2 (reads and scores sap predict folders in tests)
 
-test: install panoptica-venv nnunet-venv ## Run the whole test suite (unit, integration, distributed, notebooks)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+# Two pytest workers; the study tests share one study, so they stay on one worker (loadgroup).
+TEST_WORKERS ?= 2
+PYTEST_RUN = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+test: install panoptica-venv nnunet-venv ## The test suite (unit, integration, distributed, notebooks) but the learning checks
+	$(PYTEST_RUN) -m "not learning" $(PYTEST_ARGS) tests
+
+test-learning: install ## The learning checks (minutes of training each; CI runs them after make test)
+	$(PYTEST_RUN) -m learning $(PYTEST_ARGS) tests
 
 test-fast: install ## The unit tests only (a quick loop while editing)
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS) tests/unit
+	$(PYTEST_RUN) -m "not learning" $(PYTEST_ARGS) tests/unit
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check src tests benchmarks notebooks

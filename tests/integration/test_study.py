@@ -26,6 +26,8 @@ from tests.conftest import STUDY_ENV, TINY_STUDY_ARMS
 from tests.integration.test_notebooks import run_notebook
 from tests.killing import run_until_paused
 
+pytestmark = pytest.mark.xdist_group("tiny_study")  # one worker builds the suite's study
+
 
 def _splits(config):
     return load_splits(layout.default_splits_path(Path(config.data_dir) / "phantoms" / "lesion"))

@@ -272,6 +272,7 @@ SWIN_SMALL = (
 dropout (about 2 s per SSL step on a batch of four 64^3 patches on 2 cores)."""
 
 
+@pytest.mark.learning
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("size", "lr", "overrides"),
