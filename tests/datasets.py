@@ -103,11 +103,13 @@ def write_tiny_dataset(
     subjects: Mapping[str, str] | None = None,
     skeleton_reference: bool = False,
     labelled: bool = True,
+    channels: Sequence[str] = CHANNELS,
 ) -> Path:
     """Write a valid nnU-Net v2 raw dataset with cases ``case000``, ``case001``, ...
 
     ``lesions_per_case`` (an int or one count per case) is the number of lesions (lesion task) or
-    labelled boxes (skeleton task) in each case. Returns ``root``.
+    labelled boxes (skeleton task) in each case. ``channels`` beyond T1 and b1000 (e.g. ADC) get
+    an ADC-like image (1.0 in the body, 0.6 in lesions, noise). Returns ``root``.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -122,6 +124,12 @@ def write_tiny_dataset(
     for index, count in enumerate(counts):
         case_id = f"case{index:03d}"
         image, label = make_case(shape, task, count, rng)
+        extra = [
+            np.where(label > 0, 0.6, np.where(body_of(shape), 1.0, 0.05))
+            + rng.normal(0, 0.05, shape)
+            for _ in channels[len(CHANNELS) :]
+        ]
+        image = np.concatenate([image, np.asarray(extra, np.float32).reshape(-1, *shape)])
         for channel in range(image.shape[0]):
             save(root / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz", image[channel], affine)
         if labelled:
@@ -131,7 +139,7 @@ def write_tiny_dataset(
             save(root / "skeletonTr" / f"{case_id}.nii.gz", reference, affine)
     spec = {
         "name": root.name,
-        "channel_names": {str(i): name for i, name in enumerate(CHANNELS)},
+        "channel_names": {str(i): name for i, name in enumerate(channels)},
         "labels": LESION_LABELS if task == "lesion" else SKELETON_LABELS,
         "numTraining": n_cases,
         "file_ending": ".nii.gz",

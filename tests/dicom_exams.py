@@ -83,6 +83,8 @@ class ExamSpec:
     """Patient movement between T1 and DWI (LPS mm): DWI content moves by minus this."""
     other_contrast: bool = False
     """Also write a "STIR station k" series (no b-value) at every T1 station."""
+    missing_dwi_station: int | None = None
+    """This DWI station (0-based, feet first) is not written: no DWI covers its part of the T1."""
 
 
 @dataclass
@@ -361,6 +363,8 @@ def write_dicom_exam(
             writer.series(f"STIR station {k + 1}", grid, [(None, stir, _T1_TYPE, None)], "120000")
     dwi_type = _SIEMENS_TRACE if spec.vendor == "siemens" else _DWI_TYPE
     for k, grid in enumerate(dwi_grids):
+        if k == spec.missing_dwi_station:
+            continue
         b_high = _sample(smooth, grid, shift) * dwi_gains[k]
         points = np.stack(
             np.meshgrid(*[np.arange(n, dtype=np.float64) for n in grid.size[::-1]], indexing="ij"),

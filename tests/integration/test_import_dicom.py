@@ -327,6 +327,29 @@ def test_a_truncated_file_is_refused_in_one_line_and_nothing_of_its_case_is_writ
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 1
 
 
+def test_voxels_no_dwi_station_covers_are_labelled_ignore(tmp_path: Path, capsys) -> None:
+    """Two T1 stations but only the lower DWI station: above the last DWI slice (phantom z
+    centre z_first + 1.5 k) and its half slice there is no b1000 image, so the annotation there
+    becomes nnU-Net's ``ignore`` label (2 for the lesion set), declared in dataset.json."""
+    exam = _exam(tmp_path / "src", "pat1", stations=2, overlap=16, missing_dwi_station=1)
+    labels = _labels(tmp_path / "labels", "pat1", "tiny")
+    out = tmp_path / "out"
+    assert main(["import-dicom", str(tmp_path / "src"), str(out), "--labels", str(labels)]) == 0
+    spec = json.loads((out / "dataset.json").read_text())
+    assert spec["labels"] == {"background": 0, "lesion": 1, "ignore": 2}
+    z_first, z_last = exam.station_ranges[0]
+    last_slice = z_first + 1.5 * ((z_last - z_first) // 1.5)  # the DWI grid of tests/dicom_exams
+    first_uncovered = int(np.floor(last_slice + 0.75)) + 1
+    label, _ = _read(out / "labelsTr" / "pat1.nii.gz")
+    lesions = phantom("tiny")[0].lesion_mask
+    assert (label[..., first_uncovered:] == 2).all()
+    np.testing.assert_array_equal(label[..., :first_uncovered], lesions[..., :first_uncovered])
+    manifest = json.loads((out / "manifests" / "pat1.json").read_text())
+    assert manifest["label"]["ignored_voxels"] == int((label == 2).sum())
+    assert main(["check-data", str(out)]) == 0
+    assert "label 'ignore' = 2" in capsys.readouterr().out
+
+
 def test_rerunning_on_the_same_folder_is_idempotent(tmp_path: Path, capsys) -> None:
     _exam(tmp_path / "src", "pat1", stations=2, overlap=16)
     out = tmp_path / "out"

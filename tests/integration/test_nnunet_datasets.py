@@ -14,8 +14,10 @@ from scipy import ndimage
 from sap_lightning.cache import open_cache
 from sap_lightning.cache.splits import load_splits
 from sap_lightning.cli import main
+from sap_lightning.core.io import read_json
 from tests.converted import convert_dataset
 from tests.datasets import write_tiny_dataset
+from tests.training import EXPERIMENTS, TINY_TRAINING
 
 ENDINGS = (".nii", ".nrrd", ".mha")
 
@@ -97,14 +99,48 @@ def test_several_lesion_classes_need_a_task(tmp_path: Path, capsys) -> None:
     np.testing.assert_array_equal(opened.load("case000").label, label)
 
 
-def test_the_ignore_label_is_refused_with_the_reason(tmp_path: Path, capsys) -> None:
-    root = write_tiny_dataset(tmp_path / "ds", n_cases=2)
+def test_the_ignore_label_through_every_command(tmp_path: Path, capsys) -> None:
+    """A lesion dataset whose upper third (z >= 64) no station covered, labelled ``ignore``:
+    checked, split, cached, trained on, predicted and evaluated through the command line."""
+    root = write_tiny_dataset(tmp_path / "ds", n_cases=6, shape=(32, 32, 96), seed=1)
     _relabel(root, {"background": 0, "lesion": 1, "ignore": 2})
-    assert main(["check-data", str(root)]) == 1
-    (line, summary) = capsys.readouterr().out.splitlines()
-    assert line.startswith("dataset: dataset.json: label 'ignore' (nnU-Net's ignore label")
-    assert "excludes no voxel from loss, sampling or metrics" in line
-    assert summary.endswith("1 problem found")
+    for path in sorted((root / "labelsTr").iterdir()):
+        image = nib.load(path)
+        label = np.asarray(image.dataobj).astype(np.uint8)
+        label[..., 64:] = 2
+        nib.save(nib.Nifti1Image(label, image.affine), path)
+    assert main(["check-data", str(root)]) == 0
+    assert "task lesion, label 'ignore' = 2" in capsys.readouterr().out
+
+    assert main(["split", str(root), "--folds", "3", "--tuning-fold", "0"]) == 0
+    counts = json.loads((root / "splits.json").read_text())["lesion_counts"]
+    expected = {
+        c: int(ndimage.label(np.asarray(nib.load(root / f"labelsTr/{c}.nii.gz").dataobj) == 1)[1])
+        for c in counts
+    }
+    assert counts == expected != {}
+    assert main(["preprocess", str(root)]) == 0
+    cache = open_cache(tmp_path / "cache" / "ds")
+    assert (cache.labels, cache.ignore_value) == ({"background": 0, "lesion": 1}, 255)
+    assert (cache.load("case000").label[..., 64:] == 255).all()
+
+    run = tmp_path / "run"
+    overrides = [f"data.dataset={root}", f"run_dir={run}", "logger=csv", "trainer.max_epochs=1"]
+    config = str(EXPERIMENTS / "cpu" / "finetune_scratch.yaml")
+    assert main(["finetune", "--config", config, *TINY_TRAINING, *overrides]) == 0
+    assert "ignore" in read_json(run / "evaluation" / "summary.json")["rules"]
+
+    out = tmp_path / "pred"
+    predict = ["predict", "--checkpoint", str(run), "--input", str(root), "--out", str(out)]
+    assert main([*predict, "--threshold", "0.5", "--no-pictures", "--no-progress"]) == 0
+    cases = sorted(p.name[: -len(".nii.gz")] for p in out.glob("case*.nii.gz"))
+    assert cases == [f"case{k:03d}" for k in range(6)]
+    for case_id in cases:
+        assert set(np.unique(nib.load(out / f"{case_id}.nii.gz").dataobj)) <= {0, 1}
+    evaluate = ["evaluate", "--predictions", str(out), "--dataset", str(root)]
+    assert main([*evaluate, "--threshold", "0.5", "--out", str(tmp_path / "ev")]) == 0
+    summary = read_json(tmp_path / "ev" / "summary.json")
+    assert summary["rules"]["ignore"].startswith("voxels of the reference's 'ignore' label")
 
 
 def _write_masks(dataset: Path, out: Path, cases: list[str]) -> None:

@@ -156,6 +156,7 @@ def test_another_channel_set_is_refused(base, tmp_path: Path, capsys) -> None:
     assert _predict(base["checkpoint"], dataset, tmp_path / "out") == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "dataset.json: channel_names ['T2', 'b1000'] differ from the model's" in line
+    assert line.endswith("(missing T1; not a model input T2)")
     assert not (tmp_path / "out").exists()
 
 

@@ -16,7 +16,7 @@ from sap_lightning.cli import main
 from sap_lightning.config import load_config, load_study_config
 from sap_lightning.core.io import read_json
 from sap_lightning.modules import LesionSegmentation, build_module
-from tests.datasets import truncate
+from tests.datasets import truncate, write_tiny_dataset
 from tests.tiny import TINY_CONFIG
 from tests.training import EXPERIMENTS, TINY_TRAINING, prepare_tiny_datasets
 
@@ -109,6 +109,44 @@ def test_fast_dev_run(data, tmp_path: Path, command: str, config: str, init: str
     else:
         exported = torch.load(run_dir / "backbone.pt", weights_only=True)
         assert exported["meta"]["task"] == saved.task
+
+
+def test_three_channels_fine_tune_from_a_two_channel_network(data, tmp_path: Path) -> None:
+    """T1 + b1000 + ADC data (channels from dataset.json) fine-tuned from the T1 + b1000
+    skeleton network: the report names the new channel, the run's own initialisation keeps both
+    pretrained kernels and starts ADC's at zero, and the run predicts the three-channel cases."""
+    three = write_tiny_dataset(
+        tmp_path / "three", n_cases=6, shape=(32, 32, 96), seed=1, channels=("T1", "b1000", "ADC")
+    )
+    run = tmp_path / "run"
+    rc = sap(
+        "finetune",
+        "cpu/finetune_sap.yaml",
+        f"data.dataset={three}",
+        f"run_dir={run}",
+        f"model.pretrained={data['skeleton_backbone']}",
+        "logger=none",
+        "trainer.max_epochs=1",
+    )
+    assert rc == 0
+    report = read_json(run / "transfer_report.json")
+    key = "conv_0.conv_0.conv.weight"
+    assert report["adapted"] == [key] and not report["missing"]
+    assert report["channels"]["new"] == ["ADC"]
+    assert report["channels"]["model"] == ["T1", "b1000", "ADC"]
+    trained = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert trained["sap_meta"]["channel_names"] == ["T1", "b1000", "ADC"]
+    # The run's initialisation again, from its own config and data info (training moved it on).
+    data_info = trained["hyper_parameters"]["data_info"]
+    module = build_module(load_config(run / "config.yaml"), data_info)
+    module.initialise_from_pretrained()
+    pretrained = torch.load(data["skeleton_backbone"], weights_only=True)["state_dict"][key]
+    weight = module.net.state_dict()[key]
+    assert torch.equal(weight[:, :2], pretrained) and not weight[:, 2].any()
+    out = tmp_path / "pred"
+    predict = ["predict", "--checkpoint", str(run), "--input", str(three), "--out", str(out)]
+    assert main([*predict, "--threshold", "0.5", "--no-pictures", "--no-progress"]) == 0
+    assert len(list(out.glob("case*.nii.gz"))) == 6
 
 
 def test_resume_and_refusal_to_overwrite(data, tmp_path: Path, capsys) -> None:

@@ -1,4 +1,5 @@
-"""Losses and SSL views: Dice + CE, deep supervision, NT-Xent (also across 2 ranks), views."""
+"""Losses and SSL views: Dice + CE, deep supervision, the ``ignore`` label, NT-Xent (also across
+2 ranks), views."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ import torch.nn.functional as F
 from monai.losses import ContrastiveLoss, DiceLoss
 
 from sap_lightning.config.schema import LossConfig
+from sap_lightning.core.errors import ConfigError
 from sap_lightning.modules.losses import (
+    IgnoreLabel,
     create_loss,
     cutout_views,
     gather_with_grad,
+    list_losses,
     nt_xent_loss,
     random_rotations,
     rotate_in_plane,
@@ -88,6 +92,91 @@ def test_deep_supervision_sums_levels_with_halving_weights() -> None:
     expected = single(logits, labels) + 0.5 * single(coarse, labels)
     got = create_loss(cfg, deep_supervision=True)([logits, coarse], labels)
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+IGNORE = 255
+
+
+def _with_ignored_slab(classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, classes, 6, 4, 8) logits and labels whose last four slices (z >= 4) are ignored."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, classes, 6, 4, 8, generator=generator)
+    labels = torch.randint(0, classes, (2, 1, 6, 4, 8), generator=generator)
+    labels[..., 4:] = IGNORE
+    return logits, labels
+
+
+@pytest.mark.parametrize("name", list_losses())
+def test_ignored_voxels_contribute_nothing(name: str) -> None:
+    """Any logits on the ignored slab give the same loss, no gradient reaches them, and the
+    value is the stock loss of the annotated part cut out on its own (the reference: nnU-Net's
+    masked Dice and cross-entropy average over the annotated voxels only)."""
+    classes = 2 if name == "batch_dice_focal" else 3
+    logits, labels = _with_ignored_slab(classes)
+    cfg = LossConfig(name=name, dice_weight=0.7, ce_weight=1.3)
+    loss = create_loss(cfg, ignore_value=IGNORE)
+    scrambled = logits.clone()
+    scrambled[..., 4:] = 100.0 * torch.randn_like(scrambled[..., 4:])
+    leaf = logits.clone().requires_grad_(True)
+    value = loss(leaf, labels)
+    value.backward()
+    assert loss(scrambled, labels).item() == value.item()
+    assert leaf.grad is not None and torch.count_nonzero(leaf.grad[..., 4:]) == 0
+    reference = create_loss(cfg)(logits[..., :4], labels[..., :4])
+    assert value.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", list_losses())
+def test_without_ignored_voxels_the_loss_is_the_stock_one_bit_for_bit(name: str) -> None:
+    logits, labels = _logits_and_labels(classes=2 if name == "batch_dice_focal" else 3)
+    cfg = LossConfig(name=name)
+    assert torch.equal(
+        create_loss(cfg, ignore_value=IGNORE)(logits, labels), create_loss(cfg)(logits, labels)
+    )
+
+
+def test_the_deterministic_cross_entropy_leaves_ignored_voxels_out_too() -> None:
+    """``trainer.deterministic=true`` computes the CE with an elementwise class mask, which
+    must drop the ignored voxels from the sum and from the count alike."""
+    logits, labels = _with_ignored_slab(3)
+    loss = create_loss(LossConfig(), ignore_value=IGNORE)
+    stock = loss(logits, labels)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = loss(logits, labels)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert deterministic.item() == pytest.approx(stock.item(), rel=1e-6)
+
+
+def test_an_all_ignored_batch_has_zero_loss_and_zero_gradient() -> None:
+    logits = torch.randn(1, 3, 4, 4, 4, requires_grad=True)
+    labels = torch.full((1, 1, 4, 4, 4), IGNORE)
+    value = create_loss(LossConfig(), ignore_value=IGNORE)(logits, labels)
+    value.backward()
+    assert value.item() == 0.0 and logits.grad is not None and not logits.grad.any()
+
+
+def test_deep_supervision_levels_leave_the_ignored_slab_out() -> None:
+    """Every level (DynUNet's outputs, each at full resolution) is masked alike."""
+    logits, labels = _with_ignored_slab(3)
+    levels = [logits, logits.flip(1)]
+    loss = create_loss(LossConfig(), deep_supervision=True, ignore_value=IGNORE)
+    scrambled = [level.clone() for level in levels]
+    for level in scrambled:
+        level[..., 4:] = 50.0 * torch.randn_like(level[..., 4:])
+    assert loss(scrambled, labels).item() == loss(levels, labels).item()
+    single = create_loss(LossConfig())
+    cut = single(levels[0][..., :4], labels[..., :4]) + 0.5 * single(
+        levels[1][..., :4], labels[..., :4]
+    )
+    assert loss(levels, labels).item() == pytest.approx(cut.item(), rel=1e-6)
+
+
+def test_a_loss_without_a_masked_form_is_refused_with_the_ignore_label() -> None:
+    with pytest.raises(ConfigError, match=r"loss\.name=l1 cannot leave out .*'ignore'"):
+        IgnoreLabel(torch.nn.L1Loss(), IGNORE, "l1")
 
 
 def _nt_xent_by_hand(z_a: np.ndarray, z_b: np.ndarray, temperature: float) -> float:

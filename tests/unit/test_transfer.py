@@ -20,7 +20,11 @@ from sap_lightning.backbones.checkpoints import (
     make_backbone_meta,
     summarize_checkpoint,
 )
-from sap_lightning.backbones.transfer import adapt_input_channels, transfer_weights
+from sap_lightning.backbones.transfer import (
+    NEW_CHANNEL_RULE,
+    adapt_input_channels,
+    transfer_weights,
+)
 from sap_lightning.core.errors import CheckpointError, ConfigError
 from sap_lightning.core.io import read_json
 from sap_lightning.modules.optim import param_groups
@@ -229,6 +233,76 @@ def test_input_channel_adaptation(source_channels, target_channels):
 
     with pytest.raises(CheckpointError, match=rf"{key}.*{source_channels} input channel"):
         transfer_weights(target, source, spec="unet_tiny", in_channel_policy="error")
+
+
+def _exported(tmp_path, model: nn.Module, names: list[str], out_channels: int = 10):
+    meta = meta_for("unet_tiny", len(names), out_channels, "skeleton")
+    meta["channel_names"] = names
+    return export_backbone(model, tmp_path / "source.pt", meta)
+
+
+def test_a_new_channel_starts_at_zero_and_the_function_is_unchanged(tmp_path):
+    """T1 + b1000 pretraining into a T1 + b1000 + ADC network (``by_name``): the two kernels
+    are copied, ADC's is zero, so the new network on (T1, b1000, any ADC) computes what the
+    pretrained one computes on (T1, b1000)."""
+    (key,) = get_spec("unet_tiny").input_projection_keys
+    source = trained_like(build("unet_tiny", 2, 10, seed=0))
+    path = _exported(tmp_path, source, ["T1", "b1000"])
+    target = build("unet_tiny", 3, 10, seed=1)
+    report = transfer_weights(
+        target,
+        path,
+        mode="full",
+        in_channel_policy="by_name",
+        channel_names=["T1", "b1000", "ADC"],
+    )
+    assert report.adapted == [key] and not report.missing and not report.mismatched
+    assert report.channels == {
+        "source": ["T1", "b1000"],
+        "model": ["T1", "b1000", "ADC"],
+        "new": ["ADC"],
+        "rule": NEW_CHANNEL_RULE,
+    }
+    assert "new input channel(s) ADC start at zero" in report.summary()
+    weight, pretrained = target.state_dict()[key], source.state_dict()[key]
+    assert torch.equal(weight[:, :2], pretrained) and not weight[:, 2].any()
+    image = torch.rand(1, 3, 32, 32, 32)
+    source.eval()
+    target.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(target(image), source(image[:, :2]), rtol=0, atol=1e-6)
+
+
+def test_channels_are_matched_by_name_not_position(tmp_path):
+    (key,) = get_spec("unet_tiny").input_projection_keys
+    source = trained_like(build("unet_tiny", 2, 10, seed=0))
+    path = _exported(tmp_path, source, ["T1", "b1000"])
+    target = build("unet_tiny", 3, 10, seed=1)
+    report = transfer_weights(
+        target, path, in_channel_policy="by_name", channel_names=["ADC", "b1000", "T1"]
+    )
+    weight, pretrained = target.state_dict()[key], source.state_dict()[key]
+    assert report.channels is not None and report.channels["new"] == ["ADC"]
+    assert not weight[:, 0].any()
+    assert torch.equal(weight[:, 1], pretrained[:, 1]) and torch.equal(
+        weight[:, 2], pretrained[:, 0]
+    )
+
+
+def test_by_name_refuses_what_it_cannot_match_in_one_line(tmp_path):
+    source = trained_like(build("unet_tiny", 2, 10, seed=0))
+    path = _exported(tmp_path, source, ["T1", "b1000"])
+    target = build("unet_tiny", 2, 10, seed=1)
+    with pytest.raises(CheckpointError, match=r"\['b1000'\] cannot be matched") as caught:
+        transfer_weights(target, path, in_channel_policy="by_name", channel_names=["T1", "ADC"])
+    assert "\n" not in str(caught.value)
+    with pytest.raises(CheckpointError, match="by_name needs both sides' channel names"):
+        transfer_weights(build("unet_tiny", 3, 10, seed=1), path, in_channel_policy="by_name")
+    # The same names: a plain copy, nothing adapted.
+    report = transfer_weights(
+        target, path, in_channel_policy="by_name", channel_names=["T1", "b1000"]
+    )
+    assert report.channels is None and not report.adapted
 
 
 def test_swin_adapts_every_input_projection():

@@ -37,7 +37,13 @@ from sap_lightning.core.errors import CheckpointError, ConfigError
 from sap_lightning.core.io import write_json
 from sap_lightning.core.tasks import TASKS
 
-IN_CHANNEL_POLICIES = ("repeat_mean", "error")
+IN_CHANNEL_POLICIES = ("by_name", "repeat_mean", "error")
+NEW_CHANNEL_RULE = (
+    "input channels matched by name: each pretrained channel's kernel copied to the model "
+    "channel of its name, every new channel's kernel set to zero (the network computes what "
+    "the pretrained one did until training moves those kernels)"
+)
+"""How ``in_channel_policy="by_name"`` adapts an input projection (also in the report)."""
 _MAX_PREFIX_DEPTH = 4  # e.g. "module.net._orig_mod." has depth 3
 
 
@@ -62,17 +68,24 @@ class TransferReport:
     unused_source_keys: list[str] = field(default_factory=list)
     """Source keys that fed no model tensor (e.g. the head in ``all_but_head``, SSL heads)."""
     source_meta: dict[str, Any] | None = None
+    channels: dict[str, Any] | None = None
+    """With ``in_channel_policy="by_name"`` and channels that differ: the source's and the
+    model's channel names, the ``new`` ones (zero kernels) and the ``rule``."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         prefix = f", prefix {self.prefix!r} removed" if self.prefix else ""
+        new = ""
+        if self.channels is not None and self.channels["new"]:
+            new = f"; new input channel(s) {', '.join(self.channels['new'])} start at zero"
         return (
             f"{self.mode}: loaded {len(self.loaded)}, adapted {len(self.adapted)}, "
             f"skipped {len(self.skipped)}, missing {len(self.missing)}, "
             f"mismatched {len(self.mismatched)} tensor(s) from {self.source} "
-            f"({self.source_kind}{prefix}; {len(self.unused_source_keys)} source key(s) unused)"
+            f"({self.source_kind}{prefix}; {len(self.unused_source_keys)} source key(s) unused"
+            f"{new})"
         )
 
     def save_json(self, path: str | Path) -> Path:
@@ -129,6 +142,38 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor
     mean = weight.mean(dim=1, keepdim=True)
     repeats = (1, in_channels) + (1,) * (weight.dim() - 2)
     return mean.repeat(*repeats) * (source_channels / in_channels)
+
+
+def channels_by_name(
+    weight: torch.Tensor, source_names: Sequence[str], model_names: Sequence[str]
+) -> torch.Tensor:
+    """Input-projection weight for ``model_names`` from one trained on ``source_names``
+    (:data:`NEW_CHANNEL_RULE`): every source channel's kernel goes to the model channel of its
+    name, a channel the source lacks gets zeros. Callers check that every source channel is
+    among the model's."""
+    out = weight.new_zeros((weight.shape[0], len(model_names), *weight.shape[2:]))
+    for index, name in enumerate(source_names):
+        out[:, list(model_names).index(name)] = weight[:, index]
+    return out
+
+
+def _channel_names_plan(
+    origin: str, source_names: Sequence[str], model_names: Sequence[str]
+) -> dict[str, Any] | None:
+    """What ``by_name`` does: ``None`` when the names agree (nothing to adapt), else the report's
+    ``channels`` entry; refuses in one line what it cannot do without changing the function."""
+    source, model = [str(n) for n in source_names], [str(n) for n in model_names]
+    if source == model:
+        return None
+    dropped = [name for name in source if name not in model]
+    if dropped or len(set(source)) != len(source) or len(set(model)) != len(model):
+        raise CheckpointError(
+            f"{origin}: pretrained on input channels {source}, the model takes {model}: "
+            f"by_name adapts only to added channels ({dropped or 'duplicate names'} cannot be "
+            "matched); train the source on these channels or drop the data's extra ones"
+        )
+    new = [name for name in model if name not in source]
+    return {"source": source, "model": model, "new": new, "rule": NEW_CHANNEL_RULE}
 
 
 def _selected(group: list[str], mode: str, spec: BackboneSpec | None) -> bool:
@@ -207,6 +252,7 @@ def transfer_weights(
     strict: bool = True,
     expected_task: str | None = None,
     expected_recipe: str | None = None,
+    channel_names: Sequence[str] | None = None,
 ) -> TransferReport:
     """Copy weights from ``source`` into ``model`` (in place) and report what was done.
 
@@ -218,7 +264,10 @@ def transfer_weights(
             ``full``.
         spec: the model's :class:`BackboneSpec` or backbone name; taken from the source's
             metadata when omitted.
-        in_channel_policy: ``repeat_mean`` adapts the input projection when the input channel
+        in_channel_policy: ``by_name`` matches the source's input channels (its metadata) to
+            ``channel_names`` by name, copying each pretrained channel's kernel and starting
+            new channels at zero (:func:`channels_by_name`; a source channel the model lacks
+            is refused); ``repeat_mean`` adapts the input projection when the input channel
             counts differ (:func:`adapt_input_channels`); ``error`` refuses.
         strict: a selected model tensor that is missing from the source or has another shape
             raises ``CheckpointError`` naming it (otherwise it is reported and left as is).
@@ -263,6 +312,9 @@ def transfer_weights(
         prefix=prefix,
         source_meta=checkpoint.meta,
     )
+    source_names = (checkpoint.meta or {}).get("channel_names")
+    if in_channel_policy == "by_name" and source_names and channel_names is not None:
+        report.channels = _channel_names_plan(origin, source_names, channel_names)
     new_values, consumed = _match_tensors(
         groups, source, target_state, mode, spec, in_channel_policy, report
     )
@@ -304,14 +356,20 @@ def _match_tensors(
             report.missing.append(canonical)
             continue
         value, wanted = source[found], target_state[canonical].shape
-        if value.shape == wanted:
+        named = report.channels
+        if named is not None and spec is not None and _is_input_projection(group, spec):
+            new_values[canonical] = channels_by_name(value, named["source"], named["model"])
+            report.adapted.append(canonical)
+        elif value.shape == wanted:
             new_values[canonical] = value
             report.loaded.append(canonical)
         elif spec is not None and _is_channel_change(group, spec, value.shape, wanted):
-            if in_channel_policy == "error":
+            if in_channel_policy != "repeat_mean":
+                by_name = in_channel_policy == "by_name"
+                unnamed = "; by_name needs both sides' channel names" if by_name else ""
                 raise CheckpointError(
                     f"{report.source}: {canonical} was trained on {value.shape[1]} input "
-                    f"channel(s), the model has {wanted[1]}; use in_channel_policy="
+                    f"channel(s), the model has {wanted[1]}{unnamed}; use in_channel_policy="
                     "'repeat_mean' to adapt it"
                 )
             new_values[canonical] = adapt_input_channels(value, wanted[1])
@@ -354,11 +412,15 @@ def _refuse_incomplete(report: TransferReport, strict: bool, loaded_any: bool) -
         )
 
 
+def _is_input_projection(group: list[str], spec: BackboneSpec) -> bool:
+    return any(name in spec.input_projection_keys for name in group)
+
+
 def _is_channel_change(
     group: list[str], spec: BackboneSpec, source_shape: torch.Size, target_shape: torch.Size
 ) -> bool:
     """An input projection whose shapes differ in the input-channel dimension only."""
-    if not any(name in spec.input_projection_keys for name in group):
+    if not _is_input_projection(group, spec):
         return False
     if len(source_shape) != len(target_shape) or len(source_shape) < 2:
         return False

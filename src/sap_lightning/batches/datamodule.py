@@ -180,6 +180,12 @@ class SapDataModule(L.LightningDataModule):
         return tuple(sorted(labels, key=labels.__getitem__))
 
     @property
+    def ignore_value(self) -> int | None:
+        """The label value the loss and the validation metrics leave out (the cache's
+        ``IGNORE_VALUE``), ``None`` when the dataset declares no ``ignore`` label or for SSL."""
+        return None if self.task == "ssl" else self.cache.ignore_value
+
+    @property
     def num_classes(self) -> int | None:
         """Network outputs for segmentation (10 skeleton, 2 lesion); ``None`` for SSL."""
         return None if self.task == "ssl" else len(self.label_names)

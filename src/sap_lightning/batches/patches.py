@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sap_lightning.batches.planners import EpochPlan, PatchTask, choose_patch_origin
 from sap_lightning.batches.store import CaseStore
-from sap_lightning.cache.reader import CachedCase
+from sap_lightning.cache.reader import IGNORE_VALUE, CachedCase
 from sap_lightning.core.errors import DatasetError
 
 IMAGE = "image"
@@ -149,12 +149,13 @@ def _seeded(transform: tio.Transform, subject: tio.Subject, seed: int) -> tio.Su
 def _random_foreground_voxel(
     case: CachedCase, task: PatchTask, rng: np.random.Generator
 ) -> np.ndarray | None:
-    """A voxel with label ``> 0`` inside the task's focus box (read from the label map)."""
+    """A voxel with label ``> 0`` inside the task's focus box (read from the label map), never
+    one of the ``ignore`` label (:data:`IGNORE_VALUE`, above every class)."""
     if case.label is None:
         return None
     lo = np.asarray(task.focus[:3])
     window = np.asarray(case.label[tuple(slice(a, b) for a, b in zip(lo, task.focus[3:]))])
-    voxels = np.argwhere(window > 0)
+    voxels = np.argwhere((window > 0) & (window != IGNORE_VALUE))
     if len(voxels) == 0:
         return None
     return lo + voxels[rng.integers(len(voxels))]

@@ -223,9 +223,14 @@ class PatchPlanner:
     ) -> tuple[Box, Box] | None:
         """A patch window centred on a random body voxel (moved inside the volume at its
         borders) and overlapping none of the boxes ``avoid``, with that voxel's box; rejection
-        sampling inside the body's bounding box, ``None`` when nothing was found."""
+        sampling inside the body's bounding box, ``None`` when nothing was found. In a cache
+        with an ``ignore`` label the centre is also an annotated voxel (nnU-Net's rule); the
+        check draws nothing, so caches without one see the same draws as before."""
         shape = self.shapes[case_id]
-        body = self.store.get(case_id).body_mask
+        case = self.store.get(case_id)
+        body = case.body_mask
+        ignore = self.store.cache.ignore_value
+        ignored = case.label if ignore is not None and case.label is not None else None
         bbox = np.asarray(self.store.meta(case_id).get("body_bbox") or [0, 0, 0, *shape])
         b_lo, b_hi = bbox[:3], bbox[3:]
         if np.any(b_hi <= b_lo):
@@ -233,6 +238,8 @@ class PatchPlanner:
         for _ in range(MAX_TRIES_PER_CASE):
             centre = rng.integers(b_lo, b_hi)
             if not body[tuple(centre)]:
+                continue
+            if ignored is not None and ignored[tuple(centre)] == ignore:
                 continue
             origin = _window_around(centre, self.patch, shape)
             window = _box(origin, origin + self.patch)

@@ -22,6 +22,7 @@ from sap_lightning.cache.reader import (
     CACHE_FORMAT_VERSION,
     CACHE_JSON,
     CASES_DIR,
+    IGNORE_VALUE,
     IMAGE_FILE,
     LABEL_FILE,
     LOCATIONS_FILE,
@@ -144,8 +145,12 @@ def build_case(
     labels: dict[str, int],
     params: PreprocessParams,
     signatures: list[dict[str, Any]],
+    ignore_value: int | None = None,
 ) -> str:
-    """Preprocess one case into ``case_dir`` atomically; returns the case id."""
+    """Preprocess one case into ``case_dir`` atomically; returns the case id.
+
+    ``ignore_value`` is the dataset's ``ignore`` label value: those voxels are cached as
+    :data:`IGNORE_VALUE`, outside every lesion and class location."""
     arrays = read_case(case)  # canonical RAS+ voxel order (dataset/images.py)
     image, label, affine = arrays.image, arrays.label, arrays.affine
     original_shape = image.shape[1:]
@@ -160,7 +165,11 @@ def build_case(
     body = compute_body_mask(normed, new_affine, params.body_threshold, params.body_dilation)
     lesions = None
     locations = None
+    ignored = None
     if label is not None:
+        if ignore_value is not None:
+            ignored = label == ignore_value
+            label = np.where(ignored, 0, label)
         if task == "lesion":
             label = (label > 0).astype(np.uint8)  # several foreground labels: one lesion class
             lesions = lesion_components(label, spacing, params.connectivity)
@@ -168,6 +177,8 @@ def build_case(
         locations = sample_class_locations(
             label, classes, params.max_locations_per_class, _case_seed(params.seed, case.case_id)
         )
+        if ignored is not None:
+            label = np.where(ignored, IGNORE_VALUE, label)
     meta = {
         "format_version": CACHE_FORMAT_VERSION,
         "case_id": case.case_id,
@@ -185,6 +196,7 @@ def build_case(
         "labels": labels,
         "params": params.to_dict(),
         "sources": signatures,
+        **_ignore_entry(ignore_value),
     }
     with atomic_dir(case_dir) as tmp:
         _save_array(tmp / IMAGE_FILE, normed)
@@ -195,6 +207,12 @@ def build_case(
             np.savez(tmp / LOCATIONS_FILE, **{str(k): v for k, v in locations.items()})
         write_json(tmp / META_JSON, meta)  # last: a folder with a meta.json is complete
     return case.case_id
+
+
+def _ignore_entry(ignore_value: int | None) -> dict[str, int]:
+    """``{"ignore_value": IGNORE_VALUE}`` for a dataset with an ``ignore`` label, else nothing:
+    the caches of every other dataset stay as they were."""
+    return {} if ignore_value is None else {"ignore_value": IGNORE_VALUE}
 
 
 def _expected_files(meta: dict[str, Any]) -> list[str]:
@@ -210,6 +228,7 @@ def _is_current(
     labels: dict[str, int],
     params: PreprocessParams,
     signatures: list[dict[str, Any]],
+    ignore_value: int | None,
 ) -> bool:
     meta = _read_meta(case_dir)
     return (
@@ -217,6 +236,7 @@ def _is_current(
         and meta.get("params") == params.to_dict()
         and meta.get("sources") == signatures
         and meta.get("labels") == labels
+        and meta.get("ignore_value") == _ignore_entry(ignore_value).get("ignore_value")
         and meta.get("subject_id") == case.subject_id
         and all((case_dir / name).is_file() for name in _expected_files(meta))
     )
@@ -235,6 +255,7 @@ def _cache_description(info: DatasetInfo, params: PreprocessParams) -> dict[str,
         "labelled": all(case.label is not None for case in info.cases),
         "cases": info.case_ids,
         "subjects": info.subjects,
+        **_ignore_entry(info.ignore_value),
     }
 
 
@@ -341,7 +362,9 @@ def _update_cache(
     for case in info.cases:
         signatures = source_signatures(case)
         case_dir = cases_dir / case.case_id
-        if not force and _is_current(case_dir, case, info.task_labels, params, signatures):
+        if not force and _is_current(
+            case_dir, case, info.task_labels, params, signatures, info.ignore_value
+        ):
             report.skipped.append(case.case_id)
         else:
             todo.append((case, signatures))
@@ -355,7 +378,15 @@ def _update_cache(
     description_path.unlink(missing_ok=True)
     cases_dir.mkdir(parents=True, exist_ok=True)
     jobs = [
-        (case, cases_dir / case.case_id, info.task, info.task_labels, params, signatures)
+        (
+            case,
+            cases_dir / case.case_id,
+            info.task,
+            info.task_labels,
+            params,
+            signatures,
+            info.ignore_value,
+        )
         for case, signatures in todo
     ]
     if workers <= 1 or len(jobs) <= 1:

@@ -21,6 +21,13 @@ CACHE_FORMAT_VERSION = 2
 """Bumped whenever the stored arrays or meta.json change meaning; older caches are refused.
 2: arrays, affine and spacing in the canonical RAS+ frame, ``source_orientation`` in meta.json."""
 
+IGNORE_VALUE = 255
+"""What ``label.npy`` holds on the voxels of a dataset's ``ignore`` label, whatever the task: the
+lesion task merges the foreground labels into class 1 and the skeleton task keeps its classes
+0-9, so a fixed value above every class keeps the ignore voxels apart in both. A cache of a
+dataset that declares the label says so in cache.json and meta.json (``ignore_value``); other
+caches have no such key and no such voxel."""
+
 CACHE_JSON = "cache.json"
 CASES_DIR = "cases"
 META_JSON = "meta.json"
@@ -81,6 +88,12 @@ class PreprocessedCache:
     @property
     def labels(self) -> dict[str, int]:
         return dict(self.description["labels"])
+
+    @property
+    def ignore_value(self) -> int | None:
+        """The label value of ignored voxels (:data:`IGNORE_VALUE`), ``None`` when the dataset
+        declares no ``ignore`` label."""
+        return self.description.get("ignore_value")
 
     @property
     def channel_names(self) -> tuple[str, ...]:

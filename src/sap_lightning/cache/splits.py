@@ -39,15 +39,20 @@ from sap_lightning.dataset.validate import require_valid_dataset
 
 
 def count_file_lesions(
-    label_path: str | os.PathLike, connectivity: int = DEFAULT_CONNECTIVITY
+    label_path: str | os.PathLike,
+    connectivity: int = DEFAULT_CONNECTIVITY,
+    ignore_value: int | None = None,
 ) -> int:
     """Number of lesions (connected components of ``label > 0``: every foreground label is
-    lesion, as in a lesion cache) in a label file of any supported ending."""
+    lesion, as in a lesion cache) in a label file of any supported ending; voxels of the
+    ``ignore`` label (``ignore_value``) are background here, as in the cache."""
     try:
-        label = read_image(label_path).data
+        label = np.asarray(read_image(label_path).data)
     except Exception as err:  # the readers raise many types on corrupt files
         raise DatasetError(f"{label_path}: unreadable label ({type(err).__name__}: {err})") from err
-    return count_lesions(np.asarray(label), connectivity)
+    if ignore_value is not None:
+        label = np.where(label == ignore_value, 0, label)
+    return count_lesions(label, connectivity)
 
 
 def count_dataset_lesions(
@@ -58,7 +63,7 @@ def count_dataset_lesions(
     for case in info.cases:
         if case.label is None:
             raise DatasetError(f"case {case.case_id}: no label file: cannot count its lesions")
-        counts[case.case_id] = count_file_lesions(case.label, connectivity)
+        counts[case.case_id] = count_file_lesions(case.label, connectivity, info.ignore_value)
     return counts
 
 

@@ -127,6 +127,8 @@ def run_check_data(args: argparse.Namespace) -> int:
             task += " (foreground labels merged into one lesion class)"
     except DatasetError:  # --no-labels on a label set that does not say: nothing needs it here
         task = "task undecided (the label set does not say; pass --task to train on it)"
+    if info.ignore_value is not None:
+        task += f", label 'ignore' = {info.ignore_value} (left out of loss, patches and metrics)"
     print(
         f"{info.root}: OK: {len(info.cases)} cases of {subjects} subjects, {task}, "
         f"channels {', '.join(info.channel_names)}, files {info.file_ending}"

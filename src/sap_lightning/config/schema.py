@@ -102,7 +102,11 @@ class ModelConfig:
     pretrained_by_init: dict[str, str] = field(default_factory=dict)
     """Default ``pretrained`` per arm (e.g. ``{sap: runs/pretrain, ssl: runs/ssl}``), so
     one experiment file (or a sweep) can switch arms with ``model.init`` alone."""
-    in_channel_policy: str = "repeat_mean"
+    in_channel_policy: str = "by_name"
+    """Fine-tuning from a source trained on other input channels: ``by_name`` (channels matched
+    by name; a channel the source lacks, e.g. ADC after a T1 + b1000 pretraining, starts with a
+    zero kernel, so the pretrained function is unchanged at step 0), ``repeat_mean`` (the mean
+    kernel repeated, for unnamed channels) or ``error`` (refuse)."""
     head_prior: float | None = None
     """Lesion task: start the output layer's bias at this lesion probability (Lin et al.'s prior
     initialisation for a rare foreground; ``None`` keeps the backbone's zero bias, p = 0.5).

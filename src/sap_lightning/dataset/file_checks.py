@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -184,13 +184,16 @@ def inspect_cached(
 def cross_check(
     owners: list[tuple[str, str, str]],
     reports: list[_FileReport],
-    labels: dict[str, int] | None,
+    label_values: Collection[int] | None,
 ) -> list[Problem]:
-    """Per-file problems, then shape/affine agreement with the case's first readable image."""
+    """Per-file problems, then shape/affine agreement with the case's first readable image.
+
+    ``label_values``: the values a label file may hold (its classes and, when dataset.json
+    declares one, the ``ignore`` value); ``None`` checks none."""
     problems: list[Problem] = []
     reference: dict[str, tuple[str, _FileReport]] = {}
     allowed = {
-        "label": set(labels.values()) if labels else None,
+        "label": set(label_values) if label_values else None,
         "skeleton": set(layout.SKELETON_LABELS.values()),
     }
     for (case_id, role, rel), report in zip(owners, reports):

@@ -48,6 +48,9 @@ class DatasetInfo:
     file_ending: str = layout.FILE_ENDING
     task_override: str | None = None
     """The task the user named (``--task``, the experiment's ``task``); ``None``: from labels."""
+    ignore_value: int | None = None
+    """The value of nnU-Net's ``ignore`` label in the label files (``None``: not declared);
+    ``labels`` holds the classes only."""
 
     @property
     def task(self) -> str:
@@ -189,6 +192,7 @@ def _build_info(
         cases=cases,
         file_ending=spec.file_ending,
         task_override=task,
+        ignore_value=spec.ignore_value,
     )
 
 

@@ -56,7 +56,9 @@ SPLITS_JSON = "splits.json"
 TASKS: tuple[str, ...] = ("lesion", "skeleton")
 """What a labelled dataset can be: ``--task`` choices when the label set does not say."""
 IGNORE_LABEL = "ignore"
-"""nnU-Net's name for voxels excluded from training and evaluation (not supported here)."""
+"""nnU-Net v2's label for voxels nobody annotated (or no station covers): named ``ignore``, with
+the highest label value. They are left out of the loss, of patch centres and of every metric
+(docs/data.md, docs/evaluation.md); they are never a class the network learns."""
 PREDICTION_SUFFIXES: tuple[str, ...] = ("_prob", "_skeleton", "_lesions", "_summary")
 """Suffixes ``sap predict`` appends to a case id for its outputs (``<case>_prob.nii.gz``,
 ``<case>_skeleton.nii.gz``, ``<case>_lesions.csv``, ``<case>_summary.json``): a case id equal to
@@ -158,6 +160,12 @@ def task_of_labels(labels: dict[str, int]) -> str | None:
     return None
 
 
+def split_ignore(labels: dict[str, int]) -> tuple[dict[str, int], int | None]:
+    """The classes of a label set and the value of its ``ignore`` label (``None`` without one)."""
+    classes = {name: value for name, value in labels.items() if name != IGNORE_LABEL}
+    return classes, labels.get(IGNORE_LABEL)
+
+
 def lesion_labels(labels: dict[str, int]) -> dict[str, int]:
     """The two classes a lesion network learns from a dataset's label set.
 
@@ -178,6 +186,17 @@ def dataset_file_ending(root: str | os.PathLike) -> str:
     except (OSError, ValueError, AttributeError):
         return FILE_ENDING
     return ending if ending in FILE_ENDINGS else FILE_ENDING
+
+
+def dataset_ignore_value(root: str | os.PathLike) -> int | None:
+    """The value of the ``ignore`` label a dataset declares (``None`` when it declares none, or
+    when ``dataset.json`` is missing or unreadable: the check reports that, not this helper)."""
+    try:
+        with open(Path(root) / DATASET_JSON) as f:
+            value = json.load(f).get("labels", {}).get(IGNORE_LABEL)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def image_path(

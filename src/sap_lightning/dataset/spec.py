@@ -37,9 +37,20 @@ class DatasetSpec:
     name: str
     channel_names: tuple[str, ...] | None
     labels: dict[str, int] | None
+    """The classes, without the ``ignore`` label (``ignore_value`` holds its value)."""
     file_ending: str
     subjects: dict[str, str]
     num_training: int | None
+    ignore_value: int | None = None
+    """The value of nnU-Net's ``ignore`` label when ``labels`` in dataset.json declares one."""
+
+    @property
+    def label_values(self) -> set[int] | None:
+        """Every value a label file may hold: the classes and the ``ignore`` value."""
+        if self.labels is None:
+            return None
+        values = set(self.labels.values())
+        return values | {self.ignore_value} if self.ignore_value is not None else values
 
 
 def is_int(value: Any) -> bool:
@@ -78,7 +89,8 @@ def read_spec(root: Path) -> tuple[DatasetSpec | None, list[Problem]]:
 
     problems = [problem(f"key {key!r} declared twice") for key in dict.fromkeys(duplicates)]
     channel_names = parse_channel_names(raw, problems, problem)
-    labels = parse_labels(raw, problems, problem)
+    declared = parse_labels(raw, problems, problem)
+    labels, ignore_value = layout.split_ignore(declared) if declared else (declared, None)
 
     file_ending = raw.get("file_ending", layout.FILE_ENDING)
     if file_ending not in layout.FILE_ENDINGS:
@@ -109,7 +121,9 @@ def read_spec(root: Path) -> tuple[DatasetSpec | None, list[Problem]]:
     if not isinstance(dataset_name, str):
         problems.append(problem(f"name must be a string, got {dataset_name!r}"))
         dataset_name = root.name
-    spec = DatasetSpec(dataset_name, channel_names, labels, file_ending, subjects, num_training)
+    spec = DatasetSpec(
+        dataset_name, channel_names, labels, file_ending, subjects, num_training, ignore_value
+    )
     return spec, problems
 
 
@@ -158,13 +172,12 @@ def parse_labels(
             problem(f"labels values must be the integers 0..{len(value) - 1}, got {value}")
         )
         return None
-    if layout.IGNORE_LABEL in value:
+    ignore = value.get(layout.IGNORE_LABEL)
+    if ignore is not None and ignore != len(value) - 1:
         problems.append(
             problem(
-                f"label {layout.IGNORE_LABEL!r} (nnU-Net's ignore label, value "
-                f"{value[layout.IGNORE_LABEL]}) is not supported: sap_lightning excludes no voxel "
-                "from loss, sampling or metrics yet; set those voxels to background or a class "
-                "and remove the label"
+                f"label {layout.IGNORE_LABEL!r} must have the highest value, {len(value) - 1} "
+                f"(nnU-Net's rule), got {ignore}"
             )
         )
         return None

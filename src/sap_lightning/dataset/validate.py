@@ -75,7 +75,8 @@ def check_dataset(
     problems += [undecided] if undecided is not None else []
     tasks = [(path, kind) for path, kind, _owner in reads]
     reports = inspect_cached(root, tasks, workers, use_cache)
-    problems += cross_check([owner for _p, _k, owner in reads], reports, labels)
+    label_values = spec.label_values if spec else None
+    problems += cross_check([owner for _p, _k, owner in reads], reports, label_values)
     # Dataset-wide problems first, then case by case.
     return sorted(problems, key=lambda p: (p.case is not None, p.case or "", p.file))
 
@@ -202,5 +203,6 @@ def check_case_files(
         else:
             problems.append(Problem(case_id, rel, "missing label"))
     reports = inspect_files([(path, kind) for path, kind, _owner in reads], workers)
-    problems += cross_check([owner for _p, _k, owner in reads], reports, labels)
+    label_values = set(labels.values()) if labels else None
+    problems += cross_check([owner for _p, _k, owner in reads], reports, label_values)
     return problems

@@ -7,8 +7,9 @@ comes from the same maps; otherwise, when every case has a binary mask, the mask
 as they are and there is no FROC curve. A ``sap predict`` folder must be one model's
 (``outputs.require_single_model``); a folder of masks from another tool is read as it is.
 Cross-validated predictions may come from several folders (one per fold model). Labels
-come from the dataset (``labelsTr/<case>.nii.gz``, any non-zero voxel is lesion); spacing from
-the label's affine.
+come from the dataset (``labelsTr/<case>.nii.gz``, any non-zero voxel is lesion, the voxels of
+an ``ignore`` label left out of both sides: :data:`IGNORE_RULE`); spacing from the label's
+affine.
 
 Outputs (all written atomically): ``cases.csv`` (one row per case, with its false positives
 inside and outside bone), ``lesions.csv`` (one row per ground-truth lesion), ``froc.csv`` (counts
@@ -58,7 +59,7 @@ from sap_lightning.inference.outputs import (
     output_cases,
     require_single_model,
 )
-from sap_lightning.metrics.arrays import binarize
+from sap_lightning.metrics.arrays import binarize, exclude_ignored
 from sap_lightning.metrics.lesion import LesionDetection, make_lesion_metrics
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,12 @@ RULES = {
     "froc": "mean sensitivity (patients with a lesion) vs mean FP per exam; AUC of the "
     "piecewise-linear curve from the origin, extended flat at the last sensitivity",
 }
+IGNORE_RULE = (
+    "voxels of the reference's 'ignore' label are background in both prediction and reference "
+    "before lesions are found: a component lying only there is neither TP nor FP, a lesion "
+    "lying only there no miss; Dice and NSD compare the annotated voxels"
+)
+"""Added to ``rules`` (as ``ignore``) when the dataset declares nnU-Net's ``ignore`` label."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +272,8 @@ def load_case(
     case_id: str,
     mode: str,
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """(prediction, label mask, spacing) of a case, checked against each other."""
+    """(prediction, label mask, spacing) of a case, checked against each other; voxels of the
+    dataset's ``ignore`` label are background in both (``metrics.arrays.exclude_ignored``)."""
     label_file = layout.label_path(dataset_dir, case_id)
     label_image = _load_label(label_file, case_id)
     prob_file, mask_file = prediction_paths(predictions_dir, case_id)
@@ -283,7 +291,8 @@ def load_case(
             f"{difference:.4g} mm (prediction {np.round(pred_image.affine, 4).tolist()}, label "
             f"{np.round(label_image.affine, 4).tolist()})"
         )
-    label = np.asanyarray(label_image.dataobj) != 0
+    reference = np.asanyarray(label_image.dataobj)
+    label = reference != 0
     if mode == "probability":
         pred = pred_image.get_fdata(dtype=np.float32)
         low, high = float(pred.min()), float(pred.max())
@@ -294,6 +303,9 @@ def load_case(
             )
     else:
         pred = np.asanyarray(pred_image.dataobj) != 0
+    ignore = layout.dataset_ignore_value(dataset_dir)
+    if ignore is not None:
+        pred, label = exclude_ignored(pred, label, reference == ignore)
     return pred, label, layout.spacing_of(label_image.affine)
 
 
@@ -408,6 +420,7 @@ def evaluate_predictions(
         settings,
         threshold=threshold if mode == "probability" else None,
         sources={"predictions": _describe(predictions_dir), "dataset": str(dataset_dir)},
+        ignore_label=layout.dataset_ignore_value(dataset_dir) is not None,
     )
     evaluation.false_positives = pd.concat(located, ignore_index=True)
     counts = counts_by_location(evaluation.false_positives, list(case_ids))
@@ -420,11 +433,13 @@ def summarize_metrics(
     settings: EvaluationSettings,
     threshold: float | None,
     sources: dict[str, str],
+    ignore_label: bool = False,
 ) -> Evaluation:
     """The :class:`Evaluation` of an updated ``make_lesion_metrics`` collection.
 
     ``threshold`` is the operating point of probability maps, or ``None`` for binary masks
-    (one operating point, no FROC curve). Used by ``sap evaluate`` and by lesion fine-tuning,
+    (one operating point, no FROC curve); ``ignore_label``: the references had ``ignore``
+    voxels (the rule is then stated). Used by ``sap evaluate`` and by lesion fine-tuning,
     which writes the evaluation of its last validation into the run folder. Under DDP every
     rank must call it (the tables are gathered from all ranks).
     """
@@ -459,7 +474,7 @@ def summarize_metrics(
             "froc_thresholds": [float(t) for t in detection.thresholds],
             "froc_max_fp": {"all": FROC_MAX_FP_ALL, "large": FROC_MAX_FP_LARGE},
         },
-        "rules": RULES,
+        "rules": {**RULES, "ignore": IGNORE_RULE} if ignore_label else RULES,
         "froc": {
             "thresholds": [float(t) for t in detection.thresholds],
             **{

@@ -118,8 +118,16 @@ def _channel_order(
         return list(range(n_channels))
     wanted = list(wanted)
     if sorted(given) != sorted(wanted) or len(set(given)) != len(given):
+        missing = [name for name in wanted if name not in given]
+        extra = [name for name in given if name not in wanted]
+        which = "; ".join(
+            f"{what} {', '.join(names)}"
+            for what, names in (("missing", missing), ("not a model input", extra))
+            if names
+        )
         raise DatasetError(
             f"{where}: channel_names {given} differ from the model's input channels {wanted}"
+            + (f" ({which})" if which else "")
         )
     order = [given.index(name) for name in wanted]
     if order != list(range(len(order))):

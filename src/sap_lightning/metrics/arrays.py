@@ -44,6 +44,21 @@ def as_probability(array: ArrayLike, name: str = "prob") -> np.ndarray:
     return array
 
 
+def exclude_ignored(
+    pred: ArrayLike, target: ArrayLike, ignored: ArrayLike
+) -> tuple[ArrayLike, ArrayLike]:
+    """nnU-Net's rule for its ``ignore`` label, applied before any metric: the voxels ``ignored``
+    in the reference become background in both the prediction and the reference.
+
+    Lesions are found afterwards, so a predicted component lying only in ignored voxels is
+    neither a true nor a false positive, a lesion lying only there is no miss, and Dice and
+    surface Dice compare the annotated voxels only (docs/evaluation.md). Numpy arrays or torch
+    tensors (probabilities, masks or labels); ``ignored`` broadcasts against both.
+    """
+    keep = ~ignored
+    return pred * keep, target * keep
+
+
 def check_same_shape(pred: np.ndarray, target: np.ndarray) -> None:
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")

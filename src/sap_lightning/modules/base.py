@@ -45,6 +45,7 @@ from sap_lightning.core.windows import (
     round_up_to_multiple,
     sliding_window_size,
 )
+from sap_lightning.metrics.arrays import exclude_ignored
 from sap_lightning.modules.losses import create_loss, loss_in_float32, split_deep_supervision
 from sap_lightning.modules.optim import create_optimizer, param_groups
 
@@ -56,16 +57,24 @@ DATA_INFO_KEYS = ("in_channels", "num_classes", "channel_names", "label_names", 
 
 
 def data_info_from(datamodule: Any) -> dict[str, Any]:
-    """The data-derived values a module is built with, as plain Python values."""
+    """The data-derived values a module is built with, as plain Python values.
+
+    ``ignore_value`` (the label value of nnU-Net's ``ignore`` voxels in the batches) is there
+    only when the data has such voxels, so every other run's hyper-parameters stay as they were.
+    """
     spacing = datamodule.spacing
     num_classes = datamodule.num_classes  # None for SSL (no labels)
-    return {
+    info = {
         "in_channels": int(datamodule.in_channels),
         "num_classes": None if num_classes is None else int(num_classes),
         "channel_names": [str(name) for name in datamodule.channel_names],
         "label_names": [str(name) for name in datamodule.label_names],
         "spacing": None if spacing is None else [float(s) for s in spacing],
     }
+    ignore_value = getattr(datamodule, "ignore_value", None)
+    if ignore_value is not None:
+        info["ignore_value"] = int(ignore_value)
+    return info
 
 
 def warmup_cosine_factor(
@@ -317,7 +326,10 @@ class SegmentationModule(SapModule, ABC):
     def __init__(self, config: Mapping[str, Any], data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
         self.deep_supervision = self.spec.deep_supervision(self.backbone_kwargs)
-        self.loss_fn = create_loss(self.cfg.loss, deep_supervision=self.deep_supervision)
+        self.ignore_value: int | None = self.data_info.get("ignore_value")
+        self.loss_fn = create_loss(
+            self.cfg.loss, deep_supervision=self.deep_supervision, ignore_value=self.ignore_value
+        )
         self.roi_size = self.inference_roi_size
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -363,6 +375,9 @@ class SegmentationModule(SapModule, ABC):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         probabilities = self.predict_case(batch["image"], batch.get("body"))
         label = batch["label"].cpu()
+        if self.ignore_value is not None:
+            ignored = label == self.ignore_value
+            probabilities, label = exclude_ignored(probabilities, label, ignored)
         spacing = batch["spacing"]
         for index, case_id in enumerate(batch["case_id"]):
             case_spacing = [float(s) for s in spacing[index]]

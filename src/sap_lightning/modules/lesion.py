@@ -73,8 +73,10 @@ def metadata_warnings(
     found = []
     channels = source_meta.get("channel_names")
     if channels is not None and list(channels) != list(data_info["channel_names"]):
+        new = [name for name in data_info["channel_names"] if name not in channels]
         found.append(
             f"input channels differ: source {list(channels)}, data {data_info['channel_names']}"
+            + (f" (new: {', '.join(new)})" if new else "")
         )
     spacing, ours = source_meta.get("spacing"), data_info.get("spacing")
     if spacing is not None and ours is not None:
@@ -169,6 +171,7 @@ class LesionSegmentation(SegmentationModule):
             mode=arm.transfer,
             spec=self.spec,
             in_channel_policy=model_cfg.in_channel_policy,
+            channel_names=self.data_info["channel_names"],
             strict=True,
             expected_task=arm.pretraining.task,
             expected_recipe=arm.pretraining.recipe,

@@ -6,7 +6,8 @@ deterministic on CUDA when ``trainer.deterministic=true``: :class:`Deterministic
 ``include_background`` applies to the Dice term
 only: the cross-entropy always covers every class, background included (docs/method.md: background
 excluded from the Dice term only). ``tests/unit/test_losses.py`` checks this against MONAI's
-``DiceLoss`` plus PyTorch's ``cross_entropy``.
+``DiceLoss`` plus PyTorch's ``cross_entropy``. On data with nnU-Net's ``ignore`` label the loss
+is wrapped in :class:`IgnoreLabel`, which leaves those voxels out of every term.
 
 The contrastive term is NT-Xent (SimCLR) over the *global* batch: the projections of every rank
 are gathered with their autograd graph, so each rank's samples see the other ranks' samples as
@@ -22,10 +23,18 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from monai.losses import ContrastiveLoss, DeepSupervisionLoss, DiceCELoss, DiceLoss, FocalLoss
+from monai.losses import (
+    ContrastiveLoss,
+    DeepSupervisionLoss,
+    DiceCELoss,
+    DiceLoss,
+    FocalLoss,
+    MaskedDiceLoss,
+)
 from torch import nn
 
 from sap_lightning.config.schema import LossConfig
+from sap_lightning.core.errors import ConfigError
 from sap_lightning.core.registry import Registry
 
 ROTATION_ANGLES_DEG = (0, 90, 180, 270)
@@ -49,13 +58,18 @@ def list_losses() -> list[str]:
     return LOSSES.names()
 
 
-def create_loss(cfg: LossConfig, deep_supervision: bool = False) -> nn.Module:
+def create_loss(
+    cfg: LossConfig, deep_supervision: bool = False, ignore_value: int | None = None
+) -> nn.Module:
     """The segmentation loss ``cfg.name`` on softmax logits against integer labels.
 
     With ``deep_supervision`` the loss takes a list of logits (full resolution first) and sums
-    them with MONAI's exponentially decreasing weights (1, 0.5, 0.25, ...).
+    them with MONAI's exponentially decreasing weights (1, 0.5, 0.25, ...). ``ignore_value``
+    (the data declares nnU-Net's ``ignore`` label) wraps it in :class:`IgnoreLabel`.
     """
     loss = LOSSES.get(cfg.name)(cfg)
+    if ignore_value is not None:
+        loss = IgnoreLabel(loss, ignore_value, cfg.name)
     # DeepSupervisionLoss also accepts a single tensor and casts logits to float32, so the loss
     # is computed in full precision under mixed-precision training either way.
     return DeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss
@@ -101,8 +115,64 @@ def masked_cross_entropy(
     return per_voxel.sum() / counted  # an ignored voxel's mask row is all False: it adds 0
 
 
+class IgnoreLabel(nn.Module):
+    """A segmentation loss to which the voxels of nnU-Net's ``ignore`` label contribute nothing.
+
+    nnU-Net's rule: the cross-entropy averages over the annotated voxels only, and the Dice
+    term sees the softmax and the one-hot target set to 0 on the ignored ones. A batch without
+    an ignored voxel goes to the wrapped loss unchanged (the same value, bit for bit); one with
+    some to its ``masked(logits, target, keep)`` form, which every built-in loss has.
+    """
+
+    def __init__(self, loss: nn.Module, ignore_value: int, name: str) -> None:
+        super().__init__()
+        if not callable(getattr(loss, "masked", None)):
+            raise ConfigError(
+                f"loss.name={name} cannot leave out the voxels of the dataset's 'ignore' label "
+                "(it has no masked form); use dice_ce, batch_dice_ce or batch_dice_focal"
+            )
+        self.loss = loss
+        self.ignore_value = int(ignore_value)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        keep = target != self.ignore_value
+        if bool(keep.all()):
+            return self.loss(logits, target)
+        if not bool(keep.any()):  # nothing annotated: no signal, but a graph for the backward
+            return logits.sum() * 0.0
+        return self.loss.masked(logits, torch.where(keep, target, 0), keep)
+
+
+def masked_dice(
+    dice: DiceLoss, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """``dice``'s value over the voxels ``keep`` only: MONAI's ``MaskedDiceLoss`` with the same
+    settings multiplies the softmax and the one-hot target by the mask, as nnU-Net does."""
+    masked = MaskedDiceLoss(
+        include_background=dice.include_background,
+        to_onehot_y=dice.to_onehot_y,
+        softmax=dice.softmax,
+        smooth_nr=dice.smooth_nr,
+        smooth_dr=dice.smooth_dr,
+        batch=dice.batch,
+    )
+    return masked(logits, target, mask=keep.to(logits.dtype))
+
+
+class DiceCE(DiceCELoss):
+    """MONAI's ``DiceCELoss`` with a masked form for the ``ignore`` label (:class:`IgnoreLabel`)."""
+
+    def masked(
+        self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        dice = masked_dice(self.dice, logits, target, keep)
+        ignored = torch.full_like(target, self.cross_entropy.ignore_index)
+        ce = self.ce(logits, torch.where(keep, target, ignored))
+        return self.lambda_dice * dice + self.lambda_ce * ce
+
+
 def _dice_ce(cfg: LossConfig, batch: bool) -> nn.Module:
-    loss = DiceCELoss(
+    loss = DiceCE(
         include_background=False,  # Dice term only; the CE term keeps the background class
         to_onehot_y=True,
         softmax=True,
@@ -160,6 +230,18 @@ class BatchDiceFocalLoss(nn.Module):
         return self.dice_weight * self.dice(logits, target) + self.focal_weight * self.focal(
             logits, target
         )
+
+    def masked(
+        self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Over the voxels ``keep`` only (:class:`IgnoreLabel`): the focal term's mean is taken
+        over their elements, as the stock one is over all."""
+        dice = masked_dice(self.dice, logits, target, keep)
+        per_element = FocalLoss(
+            to_onehot_y=True, use_softmax=True, gamma=self.focal.gamma, reduction="none"
+        )(logits, target)
+        focal = (per_element * keep).sum() / (keep.sum() * per_element.shape[1])
+        return self.dice_weight * dice + self.focal_weight * focal
 
 
 @register_loss("batch_dice_focal")

@@ -542,7 +542,13 @@ def write_validation_evaluation(module: LesionSegmentation, out_dir: Path) -> No
         threshold=val.threshold, connectivity=val.connectivity, tolerance_mm=val.tolerance_mm
     )
     sources = {"run": str(module.cfg.run_dir), "cases": "validation (threshold-tuning fold)"}
-    evaluation = summarize_metrics(module.val_metrics, settings, val.threshold, sources)
+    evaluation = summarize_metrics(
+        module.val_metrics,
+        settings,
+        val.threshold,
+        sources,
+        ignore_label=module.ignore_value is not None,
+    )
     if module.trainer.is_global_zero:
         write_evaluation(evaluation, out_dir)
         wandb_log.keep_validation_pictures(module)

@@ -27,7 +27,7 @@ from sap_lightning import __version__
 from sap_lightning.core.errors import DatasetError
 from sap_lightning.dataset.images import read_image
 from sap_lightning.dataset.import_folder import resolve_labels
-from sap_lightning.dataset.layout import FILE_ENDINGS
+from sap_lightning.dataset.layout import FILE_ENDINGS, IGNORE_LABEL
 from sap_lightning.scanner import adc as adc_fit
 from sap_lightning.scanner import bias, output, register
 from sap_lightning.scanner.dicom_files import scan_case
@@ -45,6 +45,7 @@ from sap_lightning.scanner.stations import (
     Grid,
     Placed,
     compose,
+    coverage,
     grid_box,
     output_grid,
     place,
@@ -176,14 +177,15 @@ def _n4(images: dict, record: dict) -> dict:
 
 def _compose_t1(
     grid: Grid, images: Sequence[sitk.Image], records: list[dict]
-) -> tuple[np.ndarray, list[dict]]:
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """The composed T1, the voxels a T1 station covers ((z, y, x) bool) and the pairs' record."""
     direction = stacking_direction(images)
     order = station_order(images, direction)
     placed = [place(grid, images[i], ramp_weights(images[i], direction)) for i in order]
     factors, pairs = standardisation_factors(placed)  # type: ignore[arg-type]
     for position, (i, factor) in enumerate(zip(order, factors)):
         records[i].update(order=position, scale_factor=round(factor, 6))
-    return compose(grid, placed, factors), pairs  # type: ignore[arg-type]
+    return compose(grid, placed, factors), coverage(grid, placed), pairs  # type: ignore[arg-type]
 
 
 def _registrations(
@@ -216,9 +218,10 @@ def _compose_dwi(
     transforms: Sequence[sitk.Transform | None],
     records: list[dict],
     adc: Sequence[sitk.Image] | None,
-) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[dict]]:
     """The chosen b-value (standardised on each station's lowest b-value) and the ADC (never
-    standardised), both blended with the same ramp weights."""
+    standardised), both blended with the same ramp weights, and the voxels a DWI station
+    covers."""
     lowest = [station[min(station)] for station in stations]
     direction = stacking_direction(lowest)
     order = station_order(lowest, direction)
@@ -250,7 +253,7 @@ def _compose_dwi(
     adc_image = None
     if adc is not None:
         adc_image = compose(grid, [same_box(i, b, adc[i]) for i, b in zip(kept, placed_low)])
-    return b_image, adc_image, pairs
+    return b_image, adc_image, coverage(grid, placed_low), pairs
 
 
 # --------------------------------------------------------------------------- labels
@@ -267,9 +270,18 @@ def _to_sitk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
     return image
 
 
+def ignore_value_of(label_set: Mapping[str, int]) -> int:
+    """The value of the ``ignore`` label: the label set's own, else nnU-Net's rule (the highest
+    value, one above the classes)."""
+    return label_set.get(IGNORE_LABEL, max(label_set.values(), default=0) + 1)
+
+
 def _label_on_grid(
-    case_id: str, path: Path, grid: Grid, label_set: Mapping[str, int]
+    case_id: str, path: Path, grid: Grid, label_set: Mapping[str, int], imaged: np.ndarray
 ) -> tuple[np.ndarray, dict]:
+    """The annotation on ``grid`` ((z, y, x), nearest neighbour in world space), with every
+    voxel that is not ``imaged`` (no T1 or no DWI station covers it) or that the annotation's
+    field of view misses marked as the ``ignore`` label: nobody could annotate it."""
     where = f"case {case_id}: {path}"
     try:
         source = read_image(path)
@@ -286,6 +298,9 @@ def _label_on_grid(
         raise DatasetError(f"{where}: values {unknown} are not in the label set {dict(label_set)}")
     labels = _to_sitk(data.astype(np.uint8), source.affine)
     on_grid = resample_onto(grid, labels, interpolator=sitk.sitkNearestNeighbor)
+    field_of_view = _to_sitk(np.ones(data.shape, np.uint8), source.affine)
+    annotated = resample_onto(grid, field_of_view, interpolator=sitk.sitkNearestNeighbor) > 0
+    ignored = ~(imaged & annotated)
     voxel_ml = float(np.prod(np.linalg.norm(source.affine[:3, :3], axis=0))) / 1000.0
     grid_ml = float(np.prod(grid.spacing)) / 1000.0
     source_ml, imported_ml = (
@@ -300,7 +315,12 @@ def _label_on_grid(
         "foreground_ml_source": round(source_ml, 4),
         "foreground_ml_imported": round(imported_ml, 4),
         "resampling": "nearest neighbour in world space",
+        "ignored_voxels": int(ignored.sum()),
     }
+    if ignored.any():
+        on_grid = np.where(ignored, ignore_value_of(label_set), on_grid)
+        record["ignore_value"] = ignore_value_of(label_set)
+        record["ignored"] = "voxels no T1 or DWI station covers, or outside the annotation"
     return on_grid.astype(np.uint8), record
 
 
@@ -356,13 +376,13 @@ def import_case(
 
     t1_list = [images[None] for images in t1_images]
     grid = output_grid(t1_list)
-    t1, t1_pairs = _compose_t1(grid, t1_list, t1_records)
+    t1, t1_covered, t1_pairs = _compose_t1(grid, t1_list, t1_records)
     transforms: list[sitk.Transform | None] = [None] * len(dwi_images)
     if options.register:
         lowest = [images[min(images)] for images in dwi_images]
         transforms = _registrations(grid, t1, lowest, options.register, dwi_records)
     try:
-        b_image, adc, dwi_pairs = _compose_dwi(
+        b_image, adc, dwi_covered, dwi_pairs = _compose_dwi(
             grid, dwi_images, b_used, transforms, dwi_records, adc_stations
         )
     except DatasetError as err:
@@ -372,7 +392,8 @@ def import_case(
 
     label, label_record = None, None
     if label_file is not None:
-        on_grid, label_record = _label_on_grid(case_id, label_file, grid, label_set or {})
+        imaged = t1_covered & dwi_covered
+        on_grid, label_record = _label_on_grid(case_id, label_file, grid, label_set or {}, imaged)
         label = np.transpose(on_grid, (2, 1, 0))
 
     manifest = {
@@ -472,6 +493,6 @@ def import_dicom(
         log.info("case %s imported (%s)", case_id, ", ".join(options.channels))
     if kind == output.DATASET and out.exists():
         report.cases_in_out = output.write_dataset_json(
-            out, options.channels, label_set, report.b_values
+            out, options.channels, label_set, report.b_values, ignore_value_of(label_set)
         )
     return report

@@ -127,9 +127,16 @@ def write_case(
 
 
 def write_dataset_json(
-    out: Path, channels: Sequence[str], labels: Mapping[str, int], b_values: Mapping[str, float]
+    out: Path,
+    channels: Sequence[str],
+    labels: Mapping[str, int],
+    b_values: Mapping[str, float],
+    ignore_value: int,
 ) -> int:
-    """dataset.json for every case imported into ``out`` so far; returns their number."""
+    """dataset.json for every case imported into ``out`` so far; returns their number.
+
+    The labels gain nnU-Net's ``ignore`` label (``ignore_value``) when a case's label has
+    voxels no station covers (its manifest counts them)."""
     manifests = _manifests(out)
     cases = sorted(
         case_id
@@ -138,11 +145,14 @@ def write_dataset_json(
     )
     known = {case_id: manifests[case_id].get("dwi", {}).get("b_value_used") for case_id in cases}
     known.update({k: v for k, v in b_values.items() if k in known})
+    labels = dict(labels)
+    if any(manifests[c].get("label", {}).get("ignored_voxels", 0) for c in cases):
+        labels[layout.IGNORE_LABEL] = ignore_value
     spec = {
         "name": out.name,
         "description": "Imported from scanner DICOM by sap import-dicom (manifests/<case>.json)",
         "channel_names": {str(i): name for i, name in enumerate(channels)},
-        "labels": dict(labels),
+        "labels": labels,
         "numTraining": len(cases),
         "file_ending": layout.FILE_ENDING,
         "dwi_b_values": known,

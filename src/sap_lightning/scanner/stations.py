@@ -296,6 +296,15 @@ def standardisation_factors(placed: Sequence[Placed]) -> tuple[list[float], list
     return factors, pairs
 
 
+def coverage(grid: Grid, placed: Sequence[Placed]) -> np.ndarray:
+    """Voxels of ``grid`` some placed station covers, (z, y, x) bool: where :func:`compose` has
+    a weight above 0 (elsewhere it writes 0, not an image value)."""
+    covered = np.zeros(grid.size[::-1], bool)
+    for station in placed:
+        covered[station.slices()] |= station.weights > 0
+    return covered
+
+
 def compose(
     grid: Grid, placed: Sequence[Placed], factors: Sequence[float] | None = None
 ) -> np.ndarray:
