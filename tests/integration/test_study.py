@@ -36,6 +36,7 @@ def _splits(config):
 def test_report_has_every_arm_with_statistics(tiny_study) -> None:
     report = tiny_study.report.read_text()
     assert "**Primary endpoint ([protocol](docs/protocol.md)): SAP minus scratch" in report
+    assert "This study is one draw of the cohort" in report  # the protocol: a demo says so
     for arm in TINY_STUDY_ARMS:
         assert f" {arm} |" in report.split("## Table 1", 1)[1]
     assert "F2 (detection score)" in report and "p" in report

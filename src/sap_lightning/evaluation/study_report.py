@@ -52,6 +52,13 @@ class LearningRun:
     run_dir: Path
 
 
+ONE_DRAW = (
+    "This study is one draw of the cohort, the splits and every network's initialisation; the "
+    "arms' order can change from one draw to the next. `sap study --repeats N` pools several "
+    '(docs/protocol.md, "Repeats").\n'
+)
+
+
 def primary_differences(comparison: Comparison, arm: str, baseline: str) -> np.ndarray:
     """Per patient with a lesion that both arms evaluated: arm's F2 minus baseline's."""
     runs = {run.name: run for run in comparison.runs}
@@ -194,6 +201,7 @@ def study_header(
         f"- Machine: {machine_line(run_threads)}.",
         "",
         verdict(comparison, study.n_resamples, study.seed),
+        ONE_DRAW,
     ]
     return "\n".join(lines) + "\n"
 
