@@ -2,9 +2,9 @@
 
 Its widths (8, 16, 32, 64, 64, 16) double MONAI's smallest useful ones (4, 8, 16, 32, 64, 8) at
 full resolution and in the last decoder stage and keep the 64-channel bottleneck (the SSL heads'
-input size). Stage 1 on the demo cohort (docs/method.md, "CPU recipe"), held-out whole-skeleton
-/ mean region Dice, seeds 0 / 1: 0.52 / 0.62 and 0.26 / 0.29 with the smaller widths, 0.70 /
-0.67 and 0.45 / 0.56 with these, for 1.2x the time per step. Tests pass smaller widths.
+input size): on the demo's stage 1 the wider full-resolution and last decoder stages raised the
+held-out Dice most, for 1.2x the time per step (docs/method.md, "CPU recipe"). Tests pass
+smaller widths.
 
 Encoder: the first double convolution and the four downsampling stages; decoder: the four
 upsampling stages; head: the final 1x1x1 convolution.
