@@ -18,6 +18,7 @@ import numpy as np
 from scipy import stats
 
 from sap_lightning.core.protocol import BOOTSTRAP_RESAMPLES, CONFIDENCE, SIGNIFICANCE_LEVEL
+from sap_lightning.evaluation.statistics import percentile_interval
 
 
 def hodges_lehmann(differences: Sequence[float] | np.ndarray) -> float:
@@ -47,15 +48,6 @@ def wilcoxon_pratt(differences: Sequence[float] | np.ndarray) -> float:
     if d.size < 2 or not np.any(d != 0):
         return 1.0
     return float(stats.wilcoxon(d, zero_method="pratt").pvalue)
-
-
-def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return math.nan, math.nan
-    tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 @dataclass(frozen=True)
@@ -96,7 +88,7 @@ def paired_effect(
     if d.size >= 2:
         rng = np.random.default_rng(seed)
         samples = d[rng.integers(0, d.size, size=(n_resamples, d.size))]
-        low, high = _interval(_hl_rows(samples), confidence)
+        low, high = percentile_interval(_hl_rows(samples), confidence)
     return PairedEffect(hodges_lehmann(d), low, high, wilcoxon_pratt(d), int(d.size))
 
 
@@ -122,7 +114,7 @@ def pooled_effect(
         drawn = rng.integers(0, len(groups), size=len(groups))
         parts = [groups[g][rng.integers(0, groups[g].size, size=groups[g].size)] for g in drawn]
         estimates[k] = hodges_lehmann(np.concatenate(parts))
-    low, high = _interval(estimates, confidence)
+    low, high = percentile_interval(estimates, confidence)
     return PairedEffect(hodges_lehmann(pooled), low, high, wilcoxon_pratt(pooled), pooled.size)
 
 
@@ -166,7 +158,7 @@ def clustered_ci(
     for k in range(n_resamples):
         drawn = rng.integers(0, len(members), size=len(members))
         medians[k] = np.median(np.concatenate([members[g] for g in drawn]))
-    return _interval(medians, confidence)
+    return percentile_interval(medians, confidence)
 
 
 def clustered_difference(
@@ -192,7 +184,7 @@ def clustered_difference(
     for k in range(n_resamples):
         drawn = rng.integers(0, len(members), size=len(members))
         medians[k] = np.median(np.concatenate([members[g] for g in drawn]))
-    low, high = _interval(medians, confidence)
+    low, high = percentile_interval(medians, confidence)
     below, above = np.mean(medians <= 0), np.mean(medians >= 0)
     p = min(1.0, 2 * min(below, above)) if len(members) > 1 else math.nan
     return PairedEffect(float(np.median(d)), low, high, float(p), int(d.size))

@@ -81,6 +81,12 @@ def bootstrap_ci(
         values = np.asarray(statistic(data[indices], axis=1), dtype=np.float64)
     else:
         values = np.array([statistic(data[index]) for index in indices], dtype=np.float64)
+    return percentile_interval(values, confidence)
+
+
+def percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap ``values``, NaN resamples dropped;
+    (NaN, NaN) when none is left."""
     values = values[~np.isnan(values)]
     if values.size == 0:
         return math.nan, math.nan
