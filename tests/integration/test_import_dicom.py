@@ -108,13 +108,12 @@ def test_t1_and_b1000_match_the_phantom_inside_the_body(axial) -> None:
     t1, _ = _read(axial["out"] / "imagesTr" / "pat1_0000.nii.gz")
     b1000, _ = _read(axial["out"] / "imagesTr" / "pat1_0001.nii.gz")
     assert _corr(t1[body], case.t1[body]) >= 0.99
-    # The DWI was written at half the in-plane resolution with 1.5x thicker slices: compare with
-    # the phantom at that resolution (a Gaussian of the DWI voxel's FWHM), and, looser, at its
-    # own (the noise texture of single T1 voxels cannot survive the coarser DWI).
+    assert _corr(b1000[body], case.b1000[body]) >= 0.95
+    # The DWI was written at half the in-plane resolution with 1.5x thicker slices: at that
+    # resolution (a Gaussian of the DWI voxel's FWHM) the phantom is matched almost exactly.
     sigma = [w / 2.3548 for w in DWI_FWHM]
     matched = ndimage.gaussian_filter(case.b1000.astype(np.float64), sigma)
     assert _corr(b1000[body], matched[body]) >= 0.99
-    assert _corr(b1000[body], case.b1000[body]) >= 0.9
 
 
 def test_a_lesion_lands_within_half_a_voxel(axial) -> None:

@@ -50,6 +50,7 @@ from sap_lightning.scanner.stations import (
     output_grid,
     place,
     ramp_weights,
+    resample_intensities,
     resample_onto,
     stacking_direction,
     standardisation_factors,
@@ -239,20 +240,29 @@ def _compose_dwi(
         raise DatasetError("no DWI station overlaps the T1 field of view")
     factors, pairs = standardisation_factors(placed_low)
 
-    def same_box(i: int, base: Placed, image: sitk.Image) -> Placed:
-        values = resample_onto(grid, image, base.low, base.high, transforms[i])
+    def on_box(base: Placed, values: np.ndarray) -> Placed:
         return Placed(base.low, base.high, values, base.weights, base.core)
 
-    chosen = [
-        base if min(stations[i]) == b_used else same_box(i, base, stations[i][b_used])
-        for i, base in zip(kept, placed_low)
-    ]
+    chosen = []
+    for i, base in zip(kept, placed_low):
+        if min(stations[i]) != b_used:
+            image = stations[i][b_used]
+            base = on_box(
+                base, resample_intensities(grid, image, base.low, base.high, transforms[i])
+            )
+        chosen.append(base)
     for position, (i, factor) in enumerate(zip(kept, factors)):
         records[i].update(order=position, scale_factor=round(factor, 6))
     b_image = compose(grid, chosen, factors)
     adc_image = None
     if adc is not None:
-        adc_image = compose(grid, [same_box(i, b, adc[i]) for i, b in zip(kept, placed_low)])
+        adc_image = compose(
+            grid,
+            [
+                on_box(b, resample_onto(grid, adc[i], b.low, b.high, transforms[i]))
+                for i, b in zip(kept, placed_low)
+            ],
+        )
     return b_image, adc_image, coverage(grid, placed_low), pairs
 
 

@@ -25,6 +25,16 @@ SIGNAL_FRACTION = 0.1
 99th percentile over the overlap (air and noise would pull the means towards the noise floor)."""
 MIN_OVERLAP_VOXELS = 100
 """Fewer usable overlap voxels than this: the station keeps its neighbour's factor."""
+INTENSITY_INTERPOLATOR = sitk.sitkBSpline
+"""Station intensities (T1, every b-value) are resampled with an interpolating cubic B-spline:
+DWI arrives at about half the T1's in-plane resolution, and linear interpolation onto the finer
+grid smooths away detail the DWI still holds (on the synthetic exams of ``tests/dicom_exams.py``
+b1000 correlates 0.957 with the phantom against 0.948 with linear). Weights, coverage and the
+ADC map stay linear (an ADC value between two neighbours' is never overshot); labels nearest."""
+SPLINE_MARGIN = 6
+"""Voxels each station is continued by (point reflection) before spline resampling: the spline's
+mirror boundary then sits where its error (decaying by 0.27 per voxel) no longer reaches the
+station's own voxels, and a linear trend stays exact up to its edge."""
 EDGE_WEIGHT = 1e-3
 """Weight of a station's outermost voxels, relative to one slice step of ramp (see
 :func:`ramp_weights`)."""
@@ -217,6 +227,36 @@ def resample_onto(
     return sitk.GetArrayFromImage(resampled)
 
 
+def resample_intensities(
+    grid: Grid,
+    image: sitk.Image,
+    low: Sequence[int] = (0, 0, 0),
+    high: Sequence[int] | None = None,
+    transform: sitk.Transform | None = None,
+) -> np.ndarray:
+    """A magnitude image on a box of ``grid`` (:data:`INTENSITY_INTERPOLATOR`), the spline's
+    undershoot at sharp edges clipped to 0: magnitudes are never negative."""
+    values = resample_onto(grid, _continued(image), low, high, transform, INTENSITY_INTERPOLATOR)
+    return np.clip(values, 0.0, None, out=values)
+
+
+def _continued(image: sitk.Image) -> sitk.Image:
+    """``image`` extended by :data:`SPLINE_MARGIN` voxels on every side by odd reflection
+    (2 x edge - mirror image), on the same lattice. Only the station's own extent is blended
+    (its weights are 0 beyond it), so the continuation only steadies the spline inside."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    margins = [min(SPLINE_MARGIN, n - 1) for n in array.shape]
+    continued = np.pad(array, [(m, m) for m in margins], mode="reflect", reflect_type="odd")
+    out = sitk.GetImageFromArray(continued)
+    out.SetSpacing(image.GetSpacing())
+    out.SetDirection(image.GetDirection())
+    shift = np.asarray(image.GetDirection()).reshape(3, 3) @ (
+        np.asarray(margins[::-1], float) * np.asarray(image.GetSpacing())
+    )
+    out.SetOrigin(tuple(float(v) for v in np.asarray(image.GetOrigin()) - shift))
+    return out
+
+
 def place(
     grid: Grid,
     image: sitk.Image,
@@ -229,7 +269,7 @@ def place(
     if box is None:
         return None
     low, high = box
-    values = resample_onto(grid, image, low, high, transform)
+    values = resample_intensities(grid, image, low, high, transform)
     weight = resample_onto(grid, weights, low, high, transform)
     inner = np.zeros(image.GetSize()[::-1], np.float32)
     inner[tuple(slice(1, -1) if n > 2 else slice(None) for n in inner.shape)] = 1.0
