@@ -3,7 +3,9 @@ independent recomputation of one case (nibabel, numpy percentiles, scipy compone
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -33,11 +35,13 @@ def _normalise(path) -> np.ndarray:
     return (np.clip(image, low, high) - low) / (high - low)
 
 
-def _recompute(dataset, case_id, b1000_min, t1_max, bone_only):
-    """F2, sensitivity, false positives and their tissues, from scratch."""
+def _recompute(dataset, case_id, b1000_min, t1_max, bone_only, ignore=None):
+    """F2, sensitivity, false positives and their tissues, from scratch; voxels labelled
+    ``ignore`` are background in both the rule and the reference (nnU-Net's rule)."""
     t1 = _normalise(layout.image_path(dataset, case_id, 0))
     b1000 = _normalise(layout.image_path(dataset, case_id, 1))
-    label = np.asarray(nib.load(layout.label_path(dataset, case_id)).dataobj) > 0
+    values = np.asarray(nib.load(layout.label_path(dataset, case_id)).dataobj)
+    label = (values > 0) & (values != ignore)
     tissue = np.asarray(nib.load(ph.tissue_path(dataset, case_id)).dataobj)
     legend = read_json(dataset / ph.TISSUES_DIR / ph.TISSUES_JSON)
     pred = (b1000 > b1000_min) & (t1 < t1_max)
@@ -46,6 +50,7 @@ def _recompute(dataset, case_id, b1000_min, t1_max, bone_only):
     else:  # the body mask is the library's (what the study masks with)
         affine = layout.affine_from_spacing((4.5, 4.5, 9.0))
         pred &= compute_body_mask(np.stack([t1, b1000]).astype(np.float32), affine)
+    pred &= values != ignore
     face = ndimage.generate_binary_structure(3, 1)
     gt, n_gt = ndimage.label(label, face)
     comps, n_pred = ndimage.label(pred, face)
@@ -111,6 +116,37 @@ def test_headroom_values_match_an_independent_recomputation(headroom):
         assert got["f2"] == pytest.approx(f2, abs=1e-9)
         assert got["sensitivity"] == pytest.approx(sensitivity, nan_ok=True)
         assert got["fp_by_tissue"] == tissues
+
+
+def test_headroom_leaves_the_ignore_label_out(headroom, tmp_path):
+    """A slab nobody annotated (nnU-Net's ``ignore``) over half of one case: the rule's
+    components and the lesions there count neither as found, missed nor false."""
+    out, result = headroom
+    dataset = tmp_path / "lesion"
+    shutil.copytree(out / "mimics_2" / "lesion", dataset)
+    spec = read_json(dataset / "dataset.json")
+    spec["labels"]["ignore"] = max(spec["labels"].values()) + 1
+    (dataset / "dataset.json").write_text(json.dumps(spec))
+    entry = result["results"][1]
+    rows = entry["rows"]
+    case_id = max(entry["test_cases"], key=lambda c: rows[1]["cases"][c]["fp"])
+    path = layout.label_path(dataset, case_id)
+    image = nib.load(path)
+    values = np.asarray(image.dataobj).astype(np.uint8)
+    values[:, :, values.shape[2] // 2 :] = spec["labels"]["ignore"]
+    nib.save(nib.Nifti1Image(values, image.affine), path)
+    assert main(["headroom", str(dataset), "--out", str(tmp_path / "report")]) == 0
+    again = read_json(tmp_path / "report" / "headroom.json")["results"][0]["rows"]
+    for row in again:
+        f2, sensitivity, fp, tissues = _recompute(
+            dataset, case_id, row["b1000_min"], row["t1_max"], row["bone_mask"],
+            ignore=spec["labels"]["ignore"],
+        )  # fmt: skip
+        got = row["cases"][case_id]
+        assert got["fp"] == fp and got["fp_by_tissue"] == tissues, row["rule"]
+        assert got["f2"] == pytest.approx(f2, abs=1e-9)
+        assert got["sensitivity"] == pytest.approx(sensitivity, nan_ok=True)
+    assert again[1]["cases"][case_id]["fp"] < rows[1]["cases"][case_id]["fp"]
 
 
 def test_headroom_reuses_a_matching_cohort_and_reads_given_datasets(headroom, tmp_path, capsys):

@@ -66,7 +66,8 @@ class Rule:
 
 @dataclass
 class Case:
-    """One patient as the rule sees it: normalised (T1, b1000), label, tissue map, masks."""
+    """One patient as the rule sees it: normalised (T1, b1000), lesion mask, tissue map, masks
+    (voxels of the dataset's ``ignore`` label are in neither the lesion mask nor the body)."""
 
     case_id: str
     normed: np.ndarray
@@ -170,10 +171,15 @@ def load_case(info: DatasetInfo, case_id: str, tissues: dict) -> Case:
     if arrays.label is None:
         raise DatasetError(f"case {case_id}: no label file")
     marrow = [int(v) for v, name in tissues["values"].items() if name == "marrow"]
+    lesion = arrays.label > 0
+    if info.ignore_value is not None:  # nnU-Net's rule: background in both rule and reference
+        ignored = arrays.label == info.ignore_value
+        lesion &= ~ignored
+        body = body & ~ignored
     return Case(
         case_id,
         normed,
-        arrays.label > 0,
+        lesion,
         tissue,
         body,
         np.isin(tissue, tissues["bone"]),
