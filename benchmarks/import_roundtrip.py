@@ -119,7 +119,7 @@ def measure(root: Path, args: argparse.Namespace) -> None:
 
     rows = [
         ("grid", f"{args.size}: {shape} voxels of {spacing} mm"),
-        ("exam", f"{sum(len(f) for f in exam.series.values())} files"),
+        ("exam", f"{sum(1 for p in exam.folder.rglob('*') if p.is_file())} files"),
         ("import wall time (start-up included)", f"{seconds:.1f} s"),
         ("import peak memory", f"{peak_gb:.2f} GB"),
         ("T1 correlation", f"{_corr(t1[body], case.t1[body]):.4f}"),

@@ -28,9 +28,8 @@ MIN_OVERLAP_VOXELS = 100
 INTENSITY_INTERPOLATOR = sitk.sitkBSpline
 """Station intensities (T1, every b-value) are resampled with an interpolating cubic B-spline:
 DWI arrives at about half the T1's in-plane resolution, and linear interpolation onto the finer
-grid smooths away detail the DWI still holds (on the synthetic exams of ``tests/dicom_exams.py``
-b1000 correlates 0.957 with the phantom against 0.948 with linear). Weights, coverage and the
-ADC map stay linear (an ADC value between two neighbours' is never overshot); labels nearest."""
+grid smooths away detail the DWI still holds (docs/method.md, "Scanner import round trip", has
+both measured). Weights, coverage and the ADC map stay linear (an ADC value between two neighbours' is never overshot); labels nearest."""
 SPLINE_MARGIN = 6
 """Voxels each station is continued by (point reflection) before spline resampling: the spline's
 mirror boundary then sits where its error (decaying by 0.27 per voxel) no longer reaches the
