@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -250,6 +251,11 @@ def test_repeats_reuse_the_study_and_pool_a_second_draw(tiny_study, tmp_path: Pa
     assert load_config(second / "sap" / "fold1" / "config.yaml").seed == config.seed + 1
     rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 1 |", "| pooled |"))]
     assert len(rows) == 2 + 2 + 1  # effects per repeat and pooled; learning per repeat
+    # each repeat's primary effect reads as in its own report (the same seed, the same interval)
+    for repeat, report in ((0, tiny_study.report), (1, Path(f"{config.report_dir}_repeat1"))):
+        own = (report if repeat == 0 else report / "report.md").read_text()
+        interval = re.search(r"Hodges-Lehmann (\S+ \[\S+, \S+\])", own).group(1)
+        assert interval in rows[repeat]
     assert tiny_study.report.read_text() == before  # repeat 0: every step reused, same report
     assert (
         "reused from an earlier invocation" in (Path(config.report_dir) / "timings.md").read_text()

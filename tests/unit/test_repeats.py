@@ -58,14 +58,15 @@ def test_the_pooled_report_pools_repeats_and_states_each(tmp_path: Path) -> None
             "sap": _evaluation(root / "sap", sap.tolist()),
         }
         report = tmp_path / "reports" / f"r{repeat}" / "report.md"
-        results.append(RepeatResult(repeat, study, evaluations, [], report))
+        config = repeat_config(study, repeat)
+        results.append(RepeatResult(repeat, config, evaluations, [], report))
     path = write_pooled_report(study, results, tmp_path / "reports" / "pooled")
     text = path.read_text()
     pooled = pooled_effect(differences, 200, seed=study.seed)
     assert f"Hodges-Lehmann {pooled.format()}" in text
     assert "36 pairs" in text and "The interval excludes 0" in text
-    for repeat, d in enumerate(differences):
-        effect = paired_effect(d, 200, seed=study.seed)
+    for repeat, d in enumerate(differences):  # with the seed the repeat's own report used
+        effect = paired_effect(d, 200, seed=study.seed + repeat)
         row = next(line for line in text.splitlines() if line.startswith(f"| {repeat} |"))
         assert effect.format() in row
     payload = json.loads((path.parent / "pooled.json").read_text())

@@ -95,6 +95,11 @@ def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out
     pooled = {
         pair: pooled_effect(groups, n, seed=study.seed) for pair, groups in per_repeat.items()
     }
+    # Each repeat's effect with its own seed, as its own report computed it: the same interval.
+    effects = {
+        pair: [paired_effect(d, n, seed=r.config.seed) for d, r in zip(groups, results)]
+        for pair, groups in per_repeat.items()
+    }
     lines = [
         f"# Study `{study.name}`: {len(results)} repeats",
         "",
@@ -127,7 +132,7 @@ def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out
             "",
         ]
     lines += ["## Effects per repeat", ""]
-    lines += _effects_table(pairs, per_repeat, pooled, n, study.seed)
+    lines += _effects_table(pairs, effects, pooled)
     lines += [
         "",
         "## Did the networks learn? (per repeat)",
@@ -142,24 +147,22 @@ def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out
         "",
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / POOLED_JSON, _payload(study, results, pooled, per_repeat, n))
+    write_json(out_dir / POOLED_JSON, _payload(study, results, pooled, effects))
     return write_text(out_dir / REPORT_MD, "\n".join(lines))
 
 
 def _effects_table(
     pairs: Sequence[tuple[str, str]],
-    per_repeat: dict[tuple[str, str], list[np.ndarray]],
+    effects: dict[tuple[str, str], list[PairedEffect]],
     pooled: dict[tuple[str, str], PairedEffect],
-    n_resamples: int,
-    seed: int,
 ) -> list[str]:
     header = "| repeat | " + " | ".join(f"{a} minus {b}" for a, b in pairs) + " |"
     rows = [header, "|---|" + "---|" * len(pairs)]
-    count = len(next(iter(per_repeat.values()))) if per_repeat else 0
+    count = len(next(iter(effects.values()))) if effects else 0
     for r in range(count):
         cells = []
         for pair in pairs:
-            effect = paired_effect(per_repeat[pair][r], n_resamples, seed=seed)
+            effect = effects[pair][r]
             cells.append(f"{effect.format()}, p = {_p(effect.p)} (n = {effect.n})")
         rows.append(f"| {r} | " + " | ".join(cells) + " |")
     rows.append(
@@ -181,7 +184,7 @@ def _p(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.3g}"
 
 
-def _payload(study, results, pooled, per_repeat, n_resamples) -> dict:
+def _payload(study, results, pooled, effects) -> dict:
     def effect(e: PairedEffect) -> dict:
         return {
             key: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -196,10 +199,7 @@ def _payload(study, results, pooled, per_repeat, n_resamples) -> dict:
                 "arm": a,
                 "baseline": b,
                 "pooled": effect(pooled[(a, b)]),
-                "per_repeat": [
-                    effect(paired_effect(d, n_resamples, seed=study.seed))
-                    for d in per_repeat[(a, b)]
-                ],
+                "per_repeat": [effect(e) for e in effects[(a, b)]],
             }
             for a, b in pooled
         ],
