@@ -225,7 +225,7 @@ class PatchPlanner:
         borders) and overlapping none of the boxes ``avoid``, with that voxel's box; rejection
         sampling inside the body's bounding box, ``None`` when nothing was found. In a cache
         with an ``ignore`` label the centre is also an annotated voxel (nnU-Net's rule); the
-        check draws nothing, so caches without one see the same draws as before."""
+        check draws nothing, so caches without one see the same draws as without the check."""
         shape = self.shapes[case_id]
         case = self.store.get(case_id)
         body = case.body_mask
