@@ -234,9 +234,25 @@ def resample_intensities(
     transform: sitk.Transform | None = None,
 ) -> np.ndarray:
     """A magnitude image on a box of ``grid`` (:data:`INTENSITY_INTERPOLATOR`), the spline's
-    undershoot at sharp edges clipped to 0: magnitudes are never negative."""
+    undershoot at sharp edges clipped to 0: magnitudes are never negative. A station on the
+    grid's own lattice (the finest T1 station, usually every T1 station) is copied: every
+    interpolator returns its voxel values there, and the spline's set-up would only cost time."""
+    if transform is None and _on_lattice(grid, image):
+        return resample_onto(grid, image, low, high, None, sitk.sitkNearestNeighbor)
     values = resample_onto(grid, _continued(image), low, high, transform, INTENSITY_INTERPOLATOR)
     return np.clip(values, 0.0, None, out=values)
+
+
+def _on_lattice(grid: Grid, image: sitk.Image, tolerance: float = 1e-3) -> bool:
+    """Whether ``image``'s voxel centres are voxel centres of ``grid`` (same direction and
+    spacing, origin a whole number of voxels away; ``tolerance`` in voxels)."""
+    if not np.allclose(image.GetDirection(), grid.direction, atol=1e-6):
+        return False
+    if not np.allclose(image.GetSpacing(), grid.spacing, rtol=1e-6):
+        return False
+    offset = grid.matrix.T @ (np.asarray(image.GetOrigin()) - np.asarray(grid.origin))
+    index = offset / np.asarray(grid.spacing)
+    return bool(np.all(np.abs(index - np.rint(index)) < tolerance))
 
 
 def _continued(image: sitk.Image) -> sitk.Image:
