@@ -82,6 +82,7 @@ def _station_scales(
 
 
 def measure(root: Path, args: argparse.Namespace) -> None:
+    """Write the exam into ``root``, import it and print the table."""
     shape, spacing = SIZES[args.size]
     affine = affine_from_spacing(spacing)
     case = generate_patient_case(0, 1, shape, spacing)
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.skeleton_checkpoint) != bool(args.checkpoint):
         parser.error("--skeleton-checkpoint and --checkpoint go together")
     if args.out:
+        if args.out.exists() and any(args.out.iterdir()):
+            parser.error(f"--out {args.out} is not empty (a second exam would mix with the first)")
         args.out.mkdir(parents=True, exist_ok=True)
         measure(args.out, args)
     else:
