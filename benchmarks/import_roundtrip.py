@@ -7,7 +7,8 @@ the command line (``sap import-dicom --adc --labels``, timed with start-up) and 
 the phantom's body:
 
 - T1 and b1000 correlation with the phantom (b1000 also with the phantom blurred to the DWI's
-  resolution, a Gaussian of its voxel's FWHM: what the coarser acquisition can hold);
+  resolution, a Gaussian of its voxel's FWHM: what the coarser acquisition can hold; and that
+  blurred phantom's own correlation with the phantom, the ceiling for the first);
 - the largest lesion's centroid offset, in voxels, in the imported label;
 - each station's intensity relative to the centre station after standardisation (1 = no step);
 - the largest ADC error on the known map where the DWI has signal (10^-3 mm^2/s);
@@ -126,6 +127,10 @@ def measure(root: Path, args: argparse.Namespace) -> None:
         ("T1 correlation", f"{_corr(t1[body], case.t1[body]):.4f}"),
         ("b1000 correlation", f"{_corr(b1000[body], case.b1000[body]):.4f}"),
         ("b1000 correlation at the DWI's resolution", f"{_corr(b1000[body], blurred[body]):.4f}"),
+        (
+            "phantom at the DWI's resolution vs phantom",
+            f"{_corr(blurred[body], case.b1000[body]):.4f}",
+        ),
         ("largest lesion's centroid offset (voxels)", ", ".join(f"{v:.2f}" for v in offset)),
         *(
             (f"{name} station scale / centre's", ", ".join(f"{v:.3f}" for v in scales))
