@@ -64,6 +64,33 @@ def test_batch_dice_focal_matches_its_formula() -> None:
     assert ours == pytest.approx(0.7 * dice.item() + 1.3 * focal.item(), rel=1e-5)
 
 
+def test_batch_tversky_term_is_one_minus_the_voxel_f2_on_hard_predictions() -> None:
+    """With the default weights (0.2 on false positives, 0.8 on false negatives) the Tversky
+    term of a confident prediction is 1 - F2 of its voxel counts: here TP 3, FP 2, FN 4 over a
+    batch of two patches, F2 = 5 TP / (5 TP + 4 FN + FP) = 15 / 33."""
+    predicted = torch.zeros(2, 1, 4, 4, 1, dtype=torch.long)
+    truth = torch.zeros_like(predicted)
+    predicted[0, 0, :3, 0] = 1  # three true positives ...
+    truth[0, 0, :3, 0] = 1
+    predicted[1, 0, 0, 1:3] = 1  # ... two false positives in the other patch ...
+    truth[1, 0, 3, :4] = 1  # ... and four missed voxels there
+    logits = 100.0 * F.one_hot(predicted[:, 0], 2).movedim(-1, 1).float()
+    cfg = LossConfig(name="batch_tversky_ce", dice_weight=1.0, ce_weight=0.0, smooth=1e-9)
+    assert create_loss(cfg)(logits, truth).item() == pytest.approx(1 - 15 / 33, abs=1e-6)
+    tp, fp, fn = 3, 2, 4
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    assert 15 / 33 == pytest.approx(5 * precision * recall / (4 * precision + recall))
+
+
+def test_batch_tversky_ce_adds_the_cross_entropy_of_every_class() -> None:
+    logits, labels = _logits_and_labels(classes=2)
+    tversky_only = LossConfig(name="batch_tversky_ce", dice_weight=1.0, ce_weight=0.0)
+    both = LossConfig(name="batch_tversky_ce", dice_weight=1.0, ce_weight=0.6)
+    ce = F.cross_entropy(logits, labels[:, 0])
+    difference = create_loss(both)(logits, labels) - create_loss(tversky_only)(logits, labels)
+    assert difference.item() == pytest.approx(0.6 * ce.item(), rel=1e-5)
+
+
 def test_focal_term_leaves_the_lesion_voxels_more_of_the_gradient_than_cross_entropy() -> None:
     """The loss plateau: a network that predicts background everywhere with confidence. Cross-
     entropy's gradient then comes mostly from the many background voxels it already gets right;

@@ -189,6 +189,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("loss.dice_weight", cfg.loss.dice_weight),
         ("loss.ce_weight", cfg.loss.ce_weight),
         ("loss.focal_gamma", cfg.loss.focal_gamma),
+        ("loss.tversky_alpha", cfg.loss.tversky_alpha),
+        ("loss.tversky_beta", cfg.loss.tversky_beta),
         ("ssl.rotation_weight", cfg.ssl.rotation_weight),
         ("ssl.contrastive_weight", cfg.ssl.contrastive_weight),
         ("ssl.reconstruction_weight", cfg.ssl.reconstruction_weight),

@@ -147,6 +147,10 @@ class LossConfig:
     smooth: float = 1e-5
     focal_gamma: float = 2.0
     """Exponent of the focal term of ``batch_dice_focal`` (Lin et al.'s 2)."""
+    tversky_alpha: float = 0.2
+    """Weight of the false positives in ``batch_tversky_ce``'s Tversky index (F2: 1/5)."""
+    tversky_beta: float = 0.8
+    """Weight of the false negatives in ``batch_tversky_ce``'s Tversky index (F2: 4/5)."""
 
 
 @dataclass

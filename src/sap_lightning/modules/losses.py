@@ -30,6 +30,7 @@ from monai.losses import (
     DiceLoss,
     FocalLoss,
     MaskedDiceLoss,
+    TverskyLoss,
 )
 from torch import nn
 
@@ -253,6 +254,57 @@ def batch_dice_focal(cfg: LossConfig) -> nn.Module:
     cohort it did not leave the plateau more reliably than ``batch_dice_ce`` (docs/method.md,
     "CPU recipe"), which the CPU files keep."""
     return BatchDiceFocalLoss(cfg)
+
+
+class BatchTverskyCELoss(nn.Module):
+    """Tversky loss over the whole batch (background excluded) + cross-entropy (every class).
+
+    The Tversky index ``TP / (TP + alpha FP + beta FN)`` with ``alpha = 1 / (1 + b^2)`` and
+    ``beta = b^2 / (1 + b^2)`` is the F-beta score written in soft counts, so the defaults
+    (0.2, 0.8) train the soft voxel-wise F2, the F-score the study's endpoint uses
+    (``tests/unit/test_losses.py`` checks the identity on hard predictions). Composed from
+    MONAI's ``TverskyLoss`` and PyTorch's cross-entropy; MONAI has no Tversky + CE loss.
+    """
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.tversky_settings = {
+            "include_background": False,
+            "alpha": cfg.tversky_alpha,
+            "beta": cfg.tversky_beta,
+            "smooth_nr": cfg.smooth,
+            "smooth_dr": cfg.smooth,
+            "batch": True,
+        }
+        self.tversky = TverskyLoss(to_onehot_y=True, softmax=True, **self.tversky_settings)
+        self.cross_entropy = DeterministicCrossEntropy()
+        self.tversky_weight = cfg.dice_weight
+        self.ce_weight = cfg.ce_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = self.cross_entropy(logits, target[:, 0].long())
+        return self.tversky_weight * self.tversky(logits, target) + self.ce_weight * ce
+
+    def masked(
+        self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Over the voxels ``keep`` only (:class:`IgnoreLabel`): the softmax and the one-hot
+        target are zeroed outside them, as :func:`masked_dice` does for the Dice term."""
+        weight = keep.to(logits.dtype)
+        probabilities = torch.softmax(logits, dim=1) * weight
+        one_hot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1) * weight
+        tversky = TverskyLoss(**self.tversky_settings)(probabilities, one_hot)
+        ignored = torch.full_like(target[:, 0], self.cross_entropy.ignore_index)
+        ce = self.cross_entropy(logits, torch.where(keep[:, 0], target[:, 0], ignored).long())
+        return self.tversky_weight * tversky + self.ce_weight * ce
+
+
+@register_loss("batch_tversky_ce")
+def batch_tversky_ce(cfg: LossConfig) -> nn.Module:
+    """Soft F2 over the batch (Tversky, ``loss.tversky_alpha`` / ``loss.tversky_beta``) +
+    cross-entropy: a missed lesion voxel costs four times a false-positive one, as a missed
+    lesion costs the F2 endpoint more than a false positive does."""
+    return BatchTverskyCELoss(cfg)
 
 
 def loss_in_float32(
