@@ -20,6 +20,7 @@ from sap_lightning.cache.splits import load_splits
 from sap_lightning.config import load_config, to_yaml
 from sap_lightning.core import mixed_precision
 from sap_lightning.core.arms import get_arm
+from sap_lightning.core.errors import SapError
 from sap_lightning.dataset import layout
 from sap_lightning.pipeline.steps import DONE_FILE
 from sap_lightning.pipeline.study import run_study
@@ -190,6 +191,30 @@ def test_a_rerun_reuses_completed_steps(tiny_study) -> None:
         "Wall time of every step: [timings.md]", ""
     )
     assert "reused from an earlier invocation" in (second.report.parent / "timings.md").read_text()
+
+
+def test_a_rerun_with_another_recipe_refuses_the_runs_trained_with_the_old_one(
+    tiny_study, tmp_path: Path
+) -> None:
+    """An edited recipe (here a study override) must not be reported with runs trained under
+    the old one: the rerun stops at the first such run, naming it, the changed key and the
+    way out, and leaves every run as it was."""
+    config = tiny_study.config
+    runs = Path(config.runs_dir)
+    checkpoints = sorted(runs.glob("**/checkpoints/last.ckpt"))
+    stamps = {p: os.stat(p).st_mtime_ns for p in checkpoints}
+    edited = replace(
+        config,
+        overrides=[*config.overrides, "optim.weight_decay=0.5"],
+        report_dir=str(tmp_path / "report"),
+    )
+    with pytest.raises(SapError) as caught:
+        run_study(edited)
+    message = str(caught.value)
+    assert "was completed with other settings" in message
+    assert re.search(r"optim\.weight_decay: \S+ -> 0\.5", message)
+    assert "remove that folder" in message and str(runs) in message
+    assert {p: os.stat(p).st_mtime_ns for p in checkpoints} == stamps
 
 
 @pytest.mark.slow

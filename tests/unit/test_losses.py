@@ -79,7 +79,7 @@ def test_batch_tversky_term_is_one_minus_the_voxel_f2_on_hard_predictions() -> N
     assert create_loss(cfg)(logits, truth).item() == pytest.approx(1 - 15 / 33, abs=1e-6)
     tp, fp, fn = 3, 2, 4
     precision, recall = tp / (tp + fp), tp / (tp + fn)
-    assert 15 / 33 == pytest.approx(5 * precision * recall / (4 * precision + recall))
+    assert 5 * precision * recall / (4 * precision + recall) == pytest.approx(15 / 33)
 
 
 def test_batch_tversky_ce_adds_the_cross_entropy_of_every_class() -> None:

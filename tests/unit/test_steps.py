@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sap_lightning.core.errors import SapError
 from sap_lightning.pipeline.steps import Clock, Step, mark_done, run_steps, threads_per_worker
 
 
@@ -75,6 +76,61 @@ def test_completed_steps_are_reused_not_rerun(tmp_path: Path, workers: int) -> N
     assert clock.reused == ["done"] and list(clock.seconds) == ["later"]
     assert later.is_file()
     assert "reused from an earlier invocation: done" in clock.describe(workers, 1)
+
+
+def _mark_after(path: Path, folder: Path) -> partial:
+    """Write ``path``, then mark ``folder`` complete, as a study step does."""
+    return _script(
+        "import pathlib, json\n"
+        f"pathlib.Path({str(path)!r}).write_text('new')\n"
+        f"pathlib.Path({str(folder)!r}).mkdir(parents=True, exist_ok=True)\n"
+        f"pathlib.Path({str(folder / 'study_step.json')!r}).write_text('{{}}')\n"
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_redone_step_redoes_the_completed_steps_that_read_it(
+    tmp_path: Path, workers: int
+) -> None:
+    """ "first" lost its completion mark (a user removed its folder to train it again): it runs,
+    and "second", complete but computed from the old "first", is cleared and redone, while
+    "apart", which does not read "first", is reused."""
+    first, second, apart = (tmp_path / name for name in ("first", "second", "apart"))
+    for folder in (second, apart):
+        mark_done(folder)
+    (second / "old_output").write_text("stale")
+    steps = [
+        Step("first", _mark_after(tmp_path / "first.out", first), folder=first),
+        Step(
+            "second",
+            _mark_after(tmp_path / "second.out", second),
+            folder=second,
+            needs=("first",),
+        ),
+        Step("apart", _script("raise SystemExit(1)"), folder=apart),  # would fail if it ran
+    ]
+    clock = Clock()
+    run_steps(steps, clock, workers=workers)
+    assert sorted(clock.seconds) == ["first", "second"] and clock.reused == ["apart"]
+    assert (tmp_path / "second.out").read_text() == "new"
+    assert not (second / "old_output").exists()  # nothing of the stale result is kept
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_completed_step_whose_check_fails_is_neither_reused_nor_rerun(
+    tmp_path: Path, workers: int
+) -> None:
+    done = tmp_path / "done"
+    mark_done(done)
+    (done / "result").write_text("kept")
+
+    def stale() -> None:
+        raise SapError("done was completed with other settings")
+
+    steps = [Step("done", _script("raise SystemExit(1)"), folder=done, check_reuse=stale)]
+    with pytest.raises(SapError, match="other settings"):
+        run_steps(steps, Clock(), workers=workers)
+    assert (done / "result").read_text() == "kept"
 
 
 def test_a_failure_starts_nothing_more_and_keeps_what_ran_beside_it(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 once in worker processes.
 
 A step that completed in an earlier invocation (its folder holds ``study_step.json``) is reused,
-not rerun, so an interrupted study continues where it stopped. With ``workers > 1`` each step
+not rerun, so an interrupted study continues where it stopped; unless a step it reads was
+redone in this invocation (then it is redone too) or its ``check_reuse`` finds it stale. With ``workers > 1`` each step
 runs in a spawned process with a fixed number of torch threads. Every step seeds itself and
 writes only its own folder, so the outputs depend on the threads per step, not on which steps
 happened to overlap.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -54,6 +56,24 @@ class Step:
     """Where the step writes; complete (``study_step.json``) means reused, not rerun."""
     needs: tuple[str, ...] = ()
     """Names of the steps whose outputs this one reads."""
+    check_reuse: Callable[[], None] | None = None
+    """Called before a completed ``folder`` is reused; raises when it is stale."""
+
+
+def _reusable(step: Step, redone: set[str]) -> bool:
+    """Whether ``step``'s completed folder can be reused: not when a step it reads was redone
+    in this invocation (its folder is cleared and the step runs again), and ``check_reuse``
+    must pass."""
+    if step.folder is None or not is_done(step.folder):
+        return False
+    stale = [need for need in step.needs if need in redone]
+    if stale:
+        log.info("study: redoing %s: %s was redone", step.name, ", ".join(stale))
+        shutil.rmtree(step.folder)
+        return False
+    if step.check_reuse is not None:
+        step.check_reuse()
+    return True
 
 
 class Clock:
@@ -114,11 +134,13 @@ def run_steps(
     """
     _check_order(steps)
     if workers <= 1:
+        redone: set[str] = set()
         for step in steps:
-            if step.folder is not None and is_done(step.folder):
-                clock.reuse(step.name, step.folder)
+            if _reusable(step, redone):
+                clock.reuse(step.name, step.folder)  # type: ignore[arg-type]
             else:
                 clock.step(step.name, step.action)
+                redone.add(step.name)
         return
     _run_in_workers(steps, clock, workers, threads or 1)
 
@@ -137,6 +159,7 @@ def _check_order(steps: Sequence[Step]) -> None:
 def _run_in_workers(steps: Sequence[Step], clock: Clock, workers: int, threads: int) -> None:
     waiting = list(steps)
     finished: set[str] = set()
+    redone: set[str] = set()
     running: dict[Future[float], Step] = {}
     verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
     # spawn, not fork: a forked child inherits torch's thread pools and any open handles.
@@ -147,7 +170,7 @@ def _run_in_workers(steps: Sequence[Step], clock: Clock, workers: int, threads: 
     ) as pool:
         while waiting or running:
             ready = [step for step in waiting if set(step.needs) <= finished]
-            complete = [s for s in ready if s.folder is not None and is_done(s.folder)]
+            complete = [s for s in ready if _reusable(s, redone)]
             for step in complete:
                 waiting.remove(step)
                 clock.reuse(step.name, step.folder)  # type: ignore[arg-type]
@@ -182,6 +205,7 @@ def _run_in_workers(steps: Sequence[Step], clock: Clock, workers: int, threads: 
                     raise error
                 clock.record(step.name, future.result())
                 finished.add(step.name)
+                redone.add(step.name)
 
 
 def _start_worker(threads: int, verbose: bool) -> None:
