@@ -217,6 +217,22 @@ def test_a_rerun_with_another_recipe_refuses_the_runs_trained_with_the_old_one(
     assert {p: os.stat(p).st_mtime_ns for p in checkpoints} == stamps
 
 
+def test_a_study_refuses_a_cohort_generated_for_another_draw(tiny_study, tmp_path: Path) -> None:
+    """Another seed on the same data_dir must not silently score the first seed's cohort."""
+    config = tiny_study.config
+    other = replace(
+        config,
+        seed=config.seed + 7,
+        runs_dir=str(tmp_path / "runs"),
+        report_dir=str(tmp_path / "report"),
+    )
+    with pytest.raises(
+        SapError, match=rf"generated with seed {config.seed} \(study: {config.seed + 7}\)"
+    ):
+        run_study(other)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_a_study_killed_in_training_and_prediction_ends_with_the_uninterrupted_report(
     tiny_study, tmp_path: Path

@@ -134,7 +134,38 @@ def _cohort(study: StudyConfig) -> tuple[Path, Path]:
                     workers=study.workers,
                     mimics=study.mimics,
                 )
+            _check_cohort(study, root)
     return root / "skeleton", root / "lesion"
+
+
+def _check_cohort(study: StudyConfig, root: Path) -> None:
+    """Refuse a cohort in ``data_dir`` generated with other settings than the study's (another
+    seed, size or mimic level): its results would be reported as the study's draw."""
+    lesion, skeleton = (read_json(root / name / "dataset.json") for name in ("lesion", "skeleton"))
+    made = lesion.get("phantom", {})
+    wanted = {
+        "seed": study.seed,
+        "mimics": float(study.mimics),
+        "patients": study.patients,
+        "healthy scans": study.healthy,
+    }
+    found = {
+        "seed": made.get("seed"),
+        "mimics": made.get("mimics"),
+        "patients": lesion.get("numTraining"),
+        "healthy scans": skeleton.get("numTraining"),
+    }
+    for key, value in (("shape", study.phantom_shape), ("spacing", study.phantom_spacing)):
+        if value is not None:
+            wanted[key], found[key] = list(value), made.get(key)
+    changed = [
+        f"{key} {found[key]} (study: {wanted[key]})" for key in wanted if found[key] != wanted[key]
+    ]
+    if changed:
+        raise SapError(
+            f"study: {root} holds a synthetic cohort generated with {', '.join(changed)}; "
+            "give the study another data_dir, or remove that folder to generate the study's own"
+        )
 
 
 def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
