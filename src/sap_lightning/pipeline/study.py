@@ -21,23 +21,20 @@ the same torch threads per run.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from sap_lightning.cache import preprocess_dataset
 from sap_lightning.cache.reader import open_cache
 from sap_lightning.cache.splits import Splits, cache_lesion_counts, load_splits, split_dataset
-from sap_lightning.config import ExperimentConfig, StudyConfig, load_config, to_yaml
-from sap_lightning.config.load import to_dict
+from sap_lightning.config import StudyConfig, load_config, to_yaml
 from sap_lightning.core.arms import Arm, get_arm, list_arms
 from sap_lightning.core.errors import SapError
-from sap_lightning.core.io import file_lock, read_json, write_text
+from sap_lightning.core.io import file_lock, write_text
 from sap_lightning.core.protocol import DEFAULT_THRESHOLD
 from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.core.threads import usable_cpus
@@ -70,8 +67,8 @@ from sap_lightning.evaluation.study_report import (
 )
 from sap_lightning.evaluation.threshold import load_threshold, save_threshold
 from sap_lightning.inference.predict import THRESHOLD_FILE, Predictor
+from sap_lightning.pipeline.reuse import check_cohort, check_reuse, run_settings
 from sap_lightning.pipeline.steps import (
-    DONE_FILE,
     Clock,
     Step,
     is_done,
@@ -134,38 +131,8 @@ def _cohort(study: StudyConfig) -> tuple[Path, Path]:
                     workers=study.workers,
                     mimics=study.mimics,
                 )
-            _check_cohort(study, root)
+            check_cohort(study, root)
     return root / "skeleton", root / "lesion"
-
-
-def _check_cohort(study: StudyConfig, root: Path) -> None:
-    """Refuse a cohort in ``data_dir`` generated with other settings than the study's (another
-    seed, size or mimic level): its results would be reported as the study's draw."""
-    lesion, skeleton = (read_json(root / name / "dataset.json") for name in ("lesion", "skeleton"))
-    made = lesion.get("phantom", {})
-    wanted = {
-        "seed": study.seed,
-        "mimics": float(study.mimics),
-        "patients": study.patients,
-        "healthy scans": study.healthy,
-    }
-    found = {
-        "seed": made.get("seed"),
-        "mimics": made.get("mimics"),
-        "patients": lesion.get("numTraining"),
-        "healthy scans": skeleton.get("numTraining"),
-    }
-    for key, value in (("shape", study.phantom_shape), ("spacing", study.phantom_spacing)):
-        if value is not None:
-            wanted[key], found[key] = list(value), made.get(key)
-    changed = [
-        f"{key} {found[key]} (study: {wanted[key]})" for key in wanted if found[key] != wanted[key]
-    ]
-    if changed:
-        raise SapError(
-            f"study: {root} holds a synthetic cohort generated with {', '.join(changed)}; "
-            "give the study another data_dir, or remove that folder to generate the study's own"
-        )
 
 
 def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
@@ -190,31 +157,6 @@ def _prepare(study: StudyConfig, skeleton: Path, lesion: Path) -> Splits:
     return splits
 
 
-_NOT_SETTINGS = ("run_dir", "resume", "logger", "wandb", "trainer.enable_progress_bar")
-"""Config keys that do not change what a run learns (where it writes, how it logs): a
-completed run is reused whatever their values."""
-
-
-def run_settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The resolved settings that decide what a training run learns, as dotted keys."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}{key}.", item)
-        else:
-            flat[prefix[:-1]] = list(value) if isinstance(value, tuple) else value
-
-    walk("", to_dict(cfg))
-    kept = {
-        key: value
-        for key, value in flat.items()
-        if not any(key == skip or key.startswith(f"{skip}.") for skip in _NOT_SETTINGS)
-    }
-    return json.loads(json.dumps(kept))  # as study_step.json holds them: tuples become lists
-
-
 def _train(config_path: str, bases: Sequence[str], overrides: Sequence[str], run_dir: Path) -> None:
     """One training run into ``run_dir``: resumed from its last checkpoint when an earlier
     invocation was interrupted, started afresh otherwise."""
@@ -229,36 +171,6 @@ def _train(config_path: str, bases: Sequence[str], overrides: Sequence[str], run
     if result.interrupted:
         raise SapError(f"training in {run_dir} was interrupted; run the study again to resume")
     mark_done(run_dir, config=config_path, metrics=result.metrics, settings=settings)
-
-
-def _check_reuse(
-    name: str, config_path: str, bases: Sequence[str], overrides: Sequence[str], run_dir: Path
-) -> None:
-    """Refuse to reuse a completed run whose recorded settings differ from the ones the study
-    would train it with now (an edited experiment file or study override): its results would
-    be reported under a recipe they were not trained with. A run completed before settings
-    were recorded is reused as it is."""
-    recorded = read_json(run_dir / DONE_FILE).get("settings")
-    if recorded is None:
-        return
-    cfg = load_config(config_path, [*overrides, f"run_dir={run_dir}"], extra_files=bases)
-    wanted = run_settings(cfg)
-    changed = sorted(
-        key
-        for key in recorded.keys() | wanted.keys()
-        if recorded.get(key, "(unset)") != wanted.get(key, "(unset)")
-    )
-    if changed:
-        listed = "; ".join(
-            f"{key}: {recorded.get(key, '(unset)')!r} -> {wanted.get(key, '(unset)')!r}"
-            for key in changed[:6]
-        )
-        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-        raise SapError(
-            f"study: {name}: {run_dir} was completed with other settings ({listed}{more}); "
-            "remove that folder to train it again with the current ones (the steps that read "
-            "it are redone too), or give the study another runs_dir"
-        )
 
 
 def _tune(run: Path, lesion: Path, cases: list[str], tuning_dir: Path, overlap: float) -> None:
@@ -297,7 +209,7 @@ def _training_step(
     needs: tuple[str, ...],
 ) -> Step:
     action = partial(_train, config_path, list(study.bases), list(overrides), run_dir)
-    check = partial(_check_reuse, name, config_path, list(study.bases), list(overrides), run_dir)
+    check = partial(check_reuse, name, config_path, list(study.bases), list(overrides), run_dir)
     return Step(name, action, run_dir, needs, check)
 
 
