@@ -281,6 +281,31 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(
 
 
 @pytest.mark.slow  # runs sap in a subprocess
+@pytest.mark.parametrize(
+    ("kind", "loader_workers"), [*((kind, 0) for kind in RUN_KINDS), ("fine-tuning", 2)]
+)
+def test_a_run_resumed_from_a_checkpoint_inside_an_epoch_equals_an_uninterrupted_run(
+    data, tmp_path: Path, reference_runs, kind: str, loader_workers: int
+) -> None:
+    """``trainer.checkpoint_every_minutes`` writes ``last.ckpt`` inside epochs (here after every
+    step); killed mid-epoch and resumed from such a checkpoint, the run trains the rest of that
+    epoch's patches, not the epoch's first ones again: the uninterrupted run's final state
+    (which cut its patches in this process; with loader workers they come in the same order)."""
+    run_dir = tmp_path / "killed"
+    args = [
+        *resumable_run(data, kind, run_dir),
+        "trainer.checkpoint_every_minutes=1e-6",
+        f"data.num_workers={loader_workers}",
+    ]
+    run_until_paused(args, "batch:1:1", tmp_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 1 and saved["global_step"] % STEPS_PER_EPOCH != 0  # inside epoch 1
+    assert main([*args, "resume=true"]) == 0
+    assert_same_training_state(last, reference_runs(kind) / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow  # runs sap in a subprocess
 def test_kill_while_writing_last_checkpoint_keeps_the_previous_one(
     data, tmp_path: Path, reference_runs
 ) -> None:

@@ -31,6 +31,7 @@ descriptor over a socket, which cost more than cutting the patch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -70,17 +71,19 @@ class EpochTaggedSampler(Sampler):
     """This rank's share of the plan as ``(epoch, index, slot)``, the epoch read when the
     iteration starts: persistent loader workers hold their own copy of the plan, and each task
     tells them which epoch's plan it belongs to. ``slot`` counts on across iterations, modulo
-    the ring size, so a slot is reused only after ``slots`` later tasks."""
+    the ring size, so a slot is reused only after ``slots`` later tasks. An iteration starts
+    ``skip`` tasks into the share (a run resumed inside an epoch: :meth:`EpochQueue.resume`)."""
 
     def __init__(self, inner: DistributedSampler, dataset: PatchDataset, slots: int) -> None:
         self.inner = inner
         self.dataset = dataset
         self.slots = max(1, int(slots))
+        self.skip = 0
         self._next = 0
 
     def __iter__(self):
         epoch = int(self.dataset.plan.epoch)
-        for index in self.inner:
+        for index in itertools.islice(self.inner, self.skip, None):
             slot, self._next = self._next, (self._next + 1) % self.slots
             yield epoch, int(index), slot
 
@@ -227,13 +230,24 @@ class _FeedEnd:
 
 
 class EpochQueue(tio.Queue):
-    """A ``tio.Queue`` that can be restarted at an epoch boundary.
+    """A ``tio.Queue`` that can be restarted at an epoch boundary, or where a checkpoint taken
+    inside an epoch left it.
 
     A queue left mid-epoch (``limit_train_batches``, an interrupted epoch) still holds patches
     and a subject iterator of the old plan; :meth:`start_epoch` drops both so the new epoch
     starts from its own plan. Loader workers are started lazily, at the first patch requested
-    after ``start_epoch``, so they see the new plan.
+    after ``start_epoch``, so they see the new plan. :meth:`position` is how far this rank got
+    into the epoch's share (saved in the checkpoint by :class:`PatchLoader`); after
+    :meth:`resume`, the next ``start_epoch`` of that epoch skips the patches already trained
+    on, so a resumed run sees the rest of the epoch's plan as the uninterrupted run did.
     """
+
+    _epoch: int = 0
+    _taken: int = 0
+    """Patches popped in this epoch (skipped ones included): the position in the share."""
+    _resume_at: tuple[int, int] | None = None
+    """``(epoch, patches)`` to start from at that epoch's next start (:meth:`resume`)."""
+    _tagged_sampler: EpochTaggedSampler | None = None
 
     def start_epoch(self, epoch: int) -> None:
         self._close_feed()
@@ -247,6 +261,25 @@ class EpochQueue(tio.Queue):
         self._incomplete_subject = None
         self._num_patches_incomplete = 0
         self._num_sampled_subjects = 0
+        skip = 0
+        if self._resume_at is not None and self._resume_at[0] == epoch:
+            skip = self._resume_at[1]
+        self._epoch, self._taken = int(epoch), skip
+        if self._tagged_sampler is not None:
+            self._tagged_sampler.skip = skip
+
+    def position(self) -> dict[str, int]:
+        """``{"epoch", "patches"}``: the epoch and the patches of this rank's share popped so
+        far (every rank pops as many: the same steps of the same batch size)."""
+        return {"epoch": int(self._epoch), "patches": int(self._taken)}
+
+    def resume(self, position: dict[str, int]) -> None:
+        """Start the epoch of ``position`` (at its next :meth:`start_epoch`) after the patches
+        it had popped; a position at or past the share's end starts the epoch from its first
+        patch (Lightning then begins the next epoch)."""
+        epoch, taken = int(position["epoch"]), int(position["patches"])
+        share = len(self.subject_sampler) if self.subject_sampler is not None else 0
+        self._resume_at = (epoch, taken) if 0 < taken < share else None
 
     _subjects_loader: DataLoader | None = None
     _ring: PatchRing | None = None
@@ -260,6 +293,12 @@ class EpochQueue(tio.Queue):
         return ring_slots(self.max_length, batch, int(self.num_workers))
 
     def __getitem__(self, index: int) -> tio.Subject:
+        patch = self._next_patch(index)
+        self._taken += 1
+        self._resume_at = None  # the resumed epoch is under way: later starts begin at 0
+        return patch
+
+    def _next_patch(self, index: int) -> tio.Subject:
         if int(self.num_workers) == 0:
             return super().__getitem__(index)
         for _ in range(2):  # a pass that ended is followed by a new one, as tio's queue does
@@ -304,12 +343,14 @@ class EpochQueue(tio.Queue):
                 label = case.label if patches.with_label else None
                 self._ring = PatchRing(slots, case.image, label, patches.patch)
                 dataset = _RingDataset(patches, self._ring)
+            self._tagged_sampler = EpochTaggedSampler(self.subject_sampler, patches, slots)
+            self._tagged_sampler.skip = self._taken
             self._subjects_loader = DataLoader(
                 dataset,
                 num_workers=workers,
                 batch_size=1,
                 collate_fn=self._get_first_item,
-                sampler=EpochTaggedSampler(self.subject_sampler, patches, slots),
+                sampler=self._tagged_sampler,
                 persistent_workers=workers > 0,
                 prefetch_factor=LOADER_PREFETCH if workers > 0 else None,
             )
@@ -400,11 +441,29 @@ def collate_patches(patches: Sequence[tio.Subject]) -> dict[str, Any]:
     return batch
 
 
+class PatchLoader(DataLoader):
+    """The training loader, with the queue's position for Lightning's checkpoint.
+
+    Lightning saves ``state_dict()`` of a training loader that has one and gives it back to
+    ``load_state_dict()`` on resume, before the epoch restarts (``PatchPlanCallback``); the
+    loader pops no batch ahead of the step (Lightning does not prefetch from a loader with a
+    length), so the position is exactly the patches trained on.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        assert isinstance(self.dataset, EpochQueue)
+        return self.dataset.position()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        assert isinstance(self.dataset, EpochQueue)
+        self.dataset.resume(state)
+
+
 def build_patch_loader(queue: EpochQueue, batch_size: int) -> DataLoader:
     """The training loader: batches popped from the queue in the main process (the queue's own
     workers do the loading; TorchIO requires ``num_workers=0`` here), incomplete batches dropped."""
     queue.consumer_batch_size = int(batch_size)
-    return DataLoader(
+    return PatchLoader(
         queue,
         batch_size=batch_size,
         shuffle=False,
