@@ -117,20 +117,33 @@ def test_a_redone_step_redoes_the_completed_steps_that_read_it(
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_completed_step_whose_check_fails_is_neither_reused_nor_rerun(
+def test_completed_steps_whose_check_fails_stop_the_run_before_any_step_starts(
     tmp_path: Path, workers: int
 ) -> None:
-    done = tmp_path / "done"
-    mark_done(done)
-    (done / "result").write_text("kept")
+    """Every stale folder is named in one error, before anything runs: the first step would
+    otherwise start (and the user fix one folder per attempt)."""
+    first, one, two = tmp_path / "first", tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        mark_done(folder)
+        (folder / "result").write_text("kept")
 
-    def stale() -> None:
-        raise SapError("done was completed with other settings")
+    def stale(name: str) -> None:
+        raise SapError(f"{name} was completed with other settings")
 
-    steps = [Step("done", _script("raise SystemExit(1)"), folder=done, check_reuse=stale)]
-    with pytest.raises(SapError, match="other settings"):
+    never = _script("raise SystemExit(1)")  # would fail if it ran
+    steps = [
+        Step("first", _write_after(0.0, first)),
+        Step("one", never, folder=one, check_reuse=partial(stale, "one")),
+        Step("two", never, folder=two, needs=("one",), check_reuse=partial(stale, "two")),
+    ]
+    with pytest.raises(SapError) as caught:
         run_steps(steps, Clock(), workers=workers)
-    assert (done / "result").read_text() == "kept"
+    assert str(caught.value).splitlines() == [
+        "one was completed with other settings",
+        "two was completed with other settings",
+    ]
+    assert not first.exists()
+    assert (one / "result").read_text() == (two / "result").read_text() == "kept"
 
 
 def test_a_failure_starts_nothing_more_and_keeps_what_ran_beside_it(tmp_path: Path) -> None:

@@ -62,18 +62,31 @@ class Step:
 
 def _reusable(step: Step, redone: set[str]) -> bool:
     """Whether ``step``'s completed folder can be reused: not when a step it reads was redone
-    in this invocation (its folder is cleared and the step runs again), and ``check_reuse``
-    must pass."""
+    in this invocation (its folder is cleared and the step runs again). ``check_reuse`` ran
+    before the first step (:func:`_check_completed`)."""
     if step.folder is None or not is_done(step.folder):
         return False
     stale = [need for need in step.needs if need in redone]
     if stale:
-        log.info("study: redoing %s: %s was redone", step.name, ", ".join(stale))
+        verb = "was" if len(stale) == 1 else "were"
+        log.info("study: redoing %s: %s %s redone", step.name, " and ".join(stale), verb)
         shutil.rmtree(step.folder)
         return False
-    if step.check_reuse is not None:
-        step.check_reuse()
     return True
+
+
+def _check_completed(steps: Sequence[Step]) -> None:
+    """Run every completed step's ``check_reuse`` before anything starts, so one error names
+    every stale folder (and nothing is half redone when one is refused)."""
+    problems = []
+    for step in steps:
+        if step.check_reuse is not None and step.folder is not None and is_done(step.folder):
+            try:
+                step.check_reuse()
+            except SapError as error:
+                problems.append(str(error))
+    if problems:
+        raise SapError("\n".join(problems))
 
 
 class Clock:
@@ -133,6 +146,7 @@ def run_steps(
     the first error is raised.
     """
     _check_order(steps)
+    _check_completed(steps)
     if workers <= 1:
         redone: set[str] = set()
         for step in steps:
