@@ -3,11 +3,13 @@ augmentation settings, epoch restarts, rank shares and reproducibility, on tiny 
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -386,6 +388,42 @@ def test_ranks_take_disjoint_shares_covering_the_plan_and_changing_every_epoch(c
         assert positives[0] | positives[1] == lesions and not positives[0] & positives[1]
         assert positives != previous
         previous = positives
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_resumed_inside_an_epoch_gives_the_rest_of_each_ranks_share(cohort, workers):
+    """The training loader's state (what Lightning's checkpoint keeps) taken after two batches
+    and given to a new process's loader: the same epoch goes on with the patches of this rank's
+    share that the uninterrupted loader had still to give, the same images, on each of two
+    ranks; the next epoch starts from its first patch."""
+
+    def loader_of(rank: int) -> tuple[SapDataModule, Any]:
+        dm = _datamodule(cohort["lesion"], "lesion", f"data.num_workers={workers}", world=(2, rank))
+        return dm, dm.train_dataloader()
+
+    for rank in (0, 1):
+        dm, loader = loader_of(rank)
+        whole = _epoch_batches(dm, 1)
+        dm, loader = loader_of(rank)
+        dm.set_train_epoch(1)
+        batches = iter(loader)
+        started = [next(batches), next(batches)]
+        state = loader.state_dict()
+        assert state == {"epoch": 1, "patches": 2 * dm.cfg.data.batch_size}
+        dm.queue.close()
+        dm, loader = loader_of(rank)  # a new process resuming from the checkpoint
+        loader.load_state_dict(state)
+        dm.set_train_epoch(1)  # PatchPlanCallback at train start
+        rest = list(itertools.islice(iter(loader), dm.steps_per_epoch - 2))
+        assert len(rest) == len(whole) - 2
+        for got, want in zip(started + rest, whole):
+            assert torch.equal(got["task_index"], want["task_index"])
+            assert torch.equal(got["image"], want["image"])
+        next_epoch = _epoch_batches(dm, 2)
+        assert next_epoch[0]["task_index"].tolist() == [
+            int(i) for i in list(dm.queue.subject_sampler)[: dm.cfg.data.batch_size]
+        ]
+        dm.queue.close()
 
 
 def test_runs_are_reproducible_and_ranks_draw_different_patches(cohort):
