@@ -20,7 +20,9 @@ steps is set by the undisturbed ones and still counts every step that is slow on
 fastest step and the median are printed too). ``step ratio: R.RRx`` is ours over raw (target
 at most 1.05x). At float32 on a CPU with fast bfloat16 kernels a third side times ours under
 ``bf16-mixed``, the CPU files' training precision: ``bf16 step ratio: R.RRx`` (bf16 over
-float32, target at most 0.85x).
+float32, target at most 0.85x). A last side times ours with ``model.channels_last=true`` at
+that training precision: ``channels-last step ratio: R.RRx`` (over ours in the usual layout at
+the same precision; below 1 means the layout is faster on this machine).
 
 Usage: ``python benchmarks/bench_step.py [--backbone unet_tiny] [--patch 32] [--batch 2]
 [--steps 10] [--warmup 3] [--rounds 6] [--precision 32-true]``. On a GPU, e.g.
@@ -172,16 +174,15 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
 
-    cfg = load_config(
-        None,
-        [
-            "task=lesion",
-            f"model.backbone={args.backbone}",
-            f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
-            f"data.batch_size={args.batch}",
-            "optim.lr=1e-4",
-        ],
-    )
+    settings = [
+        "task=lesion",
+        f"model.backbone={args.backbone}",
+        f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
+        f"data.batch_size={args.batch}",
+        "optim.lr=1e-4",
+    ]
+    cfg = load_config(None, settings)
+    channels_last_cfg = load_config(None, [*settings, "model.channels_last=true"])
     torch.manual_seed(0)
     template = build_module(cfg, DATA_INFO)
     initial_state = copy.deepcopy(template.state_dict())
@@ -198,10 +199,19 @@ def main() -> None:
     with_bf16 = (
         args.precision == "32-true" and device.type == "cpu" and cpu_has_fast_kernels("bf16-mixed")
     )
-    times: dict[str, list[float]] = {"ours": [], "raw": [], "ours bf16": []}
+    times: dict[str, list[float]] = {
+        "ours": [],
+        "raw": [],
+        "ours bf16": [],
+        "ours channels-last": [],
+    }
+    # model.channels_last is timed at the precision the CPU files train at (bf16 where the
+    # CPU has the kernels), against ours at that precision: "channels-last step ratio".
+    reference = "ours bf16" if with_bf16 else "ours"
+    channels_last_precision = "bf16-mixed" if with_bf16 else args.precision
 
-    def fresh_module() -> L.LightningModule:
-        module = build_module(cfg, DATA_INFO)
+    def fresh_module(config=cfg) -> L.LightningModule:
+        module = build_module(config, DATA_INFO)
         module.load_state_dict(initial_state)
         return module
 
@@ -214,6 +224,9 @@ def main() -> None:
         "ours": lambda: time_lightning(fresh_module(), loader, args),
         "raw": lambda: time_raw(fresh_net(), loader, cfg, device, args),
         "ours bf16": lambda: time_lightning(fresh_module(), loader, args, "bf16-mixed"),
+        "ours channels-last": lambda: time_lightning(
+            fresh_module(channels_last_cfg), loader, args, channels_last_precision
+        ),
     }
     if not with_bf16:
         del sides["ours bf16"]
@@ -239,16 +252,20 @@ def main() -> None:
         "ours": "ours (Lightning module)",
         "raw": "raw PyTorch loop",
         "ours bf16": "ours, bf16-mixed",
+        "ours channels-last": f"ours, channels-last, {channels_last_precision}",
     }
+    width = max(len(labels[side]) for side in order) + 2
     for side in order:
         values = times[side]
         print(
-            f"{labels[side] + ':':25s}{min(values) * 1e3:8.1f}"
+            f"{labels[side] + ':':{width}s}{min(values) * 1e3:8.1f}"
             f"{lower_quartile(values) * 1e3:16.1f}{statistics.median(values) * 1e3:8.1f}"
         )
     if with_bf16:
         bf16 = lower_quartile(times["ours bf16"]) / lower_quartile(ours)
         print(f"bf16 step ratio: {bf16:.2f}x")
+    channels_last = lower_quartile(times["ours channels-last"]) / lower_quartile(times[reference])
+    print(f"channels-last step ratio: {channels_last:.2f}x (against {labels[reference]})")
     print(f"step ratio: {lower_quartile(ours) / lower_quartile(raw):.2f}x")
 
 

@@ -11,6 +11,7 @@ from sap_lightning.backbones import (
     BackboneSpec,
     create_backbone,
     get_spec,
+    in_memory_format,
     list_backbones,
     register_backbone,
 )
@@ -103,6 +104,36 @@ def test_backbone_contract(name):
     expected_spatial = tuple(size // stride for size in x.shape[2:])
     assert features.shape == (1, spec.bottleneck_channels(kwargs), *expected_spatial)
     assert not spec.deep_supervision(kwargs)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_channels_last_gives_the_same_logits_and_gradients(name):
+    """``model.channels_last``: the same network in the channels-last 3D layout computes the
+    same function (up to float rounding) and trains the same weights."""
+    kwargs = SMALL_KWARGS.get(name, {})
+    multiple = get_spec(name).input_multiple(kwargs)
+    x = torch.randn(1, IN_CHANNELS, multiple, multiple, 2 * multiple)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = in_memory_format(
+            create_backbone(name, IN_CHANNELS, OUT_CHANNELS, **kwargs), channels_last
+        )
+        weights = [p for p in model.parameters() if p.dim() == 5]
+        assert all(
+            p.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+            or p.is_contiguous()  # a kernel of one voxel is contiguous in both layouts
+            for p in weights
+        )
+        if channels_last:  # a 3x3x3 kernel over several channels is laid out otherwise
+            assert any(not p.is_contiguous() for p in weights)
+        logits = model(x)
+        logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad for p in model.parameters()]))
+    (plain, plain_grads), (last, last_grads) = results
+    torch.testing.assert_close(last, plain, rtol=1e-4, atol=1e-5)
+    for got, want in zip(last_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
 def test_swin_unetr_defaults_are_the_papers():

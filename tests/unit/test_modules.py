@@ -114,6 +114,25 @@ def test_single_learning_rate_without_encoder_decoder_split() -> None:
 # ---------------------------------------------------------------------------------- modules
 
 
+def test_channels_last_is_recorded_and_sap_predict_loads_that_layout(tmp_path: Path) -> None:
+    """``model.channels_last``: the module trains in that layout, its checkpoint says so, and
+    the network ``sap predict`` loads from it is in that layout with the same weights."""
+    from sap_lightning.inference.models import load_trained_model
+
+    module = make("lesion", "model.channels_last=true")
+    conv = module.net.conv_0.conv_0.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    assert module.backbone_meta()["channels_last"] is True
+    path = module.export_backbone(tmp_path / "backbone.pt")
+    loaded = load_trained_model(path).net
+    weight = loaded.conv_0.conv_0.conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(weight, conv.detach())
+    plain = make("lesion")
+    assert plain.backbone_meta()["channels_last"] is False
+    assert plain.net.conv_0.conv_0.conv.weight.is_contiguous()
+
+
 def test_skeleton_step_trains_ten_classes() -> None:
     module = make("skeleton")
     assert isinstance(module, SkeletonSegmentation)

@@ -156,6 +156,13 @@ def resolve_spec(spec: BackboneSpec | str) -> BackboneSpec:
     return spec if isinstance(spec, BackboneSpec) else get_spec(spec)
 
 
+def in_memory_format(net: nn.Module, channels_last: bool) -> nn.Module:
+    """``net`` with its 5-D weights in the channels-last 3D layout when ``channels_last``
+    (``model.channels_last``); a convolution then gives channels-last activations whatever
+    the input's layout, so batches need no conversion."""
+    return net.to(memory_format=torch.channels_last_3d) if channels_last else net
+
+
 def create_backbone(name: str, in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
     """Build backbone ``name``; unknown names or keywords raise ``ConfigError`` listing valid ones."""
     entry = _entry(name)

@@ -107,6 +107,12 @@ class ModelConfig:
     by name; a channel the source lacks, e.g. ADC after a T1 + b1000 pretraining, starts with a
     zero kernel, so the pretrained function is unchanged at step 0), ``repeat_mean`` (the mean
     kernel repeated, for unnamed channels) or ``error`` (refuse)."""
+    channels_last: bool = False
+    """Keep the network's convolution weights, and so its activations, in PyTorch's
+    channels-last 3D layout (``torch.channels_last_3d``), which oneDNN and cuDNN convolve
+    faster in many cases: ``python benchmarks/bench_step.py`` prints the ratio on a machine
+    ("channels-last step ratio"). The weights and results are the same up to float rounding;
+    the checkpoint records it, so validation and ``sap predict`` run the same layout."""
     head_prior: float | None = None
     """Lesion task: start the output layer's bias at this lesion probability (Lin et al.'s prior
     initialisation for a rare foreground; ``None`` keeps the backbone's zero bias, p = 0.5).

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from sap_lightning.backbones import create_backbone, get_spec
+from sap_lightning.backbones import create_backbone, get_spec, in_memory_format
 from sap_lightning.backbones.checkpoints import read_checkpoint
 from sap_lightning.backbones.transfer import transfer_weights
 from sap_lightning.core.errors import CheckpointError
@@ -94,7 +94,7 @@ def load_trained_model(path: str | os.PathLike, expected_task: str | None = None
         meta["backbone"], meta["in_channels"], meta["out_channels"], **meta["backbone_kwargs"]
     )
     transfer_weights(net, checkpoint, mode="full")
-    net.eval()
+    net = in_memory_format(net, bool(meta.get("channels_last", False))).eval()
     missing = [key for key in INFERENCE_META_KEYS if key not in meta]
     if missing:
         raise CheckpointError(

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from sap_lightning.backbones import create_backbone, get_spec
+from sap_lightning.backbones import create_backbone, get_spec, in_memory_format
 from sap_lightning.backbones.checkpoints import META_KEY, export_backbone, make_backbone_meta
 from sap_lightning.batches.patches import HostBatch
 from sap_lightning.config import ExperimentConfig, from_dict
@@ -129,11 +129,14 @@ class SapModule(L.LightningModule):
         )
         self.input_multiple = self.spec.input_multiple(self.backbone_kwargs)
         self._check_patch_size()
-        self.net = create_backbone(
-            self.cfg.model.backbone,
-            self.data_info["in_channels"],
-            self.out_channels,
-            **self.backbone_kwargs,
+        self.net = in_memory_format(
+            create_backbone(
+                self.cfg.model.backbone,
+                self.data_info["in_channels"],
+                self.out_channels,
+                **self.backbone_kwargs,
+            ),
+            self.cfg.model.channels_last,
         )
         guard_small_convolutions(self.net)
 
@@ -204,6 +207,7 @@ class SapModule(L.LightningModule):
                 "body_only": self.cfg.validation.body_only,
                 "inference_precision": self.inference_precision,
                 "sw_batch_size": self.cfg.validation.sw_batch_size,
+                "channels_last": self.cfg.model.channels_last,
                 "target_spacing": self.cfg.data.target_spacing,
                 "run_name": self.cfg.name,
                 "arm": self.arm.name,
