@@ -130,7 +130,8 @@ class IgnoreLabel(nn.Module):
         if not callable(getattr(loss, "masked", None)):
             raise ConfigError(
                 f"loss.name={name} cannot leave out the voxels of the dataset's 'ignore' label "
-                "(it has no masked form); use dice_ce, batch_dice_ce or batch_dice_focal"
+                "(it has no masked form); use dice_ce, batch_dice_ce, batch_dice_focal or "
+                "batch_tversky_ce"
             )
         self.loss = loss
         self.ignore_value = int(ignore_value)

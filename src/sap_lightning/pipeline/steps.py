@@ -3,8 +3,9 @@ once in worker processes.
 
 A step that completed in an earlier invocation (its folder holds ``study_step.json``) is reused,
 not rerun, so an interrupted study continues where it stopped; unless a step it reads was
-redone in this invocation (then it is redone too) or its ``check_reuse`` finds it stale. With ``workers > 1`` each step
-runs in a spawned process with a fixed number of torch threads. Every step seeds itself and
+redone in this invocation (then it is redone too) or its ``check_reuse`` finds it stale (then
+the study stops before any step starts). With ``workers > 1`` each step runs in a spawned
+process with a fixed number of torch threads. Every step seeds itself and
 writes only its own folder, so the outputs depend on the threads per step, not on which steps
 happened to overlap.
 
