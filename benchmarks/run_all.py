@@ -28,6 +28,7 @@ TARGETS: dict[str, tuple[str, float] | None] = {
     "loader ratio": (">=", 5.0),
     "step ratio": ("<=", 1.05),
     "bf16 step ratio": ("<=", 0.85),
+    "channels last step ratio": None,  # informative: model.channels_last over the usual layout
     "panoptica ratio": (">=", 3.0),
     "froc ratio": ("<=", 3.0),
     "predict ratio": ("<=", 1.10),

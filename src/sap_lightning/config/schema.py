@@ -111,7 +111,7 @@ class ModelConfig:
     """Keep the network's convolution weights, and so its activations, in PyTorch's
     channels-last 3D layout (``torch.channels_last_3d``), which oneDNN and cuDNN convolve
     faster in many cases: ``python benchmarks/bench_step.py`` prints the ratio on a machine
-    ("channels-last step ratio"). The weights and results are the same up to float rounding;
+    ("channels last step ratio"). The weights and results are the same up to float rounding;
     the checkpoint records it, so validation and ``sap predict`` run the same layout."""
     head_prior: float | None = None
     """Lesion task: start the output layer's bias at this lesion probability (Lin et al.'s prior
