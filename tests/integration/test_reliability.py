@@ -282,7 +282,10 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(
 
 @pytest.mark.slow  # runs sap in a subprocess
 @pytest.mark.parametrize(
-    ("kind", "loader_workers"), [*((kind, 0) for kind in RUN_KINDS), ("fine-tuning", 2)]
+    # Every patch planner: the lesion one with and without loader workers, the skeleton one
+    # (SAP) and the body-uniform one (MAE; SSL uses it too, on larger patches: slower).
+    ("kind", "loader_workers"),
+    [("fine-tuning", 0), ("fine-tuning", 2), ("sap pretraining", 0), ("mae pretraining", 0)],
 )
 def test_a_run_resumed_from_a_checkpoint_inside_an_epoch_equals_an_uninterrupted_run(
     data, tmp_path: Path, reference_runs, kind: str, loader_workers: int
