@@ -231,6 +231,11 @@ def reference_runs(data, tmp_path_factory: pytest.TempPathFactory, deterministic
     return reference
 
 
+SAME_REFERENCES = pytest.mark.xdist_group("reliability_references")
+"""The tests that compare with ``reference_runs`` share one pytest-xdist worker, so each
+reference run is trained once (a module fixture is built per worker)."""
+
+
 def assert_same_training_state(path: Path, reference: Path) -> None:
     """Same counters, weights, optimiser state and schedule (tight tolerance)."""
     got = torch.load(path, weights_only=True)
@@ -252,6 +257,7 @@ def assert_same_training_state(path: Path, reference: Path) -> None:
     assert got["lr_schedulers"] == want["lr_schedulers"]
 
 
+@SAME_REFERENCES
 @pytest.mark.slow  # runs sap in a subprocess
 @pytest.mark.parametrize("kind", list(RUN_KINDS))
 def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(
@@ -283,6 +289,7 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(
 # The lesion planner and the body-uniform one (MAE; SSL uses it on larger patches, which is
 # slower): the queue keeps the position whatever the planner, and loader workers resume alike
 # (tests/unit/test_datamodule.py).
+@SAME_REFERENCES
 @pytest.mark.slow  # runs sap in a subprocess
 @pytest.mark.parametrize("kind", ["fine-tuning", "mae pretraining"])
 def test_a_run_resumed_from_a_checkpoint_inside_an_epoch_equals_an_uninterrupted_run(
@@ -301,6 +308,7 @@ def test_a_run_resumed_from_a_checkpoint_inside_an_epoch_equals_an_uninterrupted
     assert_same_training_state(last, reference_runs(kind) / "checkpoints" / "last.ckpt")
 
 
+@SAME_REFERENCES
 @pytest.mark.slow  # runs sap in a subprocess
 def test_kill_while_writing_last_checkpoint_keeps_the_previous_one(
     data, tmp_path: Path, reference_runs
