@@ -28,8 +28,9 @@ from tests.checkpoints import write_checkpoint
 from tests.datasets import save
 from tests.dicom_exams import ExamSpec, write_dicom_exam
 
-TRAINING_STEPS = 1500
-"""Enough for a Dice of about 0.6 against the phantom's skeleton on the tiny grid."""
+TRAINING_STEPS = 2500
+"""Enough for a Dice of about 0.7 against the phantom's skeleton on the tiny grid and an
+agreement above 0.9 in either memory layout (1500 steps left 0.89 in the channels-last one)."""
 PRETRAIN_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "cpu" / "pretrain.yaml"
 DWI_FWHM = (2.0, 2.0, 1.5)
 """The DWI voxel of the default axial exam in T1 voxels."""
