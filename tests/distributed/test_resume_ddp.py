@@ -90,5 +90,7 @@ def test_a_ddp_run_killed_inside_an_epoch_resumes_to_the_uninterrupted_state(
     )
     assert resumed["state_dict"].keys() == reference["state_dict"].keys()
     for key, tensor in reference["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][key], tensor, rtol=1e-6, atol=1e-8, msg=key)
+        torch.testing.assert_close(
+            resumed["state_dict"][key], tensor, rtol=1e-6, atol=1e-8, msg=key
+        )
     assert resumed["lr_schedulers"] == reference["lr_schedulers"]
