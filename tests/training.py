@@ -4,6 +4,9 @@ for the validation values a run logged."""
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from sap_lightning.batches.datamodule import build_datamodule
@@ -23,6 +26,26 @@ TINY_TRAINING = [
     "validation.every_n_epochs=1",
 ]
 """Overrides that shrink any CPU experiment to a few seconds (the tiny U-Net at minimal width)."""
+
+
+DDP = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
+"""Two processes on the CPU (gloo), launched by Lightning from the command line."""
+
+
+def run_sap_process(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    """``sap <args>`` in a subprocess that must succeed (a hang fails on the timeout). DDP runs
+    need their own process: Lightning starts rank 1 by running the command line again."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sap_lightning", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
 
 
 def last_logged_validation(run_dir: Path, key: str) -> dict[str, float]:

@@ -9,9 +9,6 @@ pads one rank with a repeated case, so a missing gather or de-duplication would 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,13 @@ from sap_lightning.inference.models import load_trained_model
 from sap_lightning.metrics import make_lesion_metrics
 from sap_lightning.metrics.lesion import guarded_f2
 from tests.datasets import write_tiny_dataset
-from tests.training import EXPERIMENTS, TINY_TRAINING, last_logged_validation
+from tests.training import (
+    DDP,
+    EXPERIMENTS,
+    TINY_TRAINING,
+    last_logged_validation,
+    run_sap_process,
+)
 
 CONFIG = EXPERIMENTS / "cpu" / "finetune_scratch.yaml"
 OVERRIDES = [
@@ -47,18 +50,8 @@ def test_two_process_finetune_logs_global_validation_metrics(tmp_path: Path) -> 
     dataset = write_tiny_dataset(tmp_path / "lesion", n_cases=9, shape=(32, 32, 96), seed=2)
     run_dir = tmp_path / "run"
     overrides = [*OVERRIDES, f"data.dataset={dataset}", f"run_dir={run_dir}"]
-    command = [sys.executable, "-m", "sap_lightning", "finetune", "--config", str(CONFIG)]
-    ddp = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    done = subprocess.run(
-        [*command, *overrides, *ddp],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    command = ["finetune", "--config", str(CONFIG), *overrides, *DDP]
+    done = run_sap_process(command, tmp_path)
     assert done.stdout.count("run folder:") == 1  # only the launching rank reports
     logged = _last_validation_row(run_dir)
 

@@ -10,9 +10,6 @@ and a numpy Dice.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,7 @@ from sap_lightning.core.run_layout import last_checkpoint_path
 from sap_lightning.inference.models import load_trained_model
 from tests.datasets import write_tiny_dataset
 from tests.tiny import TINY_NETWORK
-from tests.training import last_logged_validation
+from tests.training import DDP, last_logged_validation, run_sap_process
 
 CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "cpu" / "pretrain.yaml"
 OVERRIDES = [
@@ -41,7 +38,6 @@ OVERRIDES = [
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
 ]
-DDP = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
 BOXES_PER_CASE = [9, 2, 5, 9, 3, 7]
 """Different numbers of labelled bones per case, so cases score differently."""
 
@@ -73,17 +69,7 @@ def test_skeleton_validation_with_uneven_cases_counts_each_case_once(tmp_path: P
     )
     run_dir = tmp_path / "run"
     overrides = [*OVERRIDES, f"data.dataset={dataset}", f"run_dir={run_dir}"]
-    command = [sys.executable, "-m", "sap_lightning", "pretrain", "--config", str(CONFIG)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    done = subprocess.run(  # a hang fails here, on the timeout
-        [*command, *overrides, *DDP],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_sap_process(["pretrain", "--config", str(CONFIG), *overrides, *DDP], tmp_path)
     logged = logged_validation(run_dir)
 
     net = load_trained_model(last_checkpoint_path(run_dir)).net

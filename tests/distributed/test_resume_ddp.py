@@ -10,9 +10,6 @@ weights, would leave a different final state.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +17,11 @@ import torch
 
 from tests.datasets import write_tiny_dataset
 from tests.killing import run_until_paused
-from tests.training import EXPERIMENTS, TINY_TRAINING
+from tests.training import DDP, EXPERIMENTS, TINY_TRAINING, run_sap_process
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS_PER_EPOCH = 3  # 3 training cases x 2 lesions x 2 patches, over 2 ranks in batches of 2
-DDP = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
 
 
 def _finetune(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -46,21 +42,6 @@ def _finetune(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _sap(args: list[str], workdir: Path) -> None:
-    """``sap <args>`` in a subprocess: the Lightning launcher starts rank 1 by running the
-    command line again, so the run cannot share the test's process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    done = subprocess.run(
-        [sys.executable, "-m", "sap_lightning", *args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 def _state(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
@@ -73,7 +54,7 @@ def test_a_ddp_run_killed_inside_an_epoch_resumes_to_the_uninterrupted_state(
     # Every step writes last.ckpt, so the kill leaves one from inside epoch 1.
     every_step = "trainer.checkpoint_every_minutes=1e-6"
 
-    _sap(_finetune(dataset, reference_dir, every_step), tmp_path)
+    run_sap_process(_finetune(dataset, reference_dir, every_step), tmp_path)
     reference = _state(reference_dir / "checkpoints" / "last.ckpt")
     assert reference["global_step"] == 3 * STEPS_PER_EPOCH
 
@@ -82,7 +63,7 @@ def test_a_ddp_run_killed_inside_an_epoch_resumes_to_the_uninterrupted_state(
     saved = _state(killed_dir / "checkpoints" / "last.ckpt")
     assert saved["epoch"] == 1 and 0 < saved["global_step"] - STEPS_PER_EPOCH < STEPS_PER_EPOCH
 
-    _sap([*killed, "resume=true"], tmp_path)
+    run_sap_process([*killed, "resume=true"], tmp_path)
     resumed = _state(killed_dir / "checkpoints" / "last.ckpt")
     assert (resumed["epoch"], resumed["global_step"]) == (
         reference["epoch"],
