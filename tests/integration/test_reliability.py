@@ -202,6 +202,8 @@ def resumable_run(data: dict[str, Path], kind: str, run_dir: Path) -> list[str]:
     command, config, dataset = RUN_KINDS[kind]
     # Pretraining epochs hold as many patches as asked: enough for STEPS_PER_EPOCH batches.
     epoch = [] if dataset == "lesion" else ["data.patches_per_epoch=16"]
+    if command == "ssl":  # the SSL file's 48^3 patches matter for learning, not for resuming
+        epoch.append("data.patch_size=[32,32,32]")
     return [
         command,
         "--config",
