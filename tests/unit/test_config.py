@@ -131,6 +131,10 @@ def test_pretrained_follows_init_unless_given() -> None:
             "'data.class_fraction' is 1.5; it must be a finite number in [0, 1]",
         ),
         ("loss.focal_gamma=-1", "'loss.focal_gamma' is -1.0; it must be a finite number >= 0"),
+        (
+            "loss.topk_percent=0",
+            "'loss.topk_percent' is 0.0; it must be a finite number in (0, 100]",
+        ),
     ],
 )
 def test_out_of_range_values_are_refused_naming_key_and_range(override: str, message: str) -> None:

@@ -111,6 +111,59 @@ def test_focal_term_leaves_the_lesion_voxels_more_of_the_gradient_than_cross_ent
     assert cross_entropy < 0.5 < focal
 
 
+def _hardest_cross_entropy_by_hand(logits: torch.Tensor, labels: torch.Tensor, percent: float):
+    """nnU-Net's TopKLoss written out in numpy: every voxel's cross-entropy, the largest
+    ``int(n * percent / 100)`` of them, their mean."""
+    x = logits.double().numpy()
+    log_p = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    per_voxel = -np.take_along_axis(log_p, labels.numpy(), axis=1).ravel()
+    count = int(per_voxel.size * percent / 100)
+    return float(np.sort(per_voxel)[-count:].mean())
+
+
+@pytest.mark.parametrize("percent", [10.0, 37.5, 100.0])
+def test_batch_dice_topk_adds_the_mean_cross_entropy_of_the_hardest_voxels(percent) -> None:
+    logits, labels = _logits_and_labels(classes=2)
+    topk_only = LossConfig(name="batch_dice_topk", dice_weight=0.0, topk_percent=percent)
+    expected = _hardest_cross_entropy_by_hand(logits, labels, percent)
+    assert create_loss(topk_only)(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    if percent == 100.0:  # every voxel: the plain cross-entropy
+        plain = F.cross_entropy(logits, labels[:, 0]).item()
+        assert create_loss(topk_only)(logits, labels).item() == pytest.approx(plain, rel=1e-6)
+    both = LossConfig(name="batch_dice_topk", dice_weight=0.7, topk_percent=percent)
+    dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    assert create_loss(both)(logits, labels).item() == pytest.approx(
+        0.7 * dice(logits, labels).item() + expected, rel=1e-5
+    )
+
+
+def test_top_k_cross_entropy_gives_the_missed_lesion_voxels_more_of_the_gradient() -> None:
+    """On the plateau (background p = 0.98 everywhere, 8 lesion voxels of 8192) the top 10 %
+    hold the 8 lesion voxels and 811 equally easy background ones: each voxel's gradient has
+    size 2 |p - y| / 819, so the lesion voxels' share is 8 (1 - p_l) / (8 (1 - p_l) + 811 p_l)
+    with p_l = sigmoid(-4); the plain cross-entropy's has 8184 background voxels instead."""
+    logits = torch.zeros(2, 2, 16, 16, 16)
+    logits[:, 0] = 4.0
+    labels = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+    labels[0, 0, 7:9, 7:9, 7:9] = 1
+    lesion = labels[:, 0].bool()
+
+    def lesion_share(name: str) -> float:
+        x = logits.clone().requires_grad_()
+        create_loss(LossConfig(name=name, dice_weight=0.0))(x, labels).backward()
+        size = x.grad.abs().sum(1)  # type: ignore[union-attr]
+        return (size[lesion].sum() / size.sum()).item()
+
+    p_lesion = 1 / (1 + math.exp(4.0))
+    missed = 8 * (1 - p_lesion)
+    assert lesion_share("batch_dice_topk") == pytest.approx(
+        missed / (missed + 811 * p_lesion), rel=1e-4
+    )
+    assert lesion_share("batch_dice_ce") == pytest.approx(
+        missed / (missed + 8184 * p_lesion), rel=1e-4
+    )
+
+
 def test_deep_supervision_sums_levels_with_halving_weights() -> None:
     logits, labels = _logits_and_labels()
     coarse = logits.flip(1)

@@ -185,6 +185,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _check_range(aug.intensity_scale, "data.augment.intensity_scale", 0, 1, high_open=True)
     _check_range(aug.intensity_shift, "data.augment.intensity_shift", 0)
     _check_range(cfg.ssl.cutout_fraction, "ssl.cutout_fraction", 0, 1, high_open=True)
+    _check_range(cfg.loss.topk_percent, "loss.topk_percent", 0, 100, low_open=True)
     for key, value in (
         ("loss.dice_weight", cfg.loss.dice_weight),
         ("loss.ce_weight", cfg.loss.ce_weight),

@@ -157,6 +157,9 @@ class LossConfig:
     """Weight of the false positives in ``batch_tversky_ce``'s Tversky index (F2: 1/5)."""
     tversky_beta: float = 0.8
     """Weight of the false negatives in ``batch_tversky_ce``'s Tversky index (F2: 4/5)."""
+    topk_percent: float = 10.0
+    """``batch_dice_topk``: the share of the batch's voxels (the hardest) whose cross-entropy
+    is averaged (nnU-Net's k = 10)."""
 
 
 @dataclass

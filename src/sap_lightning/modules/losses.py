@@ -130,8 +130,8 @@ class IgnoreLabel(nn.Module):
         if not callable(getattr(loss, "masked", None)):
             raise ConfigError(
                 f"loss.name={name} cannot leave out the voxels of the dataset's 'ignore' label "
-                "(it has no masked form); use dice_ce, batch_dice_ce, batch_dice_focal or "
-                "batch_tversky_ce"
+                "(it has no masked form); use dice_ce, batch_dice_ce, batch_dice_focal, "
+                "batch_tversky_ce or batch_dice_topk"
             )
         self.loss = loss
         self.ignore_value = int(ignore_value)
@@ -306,6 +306,61 @@ def batch_tversky_ce(cfg: LossConfig) -> nn.Module:
     cross-entropy: a missed lesion voxel costs four times a false-positive one, as a missed
     lesion costs the F2 endpoint more than a false positive does."""
     return BatchTverskyCELoss(cfg)
+
+
+class BatchDiceTopKLoss(nn.Module):
+    """Dice over the whole batch (background excluded) + the mean cross-entropy of the hardest
+    ``loss.topk_percent`` % of the batch's voxels (nnU-Net's ``DC_and_topk_loss``, k = 10).
+
+    At the loss plateau a network predicts background everywhere: the voxels it gets wrong are
+    the few lesion voxels and the background that looks like lesion (the mimics), and the top-k
+    cross-entropy is the mean over those, where the full mean is dominated by the background it
+    already gets right. Written out rather than taken from nnU-Net, which is not a dependency:
+    its ``TopKLoss`` is a cross-entropy with ``reduction="none"`` and ``torch.topk``.
+    """
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.dice = DiceLoss(
+            include_background=False,
+            to_onehot_y=True,
+            softmax=True,
+            smooth_nr=cfg.smooth,
+            smooth_dr=cfg.smooth,
+            batch=True,
+        )
+        self.percent = cfg.topk_percent
+        self.dice_weight = cfg.dice_weight
+        self.ce_weight = cfg.ce_weight
+
+    def hardest_mean(self, per_voxel: torch.Tensor) -> torch.Tensor:
+        """Mean of the largest ``percent`` % of ``per_voxel`` (at least one value)."""
+        count = max(1, int(per_voxel.numel() * self.percent / 100))
+        return per_voxel.flatten().topk(count, sorted=False).values.mean()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # The elementwise cross-entropy: deterministic on every device (DeterministicCrossEntropy).
+        per_voxel = masked_cross_entropy(logits, target[:, 0].long(), reduction="none")
+        topk = self.hardest_mean(per_voxel)
+        return self.dice_weight * self.dice(logits, target) + self.ce_weight * topk
+
+    def masked(
+        self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Over the voxels ``keep`` only (:class:`IgnoreLabel`): the hardest ``percent`` % of
+        the annotated voxels."""
+        dice = masked_dice(self.dice, logits, target, keep)
+        per_voxel = masked_cross_entropy(logits, target[:, 0].long(), reduction="none")
+        topk = self.hardest_mean(per_voxel[keep[:, 0]])
+        return self.dice_weight * dice + self.ce_weight * topk
+
+
+@register_loss("batch_dice_topk")
+def batch_dice_topk(cfg: LossConfig) -> nn.Module:
+    """Dice over the batch + the cross-entropy of the hardest ``loss.topk_percent`` % of voxels
+    (nnU-Net's top-k loss): the missed lesion voxels and the mimics carry the cross-entropy,
+    not the easy background."""
+    return BatchDiceTopKLoss(cfg)
 
 
 def loss_in_float32(
