@@ -45,21 +45,34 @@ def run_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     return json.loads(json.dumps(kept))  # as study_step.json holds them: tuples become lists
 
 
+def _default_settings() -> dict[str, Any]:
+    """The schema's own defaults, as :func:`run_settings` writes them."""
+    return run_settings(ExperimentConfig())
+
+
 def check_reuse(
     name: str, config_path: str, bases: Sequence[str], overrides: Sequence[str], run_dir: Path
 ) -> None:
     """Refuse to reuse a completed run whose recorded settings differ from the ones the study
     would train it with now (an edited experiment file or study override): its results would
     be reported under a recipe they were not trained with. A run completed before settings
-    were recorded is reused as it is."""
+    were recorded is reused as it is, and so is one that lacks a key the library added since,
+    when the study keeps that key at its default (a new setting's default is the behaviour the
+    library had before it)."""
     recorded = read_json(run_dir / DONE_FILE).get("settings")
     if recorded is None:
         return
     cfg = load_config(config_path, [*overrides, f"run_dir={run_dir}"], extra_files=bases)
     wanted = run_settings(cfg)
+    defaults = _default_settings()
+    added_since = {
+        key
+        for key in wanted.keys() - recorded.keys()
+        if key in defaults and wanted[key] == defaults[key]
+    }
     changed = sorted(
         key
-        for key in recorded.keys() | wanted.keys()
+        for key in (recorded.keys() | wanted.keys()) - added_since
         if recorded.get(key, "(unset)") != wanted.get(key, "(unset)")
     )
     if changed:
