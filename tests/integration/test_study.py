@@ -70,7 +70,7 @@ def test_header_and_learning_section_name_every_arm_and_pretraining(tiny_study) 
                 for line in learning.splitlines()
                 if line.startswith(f"| {arm.pretraining.title} |")
             )
-            assert row.count("|") == 4 + len(arm.pretraining.learning)
+            assert row.count("|") == 5 + len(arm.pretraining.learning)
         for fold in (1, 2):
             assert f"| {name} fold {fold} |" in learning
     assert "| MAE pretraining |" in learning and "reconstruction" in learning

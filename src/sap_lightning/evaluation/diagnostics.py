@@ -7,6 +7,10 @@ every run the metric that shows learning, read back from the run's own logs
 its chance level (rotation ln 4, contrastive ln(2N - 1) for a global batch of N), the masked
 autoencoder's reconstruction error, and lesion sensitivity, precision, F2 and foreground Dice
 at the validation threshold (lesion). The pretraining terms are the arm's (``core/arms.py``).
+Each run's last checkpoint also names the network's stages whose every weight is zero: Adam
+with its weight decay added to the gradient drives a stage whose own gradient is smaller than
+the decay to zero at the full learning rate, and such a stage stays dead (docs/method.md,
+"Lesion fine-tuning").
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sap_lightning.core.arms import LearningTerm
 from sap_lightning.core.io import atomic_path
-from sap_lightning.core.run_layout import CONFIG_FILE
+from sap_lightning.core.run_layout import CONFIG_FILE, last_checkpoint_path
 from sap_lightning.evaluation.curves import last_value, read_training_curves
 
 LESION_LEARNING: tuple[LearningTerm, ...] = (
@@ -65,6 +70,29 @@ class RunDiagnostics:
     precision: str | None = None
     """``trainer.precision`` the run trained at (its ``config.yaml``; a CPU without fast
     bfloat16 kernels records ``32-true`` there), None when not recorded."""
+    zero_stages: list[str] | None = None
+    """The network's stages (its top-level modules) whose every weight is zero in the last
+    checkpoint; None when the run has no checkpoint."""
+
+
+DEAD_WEIGHT = 1e-6
+"""Largest weight magnitude of a stage counted as zero (a stage Adam's decay killed holds values
+near 1e-38; a trained one, above 1e-2)."""
+
+
+def zero_stages(run_dir: str | os.PathLike) -> list[str] | None:
+    """The top-level modules of the run's network (``net.<stage>.*`` in its last checkpoint)
+    whose every floating-point entry is below :data:`DEAD_WEIGHT` in magnitude, in order."""
+    path = last_checkpoint_path(Path(run_dir))
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    largest: dict[str, float] = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] == "net" and len(parts) > 2 and tensor.is_floating_point() and tensor.numel():
+            largest[parts[1]] = max(largest.get(parts[1], 0.0), float(tensor.abs().max()))
+    return [stage for stage, value in largest.items() if value < DEAD_WEIGHT]
 
 
 def _config(run_dir: Path) -> dict:
@@ -92,6 +120,7 @@ def diagnose(
         values={term.key: last_value(curves, term.key) for term in terms},
         chance={term.key: CHANCE_LEVELS[term.chance](config) for term in terms if term.chance},
         precision=config.get("trainer", {}).get("precision"),
+        zero_stages=zero_stages(run),
     )
 
 
@@ -101,7 +130,8 @@ def _number(value: float) -> str:
 
 def diagnostics_markdown(runs: list[RunDiagnostics]) -> str:
     """One table per set of learning terms (each pretraining recipe, the fine-tunes): steps,
-    first and last training loss, and the terms, with their chance levels where they have one."""
+    first and last training loss, the stages at zero, and the terms, with their chance levels
+    where they have one."""
     groups: dict[tuple[LearningTerm, ...], list[RunDiagnostics]] = {}
     for run in runs:
         groups.setdefault(run.terms, []).append(run)
@@ -109,8 +139,10 @@ def diagnostics_markdown(runs: list[RunDiagnostics]) -> str:
     for terms, mine in groups.items():
         names = [f"{term.label} (chance)" if term.chance else term.label for term in terms]
         lines += [
-            "| run | steps | train loss first -> last | " + " | ".join(names) + " |",
-            "|---|---|---|" + "---|" * len(names),
+            "| run | steps | train loss first -> last | stages at zero | "
+            + " | ".join(names)
+            + " |",
+            "|---|---|---|---|" + "---|" * len(names),
         ]
         for run in mine:
             cells = []
@@ -120,7 +152,10 @@ def diagnostics_markdown(runs: list[RunDiagnostics]) -> str:
                     cell += f" ({run.chance[term.key]:.3f})"
                 cells.append(cell)
             loss = f"{_number(run.first_loss)} -> {_number(run.last_loss)}"
-            lines.append(f"| {run.name} | {run.steps} | {loss} | " + " | ".join(cells) + " |")
+            dead = "n/a" if run.zero_stages is None else ", ".join(run.zero_stages) or "none"
+            lines.append(
+                f"| {run.name} | {run.steps} | {loss} | {dead} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -159,9 +194,11 @@ def plot_curves(
 
 __all__ = [
     "CHANCE_LEVELS",
+    "DEAD_WEIGHT",
     "LESION_LEARNING",
     "RunDiagnostics",
     "diagnose",
     "diagnostics_markdown",
     "plot_curves",
+    "zero_stages",
 ]
