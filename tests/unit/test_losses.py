@@ -91,24 +91,25 @@ def test_batch_tversky_ce_adds_the_cross_entropy_of_every_class() -> None:
     assert difference.item() == pytest.approx(0.6 * ce.item(), rel=1e-5)
 
 
+def _plateau_lesion_share(name: str) -> float:
+    """The share of the gradient of loss ``name``'s second term (its Dice term weighted 0) that
+    reaches the lesion voxels on the loss plateau: background at p = 0.98 everywhere, 8 lesion
+    voxels of 8192."""
+    logits = torch.zeros(2, 2, 16, 16, 16)
+    logits[:, 0] = 4.0
+    labels = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+    labels[0, 0, 7:9, 7:9, 7:9] = 1
+    x = logits.requires_grad_()
+    create_loss(LossConfig(name=name, dice_weight=0.0))(x, labels).backward()
+    size = x.grad.abs().sum(1)  # type: ignore[union-attr]
+    return (size[labels[:, 0].bool()].sum() / size.sum()).item()
+
+
 def test_focal_term_leaves_the_lesion_voxels_more_of_the_gradient_than_cross_entropy() -> None:
     """The loss plateau: a network that predicts background everywhere with confidence. Cross-
     entropy's gradient then comes mostly from the many background voxels it already gets right;
     the focal term's comes mostly from the few lesion voxels it misses."""
-    logits = torch.zeros(2, 2, 16, 16, 16)
-    logits[:, 0] = 4.0  # p(background) ~ 0.98 everywhere
-    labels = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
-    labels[0, 0, 7:9, 7:9, 7:9] = 1  # 8 lesion voxels of 8192
-    lesion = labels[:, 0].bool()
-
-    def lesion_share(name: str) -> float:
-        x = logits.clone().requires_grad_()
-        create_loss(LossConfig(name=name, dice_weight=0.0))(x, labels).backward()
-        size = x.grad.abs().sum(1)  # type: ignore[union-attr]
-        return (size[lesion].sum() / size.sum()).item()
-
-    cross_entropy, focal = lesion_share("batch_dice_ce"), lesion_share("batch_dice_focal")
-    assert cross_entropy < 0.5 < focal
+    assert _plateau_lesion_share("batch_dice_ce") < 0.5 < _plateau_lesion_share("batch_dice_focal")
 
 
 def _hardest_cross_entropy_by_hand(logits: torch.Tensor, labels: torch.Tensor, percent: float):
@@ -138,28 +139,16 @@ def test_batch_dice_topk_adds_the_mean_cross_entropy_of_the_hardest_voxels(perce
 
 
 def test_top_k_cross_entropy_gives_the_missed_lesion_voxels_more_of_the_gradient() -> None:
-    """On the plateau (background p = 0.98 everywhere, 8 lesion voxels of 8192) the top 10 %
-    hold the 8 lesion voxels and 811 equally easy background ones: each voxel's gradient has
-    size 2 |p - y| / 819, so the lesion voxels' share is 8 (1 - p_l) / (8 (1 - p_l) + 811 p_l)
-    with p_l = sigmoid(-4); the plain cross-entropy's has 8184 background voxels instead."""
-    logits = torch.zeros(2, 2, 16, 16, 16)
-    logits[:, 0] = 4.0
-    labels = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
-    labels[0, 0, 7:9, 7:9, 7:9] = 1
-    lesion = labels[:, 0].bool()
-
-    def lesion_share(name: str) -> float:
-        x = logits.clone().requires_grad_()
-        create_loss(LossConfig(name=name, dice_weight=0.0))(x, labels).backward()
-        size = x.grad.abs().sum(1)  # type: ignore[union-attr]
-        return (size[lesion].sum() / size.sum()).item()
-
+    """On the plateau the top 10 % hold the 8 lesion voxels and 811 equally easy background
+    ones: each voxel's gradient has size 2 |p - y| / 819, so the lesion voxels' share is
+    8 (1 - p_l) / (8 (1 - p_l) + 811 p_l) with p_l = sigmoid(-4); the plain cross-entropy's
+    has 8184 background voxels instead."""
     p_lesion = 1 / (1 + math.exp(4.0))
     missed = 8 * (1 - p_lesion)
-    assert lesion_share("batch_dice_topk") == pytest.approx(
+    assert _plateau_lesion_share("batch_dice_topk") == pytest.approx(
         missed / (missed + 811 * p_lesion), rel=1e-4
     )
-    assert lesion_share("batch_dice_ce") == pytest.approx(
+    assert _plateau_lesion_share("batch_dice_ce") == pytest.approx(
         missed / (missed + 8184 * p_lesion), rel=1e-4
     )
 

@@ -207,6 +207,18 @@ def batch_dice_ce(cfg: LossConfig) -> nn.Module:
     return _dice_ce(cfg, batch=True)
 
 
+def batch_dice(cfg: LossConfig) -> DiceLoss:
+    """MONAI's Dice over the whole batch on softmax logits, the background class left out."""
+    return DiceLoss(
+        include_background=False,
+        to_onehot_y=True,
+        softmax=True,
+        smooth_nr=cfg.smooth,
+        smooth_dr=cfg.smooth,
+        batch=True,
+    )
+
+
 class BatchDiceFocalLoss(nn.Module):
     """Dice over the whole batch (background excluded) + softmax focal loss (every class).
 
@@ -216,14 +228,7 @@ class BatchDiceFocalLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
-        self.dice = DiceLoss(
-            include_background=False,
-            to_onehot_y=True,
-            softmax=True,
-            smooth_nr=cfg.smooth,
-            smooth_dr=cfg.smooth,
-            batch=True,
-        )
+        self.dice = batch_dice(cfg)
         self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma)
         self.dice_weight = cfg.dice_weight
         self.focal_weight = cfg.ce_weight
@@ -321,14 +326,7 @@ class BatchDiceTopKLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
-        self.dice = DiceLoss(
-            include_background=False,
-            to_onehot_y=True,
-            softmax=True,
-            smooth_nr=cfg.smooth,
-            smooth_dr=cfg.smooth,
-            batch=True,
-        )
+        self.dice = batch_dice(cfg)
         self.percent = cfg.topk_percent
         self.dice_weight = cfg.dice_weight
         self.ce_weight = cfg.ce_weight
