@@ -292,6 +292,10 @@ def test_repeats_reuse_the_study_and_pool_a_second_draw(tiny_study, tmp_path: Pa
     assert load_config(second / "sap" / "fold1" / "config.yaml").seed == config.seed + 1
     rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 1 |", "| pooled |"))]
     assert len(rows) == 2 + 2 + 1  # effects per repeat and pooled; learning per repeat
+    networks = len(TINY_STUDY_ARMS) * 2 + sum(
+        get_arm(name).pretraining is not None for name in TINY_STUDY_ARMS
+    )
+    assert len(re.findall(rf"stages at zero in \d+ of {networks} networks", text)) == 2
     # each repeat's primary effect reads as in its own report (the same seed, the same interval)
     for repeat, report in ((0, tiny_study.report), (1, Path(f"{config.report_dir}_repeat1"))):
         own = (report if repeat == 0 else report / "report.md").read_text()

@@ -58,11 +58,14 @@ def _pairs(arms: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _learning_cells(result: RepeatResult) -> list[str]:
-    """Per pretraining run its terms; then the fine-tunes' validation sensitivity at 0.5."""
+    """Per pretraining run its terms; then the fine-tunes' validation sensitivity at 0.5 and
+    how many networks hold a stage whose every weight is zero."""
     cells = []
     sensitivities = []
+    with_zero_stages = 0
     for run in result.learning:
         diagnostics = diagnose(run.name, run.terms, run.run_dir)
+        with_zero_stages += bool(diagnostics.zero_stages)
         if run.terms == LESION_LEARNING:
             sensitivities.append(diagnostics.values[LESION_LEARNING[0].key])
             continue
@@ -80,6 +83,8 @@ def _learning_cells(result: RepeatResult) -> list[str]:
         if values.size
         else "no fine-tune"
     )
+    if result.learning:
+        cells.append(f"stages at zero in {with_zero_stages} of {len(result.learning)} networks")
     return cells
 
 
