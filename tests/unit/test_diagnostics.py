@@ -30,6 +30,14 @@ def test_only_the_stages_with_every_weight_at_zero_are_named(tmp_path: Path) -> 
     assert zero_stages(tmp_path / "run") == ["down_3", "down_4"]
 
 
+def test_a_missing_or_broken_checkpoint_reads_as_unknown(tmp_path: Path) -> None:
+    assert zero_stages(tmp_path / "never_trained") is None
+    broken = last_checkpoint_path(tmp_path / "broken")
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a checkpoint")
+    assert zero_stages(tmp_path / "broken") is None
+
+
 def test_adams_coupled_weight_decay_kills_a_stage_without_gradient_and_adamw_does_not() -> None:
     """The mechanism the column watches for: a stage whose own gradient is far below its
     weight decay (here: its output scaled by 1e-9 before the head) is driven to zero by Adam at

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,11 +83,17 @@ near 1e-38; a trained one, above 1e-2)."""
 
 def zero_stages(run_dir: str | os.PathLike) -> list[str] | None:
     """The top-level modules of the run's network (``net.<stage>.*`` in its last checkpoint)
-    whose every floating-point entry is below :data:`DEAD_WEIGHT` in magnitude, in order."""
+    whose every floating-point entry is below :data:`DEAD_WEIGHT` in magnitude, in order; None
+    when the checkpoint is missing or unreadable (a diagnostic never stops a report)."""
     path = last_checkpoint_path(Path(run_dir))
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    try:
+        # Memory-mapped: only the network's weights are read, not the optimiser state.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError):
+        return None
+    state = checkpoint.get("state_dict", {})
     largest: dict[str, float] = {}
     for key, tensor in state.items():
         parts = key.split(".")
