@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from sap_lightning.config import from_dict, load_config, save_config, to_dict
+from sap_lightning.config import ExperimentConfig, from_dict, load_config, save_config, to_dict
 from sap_lightning.core.errors import ConfigError
+from tests.training import EXPERIMENTS
 
 
 def _write(path: Path, text: str) -> Path:
@@ -89,6 +91,54 @@ def test_pretrained_follows_init_unless_given() -> None:
     assert load_config(None, [runs, "model.init=scratch"]).model.pretrained is None
     given = load_config(None, [runs, "model.init=sap", "model.pretrained=x.ckpt"])
     assert given.model.pretrained == "x.ckpt"
+
+
+def test_encoder_rate_follows_init_unless_given() -> None:
+    rates = "optim.encoder_lr_by_init={sap: 2e-3, ssl: 5e-3}"
+    assert (
+        load_config(None, [rates, "model.init=ssl", "model.pretrained=x"]).optim.encoder_lr == 5e-3
+    )
+    assert load_config(None, [rates, "model.init=scratch"]).optim.encoder_lr is None
+    given = load_config(
+        None, [rates, "model.init=sap", "model.pretrained=x", "optim.encoder_lr=1e-4"]
+    )
+    assert given.optim.encoder_lr == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ("model.pretrained_by_init={sapp: runs/pre}", "'model.pretrained_by_init' names 'sapp'"),
+        ("optim.encoder_lr_by_init={sapp: 1e-3}", "'optim.encoder_lr_by_init' names 'sapp'"),
+        ("optim.encoder_lr_by_init={ssl: 0}", "'optim.encoder_lr_by_init.ssl' is 0.0"),
+    ],
+)
+def test_per_arm_mappings_refuse_unknown_arms_and_bad_rates(mapping: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [mapping])
+
+
+def _effective(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Everything a fine-tune trains by: names, output folders and W&B labels left out, the
+    encoder and decoder rates as the optimiser gets them."""
+    plain = to_dict(cfg)
+    for key in ("name", "output_dir", "run_dir", "wandb"):
+        plain.pop(key, None)
+    optim = plain.pop("optim")
+    optim["encoder_lr"] = optim["encoder_lr"] or optim["lr"]
+    optim["decoder_lr"] = optim["decoder_lr"] or optim["lr"]
+    optim.pop("encoder_lr_by_init")
+    plain["model"].pop("pretrained_by_init")
+    plain["model"].pop("pretrained")
+    return {**plain, "optim": optim}
+
+
+@pytest.mark.parametrize("arm", ["scratch", "ssl", "sap", "mae"])
+def test_the_arms_sweep_file_trains_each_arm_as_its_own_file(arm: str) -> None:
+    """A sweep over ``model.init`` compares the arms with the recipe ``sap study`` gives them."""
+    sweep = load_config(EXPERIMENTS / "cpu" / "finetune_arms.yaml", [f"model.init={arm}"])
+    own = load_config(EXPERIMENTS / "cpu" / f"finetune_{arm}.yaml", ["model.pretrained=x"])
+    assert _effective(sweep) == _effective(own)
 
 
 @pytest.mark.parametrize(

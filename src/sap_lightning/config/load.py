@@ -227,6 +227,18 @@ def validate_config(cfg: ExperimentConfig) -> None:
             )
     else:
         pretraining_arm(cfg.task, cfg.pretraining)
+    for mapping, by_init in (
+        ("model.pretrained_by_init", cfg.model.pretrained_by_init),
+        ("optim.encoder_lr_by_init", cfg.optim.encoder_lr_by_init),
+    ):
+        unknown = [arm for arm in by_init if arm not in list_arms()]
+        if unknown:
+            raise ConfigError(
+                f"'{mapping}' names {', '.join(map(repr, unknown))}, not an arm; valid arms: "
+                f"{', '.join(list_arms())}"
+            )
+    for arm, rate in cfg.optim.encoder_lr_by_init.items():
+        _check_range(rate, f"optim.encoder_lr_by_init.{arm}", 0, low_open=True)
     _check_choice(cfg.logger, LOGGERS, "logger")
     if cfg.validation.precision is not None:
         _check_choice(cfg.validation.precision, list(AUTOCAST_PRECISIONS), "validation.precision")
@@ -251,6 +263,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
 OPEN_KEYS = (
     "model.kwargs",
     "model.pretrained_by_init",
+    "optim.encoder_lr_by_init",
     "pretext",
     "pretraining_overrides",
     "finetune_overrides",
@@ -311,6 +324,8 @@ def load_config(
     assert isinstance(result, ExperimentConfig)
     if result.model.pretrained is None:
         result.model.pretrained = result.model.pretrained_by_init.get(result.model.init)
+    if result.optim.encoder_lr is None:
+        result.optim.encoder_lr = result.optim.encoder_lr_by_init.get(result.model.init)
     validate_config(result)
     return result
 

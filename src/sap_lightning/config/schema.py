@@ -130,6 +130,11 @@ class OptimConfig:
     """Learning rate of every parameter unless ``encoder_lr`` / ``decoder_lr`` are set."""
     encoder_lr: float | None = None
     decoder_lr: float | None = None
+    encoder_lr_by_init: dict[str, float] = field(default_factory=dict)
+    """Lesion task: the encoder's rate per arm when ``encoder_lr`` is not given (the decoder
+    then trains at ``decoder_lr`` or ``lr``), so one file switching arms with ``model.init``
+    (a sweep) gives each arm the study's rate ratio, as ``model.pretrained_by_init`` gives it
+    its pretraining run."""
     weight_decay: float = 1e-5
     warmup_epochs: int = 10
     """Linear warm-up epochs, then cosine decay to ``min_lr_ratio`` x lr at ``max_epochs``
