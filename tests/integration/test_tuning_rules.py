@@ -67,3 +67,21 @@ def test_the_cli_records_how_the_threshold_was_chosen(tmp_path) -> None:
     saved = read_json(out / "threshold.json")
     assert saved["threshold"] == 0.3
     assert saved["settings"]["deciding_patients"] == "patients with lesions"
+
+
+def test_a_tuning_set_without_lesions_is_refused(tmp_path) -> None:
+    """Lesion-free patients score F2 = 1 at any high threshold: tuning on them alone would pick
+    the top of the grid, so the command refuses and names the cases."""
+    import pytest
+
+    from sap_lightning.core.errors import DatasetError
+    from sap_lightning.evaluation.predictions import EvaluationSettings
+
+    _cohort(tmp_path)
+    with pytest.raises(DatasetError, match=r"none of the 3 threshold-tuning cases \(q0, q1, q2\)"):
+        tune_on_predictions(
+            tmp_path / "pred",
+            tmp_path / "dataset",
+            ["q0", "q1", "q2"],
+            EvaluationSettings(thresholds=GRID),
+        )

@@ -81,8 +81,9 @@ RULES = {
     "lesions": "3D connected components",
     "large_lesions": "sensitivity over GT lesions >= min_volume_ml found by a component of any "
     "size; FP and precision over predicted components >= min_volume_ml",
-    "f2": "5PR / (4P + R) per patient, median over patients; an undefined side counts as 1 "
-    "(a patient without lesions scores 1 without false positives, 0 with any)",
+    "f2": "5PR / (4P + R) per patient, median over the patients with a lesion; an undefined "
+    "side counts as 1 (cases.csv gives a patient without lesions 1 without false positives, 0 "
+    "with any: a false-positive flag, left out of the median)",
     "segmentation": "Dice and area-weighted NSD of each detected GT lesion against the union of "
     "predicted components touching it; medians over detected lesions",
     "patient_mean_dice": "mean lesion Dice per patient with missed lesions scored 0",
@@ -324,8 +325,8 @@ def tune_on_predictions(
     Two rules keep the choice on what the paper measures (docs/evaluation.md):
 
     - only patients with lesions decide (the paper's cohort has no lesion-free patient; a clean
-      lesion-free patient scores F2 = 1 at any high threshold and would pull the choice up);
-      lesion-free patients are used only when no tuning patient has a lesion;
+      lesion-free patient scores F2 = 1 at any high threshold and would pull the choice up),
+      and a set of cases without any lesion is refused;
     - thresholds whose predictions cover an implausible lesion volume (median predicted / true
       volume above ``MAX_PLAUSIBLE_VOLUME_RATIO``) are not eligible: under any-overlap counting
       a whole-body blob scores F2 = 1.
@@ -353,8 +354,14 @@ def tune_on_predictions(
             volume_ratios[case_id] = np.asarray(predicted, dtype=np.float64) / true_voxels
     table = detection.case_table()
     f2 = detection.rates()["f2"]
-    with_lesions = table["n_gt"].to_numpy() > 0
-    deciding = with_lesions if with_lesions.any() else np.ones_like(with_lesions)
+    deciding = table["n_gt"].to_numpy() > 0
+    if not deciding.any():
+        raise DatasetError(
+            f"{dataset_dir}: none of the {len(case_ids)} threshold-tuning cases "
+            f"({', '.join(map(str, case_ids[:5]))}{', ...' if len(case_ids) > 5 else ''}) has a "
+            "lesion in its label: a threshold cannot be tuned on lesion-free patients (their F2 "
+            "only flags false positives); tune on cases with lesions"
+        )
     f2 = f2[deciding].copy()
     implausible: list[float] = []
     if volume_ratios:
@@ -372,9 +379,7 @@ def tune_on_predictions(
             "connectivity": settings.connectivity,
             "predictions": _describe(predictions_dir),
             "dataset": str(dataset_dir),
-            "deciding_patients": "patients with lesions"
-            if with_lesions.any()
-            else "all (no tuning patient has a lesion)",
+            "deciding_patients": "patients with lesions",
             "lesion_free_patients_left_out": table["case_id"][~deciding].tolist(),
             "thresholds_with_implausible_volume": implausible,
         },

@@ -173,8 +173,9 @@ class LesionDetection(_CaseRowsMetric):
 
     Counts are taken at every threshold of ``froc_thresholds`` plus the operating
     ``threshold``; the operating point gives sensitivity, precision, F2 and FP per exam (medians
-    over patients) for all lesions and for lesions >= ``min_volume_ml`` (medians, and the means
-    the paper reports for that subset). Binary predictions give the same counts at every
+    over patients; sensitivity and F2 over the patients with a lesion of the category) for all
+    lesions and for lesions >= ``min_volume_ml`` (medians, and the means the paper reports for
+    that subset). Binary predictions give the same counts at every
     threshold, so their FROC curve is a single point.
     """
 
@@ -266,9 +267,12 @@ class LesionDetection(_CaseRowsMetric):
             (True, self.suffix, FROC_MAX_FP_LARGE),
         ):
             r = self.rates(large)
+            # F2 over patients with a lesion (of the category): a lesion-free patient's F2 is
+            # a false-positive flag (1 or 0), counted in the false positives per exam instead.
+            has_lesion = ~np.isnan(r["sensitivity"][:, k])
             out[f"sensitivity{suffix}"] = _nan_median(r["sensitivity"][:, k])
             out[f"precision{suffix}"] = _nan_median(r["precision"][:, k])
-            out[f"f2{suffix}"] = _nan_median(r["f2"][:, k])
+            out[f"f2{suffix}"] = _nan_median(r["f2"][has_lesion, k])
             out[f"fp_per_exam{suffix}"] = _nan_median(r["fp"][:, k].astype(np.float64))
             out[f"mean_sensitivity{suffix}"] = _nan_mean(r["sensitivity"][:, k])
             out[f"mean_fp_per_exam{suffix}"] = _nan_mean(r["fp"][:, k].astype(np.float64))
