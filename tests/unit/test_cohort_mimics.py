@@ -56,6 +56,27 @@ def test_counts_follow_the_table_and_the_knob(kind, cohort):
         assert counts.mean() == pytest.approx(mean, abs=4 * np.sqrt(mean / len(counts)) + 1e-9)
 
 
+@pytest.mark.parametrize("kind", [k for k in ph.MIMIC_KINDS if k.sites], ids=lambda k: k.name)
+def test_planned_sites_follow_the_tables_weights(kind):
+    """Over 4000 planned instances each site's share is its weight in docs/cohort.md (the page's
+    numbers are the generator's: test_cohort_table.py), within 4 binomial standard errors."""
+    from sap_lightning.synthetic.mimics import _plan_kind
+
+    def group(site: str) -> str:  # the table's site of a planned one
+        if kind.name == "fracture":  # a vertebra of T10-L2, or one sacral ala
+            return "vertebral" if site in mt.FRACTURE_VERTEBRAE else site.split(":")[0]
+        return next(key for key in kind.sites if site in (key, key.split(":")[-1]))
+
+    n = 4000
+    plans = _plan_kind(np.random.default_rng(5), kind, n)
+    planned = collections.Counter(group(p.site) for p in plans)
+    total = sum(kind.sites.values())
+    for site, weight in kind.sites.items():
+        share = weight / total
+        drawn = planned[site]
+        assert drawn / n == pytest.approx(share, abs=4 * np.sqrt(share * (1 - share) / n)), site
+
+
 def test_knob_two_draws_twice_the_counted_mimics_and_zero_none():
     totals = {}
     for knob in (0.0, 1.0, 2.0):

@@ -99,6 +99,51 @@ def test_mimic_row_matches_the_code(kind):
         assert str(kind.cap) in location
 
 
+SITE_WORDS = {
+    "pelvis": "pelvis", "femur_proximal": "proximal femora", "femur": "femora",
+    "humerus_proximal": "proximal humeri", "humerus": "humeri", "lumbar": "lumbar",
+    "thoracic": "thoracic", "cervical": "cervical", "ribs": "ribs", "scapula": "scapulae",
+    "clavicle": "clavicles", "sternum": "sternum", "neck": "neck",
+    "supraclavicular": "supraclavicular", "axilla": "axilla", "mediastinum": "mediastinum",
+    "para_aortic": "para-aortic", "common_iliac": "common iliac",
+    "pelvic_side_wall": "pelvic side wall", "presacral": "presacral", "inguinal": "inguinal",
+}  # fmt: skip
+"""The page's word for each landmark group the generator weights."""
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [k for k in mt.MIMIC_KINDS if k.sites and set(k.sites) <= set(SITE_WORDS)],
+    ids=lambda k: k.name,
+)
+def test_each_site_has_its_own_weight_on_the_page(kind):
+    """Each site's weight is the first number after its name in the location cell ("humeri,
+    scapulae, sternum 0.04 each" gives all three 0.04), so two sites' weights cannot swap."""
+    location = ROWS[DOC_NAMES[kind.name]][1]
+    if "as metastases" in location:
+        location = ROWS["bone metastasis, viable (80% of lesions)"][1]
+    location = location.split("site weights:", 1)[-1]
+    for site, weight in kind.sites.items():
+        found = re.search(rf"(?<!proximal ){re.escape(SITE_WORDS[site])}\D*?(\d\.\d+)", location)
+        assert found, (kind.name, site, location)
+        assert float(found.group(1)) == pytest.approx(weight), (kind.name, site)
+
+
+def test_the_metastases_site_weights_are_the_pages():
+    """Lesions are seeded by bone region (``tissues.LESION_SITE_WEIGHTS``); treated metastases
+    by landmark group (``mimic_table.LESION_SITES``): both carry the page's weights."""
+    by_region = {
+        name: ts.LESION_SITE_WEIGHTS[value]
+        for name, value in ts.SKELETON_CLASSES.items()
+        if value in ts.LESION_SITE_WEIGHTS
+    }
+    assert by_region == {"cervical_spine": 0.05, "thoracic_spine": 0.20, "lumbar_spine": 0.16,
+                         "pelvis": 0.24, "femurs": 0.09, "humeri": 0.04, "scapulae": 0.04,
+                         "clavicles": 0.02, "sternum": 0.04}  # fmt: skip
+    assert ts.LESION_SITE_WEIGHTS[ts.RIB_REGION] == 0.12
+    assert sorted(mt.LESION_SITES.values()) == sorted(ts.LESION_SITE_WEIGHTS.values())
+
+
 def test_ganglion_sizes_and_band_numbers():
     size = ROWS[DOC_NAMES["dorsal_root_ganglion"]][2]
     groups = re.findall(r"([CTL]\d+)/\w+(?:-([CTL]\d+)/\w+)? (\d\.\d+)", size)

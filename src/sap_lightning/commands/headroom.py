@@ -70,12 +70,21 @@ def _cohort(out: Path, mimics: float, args: argparse.Namespace) -> Path:
     shape, spacing = phantom.resolve_grid(args.size, args.shape, args.spacing)
     root = out / f"mimics_{mimics:g}"
     spec_path = root / "lesion" / layout.DATASET_JSON
-    wanted = {"seed": args.seed, "shape": list(shape), "spacing": list(spacing), "mimics": mimics}
-    if spec_path.is_file() and (root / "skeleton" / layout.DATASET_JSON).is_file():
+    wanted = {
+        "generator_version": phantom.GENERATOR_VERSION,
+        "seed": args.seed,
+        "shape": list(shape),
+        "spacing": list(spacing),
+        "mimics": mimics,
+    }
+    healthy_path = root / "skeleton" / layout.DATASET_JSON
+    if spec_path.is_file() and healthy_path.is_file():
         spec = read_json(spec_path)
         phantom_spec = spec.get("phantom", {})
-        if spec.get("numTraining") == args.patients and all(
-            phantom_spec.get(k) == v for k, v in wanted.items()
+        if (
+            spec.get("numTraining") == args.patients
+            and read_json(healthy_path).get("numTraining") == args.healthy
+            and all(phantom_spec.get(k) == v for k, v in wanted.items())
         ):
             print(f"{root}: reusing the cohort (same settings)")
             return root / "lesion"

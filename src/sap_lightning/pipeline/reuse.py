@@ -19,6 +19,7 @@ from sap_lightning.config.load import to_dict
 from sap_lightning.core.errors import SapError
 from sap_lightning.core.io import read_json
 from sap_lightning.pipeline.steps import DONE_FILE
+from sap_lightning.synthetic.cohort import GENERATOR_VERSION
 
 _NOT_SETTINGS = ("run_dir", "resume", "logger", "wandb", "trainer.enable_progress_bar")
 """Config keys that do not change what a run learns (where it writes, how it logs): a
@@ -90,16 +91,19 @@ def check_reuse(
 
 def check_cohort(study: StudyConfig, root: Path) -> None:
     """Refuse a cohort in ``data_dir`` generated with other settings than the study's (another
-    seed, size or mimic level): its results would be reported as the study's draw."""
+    seed, size or mimic level) or by another version of the generator: its results would be
+    reported as the study's draw."""
     lesion, skeleton = (read_json(root / name / "dataset.json") for name in ("lesion", "skeleton"))
     made = lesion.get("phantom", {})
     wanted = {
+        "generator version": GENERATOR_VERSION,
         "seed": study.seed,
         "mimics": float(study.mimics),
         "patients": study.patients,
         "healthy scans": study.healthy,
     }
     found = {
+        "generator version": made.get("generator_version"),
         "seed": made.get("seed"),
         "mimics": made.get("mimics"),
         "patients": lesion.get("numTraining"),

@@ -53,6 +53,7 @@ from sap_lightning.synthetic.anatomy import (
 )
 from sap_lightning.synthetic.cohort import (
     DEFAULT_MIMICS,
+    GENERATOR_VERSION,
     TISSUES_DIR,
     TISSUES_JSON,
     CohortPaths,
@@ -153,6 +154,7 @@ __all__ = [
     "DEFAULT_PATIENTS",
     "DEFAULT_SIZE",
     "DISTRACTOR_TISSUES",
+    "GENERATOR_VERSION",
     "LESION_B1000_RATIO",
     "LESION_LOG_SIGMA",
     "LESION_MAX_ML",

@@ -51,6 +51,10 @@ _STREAM_VOLUNTEER, _STREAM_HEALTHY_SCAN, _STREAM_PATIENT, _STREAM_PATIENT_SCAN =
 _STREAM_VOLUNTEER_SCANS, _STREAM_VOLUNTEER_MIMICS, _STREAM_PATIENT_MIMICS = 4, 5, 6
 DEFAULT_MIMICS = 1.0
 """The mimics knob's default: the prevalences of docs/cohort.md."""
+GENERATOR_VERSION = 1
+"""Recorded in every phantom ``dataset.json``: raise it with any change that alters what a seed
+draws, so that a study or ``sap headroom`` refuses (or regenerates) a cohort an older generator
+wrote instead of reporting it as the current cohort's draw."""
 
 # --------------------------------------------------------------------------------------------
 # Cases and the cohort
@@ -324,6 +328,7 @@ def _dataset_json(task: str, records: list[dict], seed: int, shape, spacing, mim
         "file_ending": layout.FILE_ENDING,
         "subjects": {r["case"]: r["subject"] for r in records},
         "phantom": {
+            "generator_version": GENERATOR_VERSION,
             "seed": seed,
             "shape": list(shape),
             "spacing": list(spacing),

@@ -15,7 +15,13 @@ import math
 from dataclasses import dataclass, field
 
 from sap_lightning.synthetic.frame import VERTEBRA_NAMES
-from sap_lightning.synthetic.tissues import RED_MARROW_B1000, Tissue
+from sap_lightning.synthetic.tissues import (
+    LESION_SITE_WEIGHTS,
+    RED_MARROW_B1000,
+    RIB_REGION,
+    SKELETON_CLASSES,
+    Tissue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +113,23 @@ NODE_ELONGATION = (1.2, 2.0)
 NODAL_METASTASIS_SHORT_AXIS_MM = (8.0, 15.0)
 NODAL_METASTASIS_ELONGATION = (1.0, 1.5)
 
+_LANDMARK_GROUP_OF_REGION: dict[str, str] = {
+    "cervical_spine": "cervical",
+    "thoracic_spine": "thoracic",
+    "lumbar_spine": "lumbar",
+    "pelvis": "pelvis",
+    "femurs": "femur",
+    "humeri": "humerus",
+    "scapulae": "scapula",
+    "clavicles": "clavicle",
+    "sternum": "sternum",
+}
 LESION_SITES: dict[str, float] = {
-    "cervical": 0.05,
-    "thoracic": 0.20,
-    "lumbar": 0.16,
-    "pelvis": 0.24,
-    "femur": 0.09,
-    "humerus": 0.04,
-    "scapula": 0.04,
-    "clavicle": 0.02,
-    "sternum": 0.04,
-    "ribs": 0.12,
+    **{
+        group: LESION_SITE_WEIGHTS[SKELETON_CLASSES[region]]
+        for region, group in _LANDMARK_GROUP_OF_REGION.items()
+    },
+    "ribs": LESION_SITE_WEIGHTS[RIB_REGION],
 }
 """The metastases' site weights (``tissues.LESION_SITE_WEIGHTS``) as landmark groups."""
 
