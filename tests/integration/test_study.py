@@ -37,7 +37,9 @@ def _splits(config):
 
 def test_report_has_every_arm_with_statistics(tiny_study) -> None:
     report = tiny_study.report.read_text()
-    assert "**Primary endpoint ([protocol](docs/protocol.md)): SAP minus scratch" in report
+    # The protocol's headline is the report's first line under the title.
+    first = [line for line in report.splitlines() if line.strip()][1]
+    assert first.startswith("**Primary endpoint ([protocol](docs/protocol.md)): SAP minus scratch")
     assert "This study is one draw of the cohort" in report  # the protocol: a demo says so
     for arm in TINY_STUDY_ARMS:
         assert f" {arm} |" in report.split("## Table 1", 1)[1]
@@ -273,17 +275,25 @@ def test_a_study_killed_in_training_and_prediction_ends_with_the_uninterrupted_r
 @pytest.mark.slow
 def test_repeats_reuse_the_study_and_pool_a_second_draw(tiny_study, tmp_path: Path) -> None:
     """``sap study --repeats 2``: repeat 0 is the suite's study (every step reused, the same
-    report), repeat 1 a new draw (seed + 1) in sibling folders; the pooled report has both
-    repeats' effects and learning."""
+    report), repeat 1 a new draw (seed + 1) in sibling folders, killed (``kill -9``) in the
+    middle of a fine-tune and resumed by the next call; the pooled report has both repeats'
+    effects and learning."""
     config = tiny_study.config
     before = tiny_study.report.read_text()
     study_file = tmp_path / "study.yaml"
     study_file.write_text(to_yaml(config))
-    command = [sys.executable, "-m", "sap_lightning", "study", "--config", str(study_file)]
+    args = ["study", "--config", str(study_file), "--repeats", "2"]
+    # repeat 0's runs are all reused, so the first sap/fold1 fine-tune to start is repeat 1's
+    run_until_paused(args, "run:sap/fold1:1", tmp_path, STUDY_ENV)
     done = subprocess.run(
-        [*command, "--repeats", "2"], env=STUDY_ENV, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "sap_lightning", *args],
+        env=STUDY_ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming interrupted run" in done.stderr
     pooled = Path(f"{config.report_dir}_repeats") / "report.md"
     text = pooled.read_text()
     assert f"repeat 1 (seed {config.seed + 1})" in text

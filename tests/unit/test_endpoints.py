@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -98,3 +100,86 @@ def test_clustered_lesion_comparison_resamples_patients_not_lesions() -> None:
     assert effect.p > 0.05
     low, high = clustered_ci(differences, clusters, seed=0)
     assert (low, high) == pytest.approx((effect.ci_low, effect.ci_high))
+
+
+def test_hodges_lehmann_of_four_differences_is_the_median_of_ten_walsh_averages() -> None:
+    """[-2, 0, 1, 5]: the 10 Walsh averages (d_i + d_j) / 2, i <= j, written out by hand and
+    sorted are -2, -1, -0.5, 0, 0.5, 1, 1.5, 2.5, 3, 5; an even count, so the median is
+    (0.5 + 1) / 2 = 0.75 (the mean is 1, the median 0.5)."""
+    walsh = [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.5, 3.0, 5.0]
+    assert sorted(walsh) == walsh and len(walsh) == 4 * 5 // 2
+    assert hodges_lehmann([5.0, -2.0, 1.0, 0.0]) == 0.75 == (walsh[4] + walsh[5]) / 2
+
+
+def _exact_bootstrap_hl(d: list[int]) -> list[tuple[Fraction, Fraction]]:
+    """The exact distribution of the Hodges-Lehmann estimate of a bootstrap resample of ``d``:
+    all n^n equally likely ordered resamples, each estimate from itertools' Walsh pairs and
+    ``statistics.median`` in exact fractions. Returns (value, probability) sorted by value."""
+    n = len(d)
+    mass: dict[Fraction, Fraction] = {}
+    for draw in itertools.product(d, repeat=n):
+        pairs = itertools.combinations_with_replacement(draw, 2)
+        value = statistics.median(Fraction(a + b, 2) for a, b in pairs)
+        mass[value] = mass.get(value, Fraction(0)) + Fraction(1, n**n)
+    return sorted(mass.items())
+
+
+def _exact_quantile(distribution: list[tuple[Fraction, Fraction]], q: float) -> float:
+    """The smallest support point whose CDF reaches ``q``; the example must keep every CDF
+    step at least 0.5% away from ``q`` (over 6 standard errors of a 20000-resample estimate),
+    so that a percentile of the resamples can only land on that point."""
+    cdf = Fraction(0)
+    for value, p in distribution:
+        assert abs(float(cdf + p) - q) > 0.005, "ambiguous example"
+        cdf += p
+        if cdf >= q:
+            return float(value)
+    raise AssertionError("unreachable")
+
+
+def test_bootstrap_ci_of_three_differences_matches_exact_enumeration() -> None:
+    """n = 3, d = [0, 1, 4]: 27 equally likely resamples. By hand: {0,0,0} -> 0 and {4,4,4} -> 4
+    with probability 1/27 each (> 2.5%), so the exact 95% interval is [0, 4]; the next CDF
+    steps are 4/27 (at 0.25, from {0,0,1}) and 23/27 (below 3.25), so the exact 80% interval
+    (10% and 90% quantiles) is [0.25, 3.25]."""
+    d = [0, 1, 4]
+    exact = _exact_bootstrap_hl(d)
+    assert sum(p for _, p in exact) == 1
+    assert exact[0] == (0, Fraction(1, 27)) and exact[1] == (Fraction(1, 4), Fraction(3, 27))
+    assert exact[-1] == (4, Fraction(1, 27))
+    for confidence, expected in ((0.95, (0.0, 4.0)), (0.80, (0.25, 3.25))):
+        tail = (1 - confidence) / 2
+        assert (_exact_quantile(exact, tail), _exact_quantile(exact, 1 - tail)) == expected
+        effect = paired_effect(d, n_resamples=20_000, confidence=confidence, seed=11)
+        assert (effect.ci_low, effect.ci_high) == expected, confidence
+        assert effect.estimate == 1.5  # Walsh averages 0, 0.5, 1, 2, 2.5, 4: (1 + 2) / 2
+
+
+def test_bootstrap_ci_of_five_differences_lies_inside_the_range_as_enumeration_says() -> None:
+    """n = 5, d = [0, 1, 3, 9, 20]: of the 3125 resamples only those with at least four copies
+    of the smallest value (21/3125 = 0.67%) give 0, so the exact 2.5% quantile is the next
+    support point, 0.5 (CDF 0.032), and symmetrically the 97.5% one is 14.5, not 20: a
+    percentile interval, not the data's range."""
+    d = [0, 1, 3, 9, 20]
+    exact = _exact_bootstrap_hl(d)
+    assert exact[0] == (0, Fraction(21, 3125)) and exact[-1] == (20, Fraction(21, 3125))
+    expected = (_exact_quantile(exact, 0.025), _exact_quantile(exact, 0.975))
+    assert expected == (0.5, 14.5)
+    effect = paired_effect(d, n_resamples=20_000, seed=5)
+    assert (effect.ci_low, effect.ci_high) == expected
+
+
+def test_pooled_ci_of_two_constant_repeats_is_the_exact_mixture_quantile() -> None:
+    """Repeat A: differences [-1, -1], repeat B: [3, 3]. Patients resampled within a constant
+    repeat change nothing, so a resample is decided by the repeats drawn: (A, A) -> -1 and
+    (B, B) -> 3 with probability 1/4 each; (A, B) or (B, A), probability 1/2, pools
+    [-1, -1, 3, 3], whose 10 Walsh averages are -1 x3, 1 x4, 3 x3, median 1. The exact
+    mixture puts 1/4, 1/2, 1/4 on -1, 1, 3: its 2.5% / 97.5% quantiles are -1 and 3 (the
+    range), its 30% / 70% quantiles (a 40% interval) both 1. The estimate is the pooled HL, 1."""
+    mixture = [(Fraction(-1), Fraction(1, 4)), (Fraction(1), Fraction(1, 2)), (Fraction(3), Fraction(1, 4))]  # fmt: skip
+    for confidence, expected in ((0.95, (-1.0, 3.0)), (0.40, (1.0, 1.0))):
+        tail = (1 - confidence) / 2
+        assert (_exact_quantile(mixture, tail), _exact_quantile(mixture, 1 - tail)) == expected
+        effect = pooled_effect([[-1.0, -1.0], [3.0, 3.0]], 10_000, confidence, seed=3)
+        assert (effect.ci_low, effect.ci_high) == expected, confidence
+        assert (effect.estimate, effect.n) == (1.0, 4)

@@ -71,3 +71,35 @@ def test_the_pooled_report_pools_repeats_and_states_each(tmp_path: Path) -> None
         assert effect.format() in row
     payload = json.loads((path.parent / "pooled.json").read_text())
     assert payload["pairs"][0]["pooled"]["estimate"] == pytest.approx(pooled.estimate)
+
+
+def test_the_pooled_report_opens_with_the_headline_and_corrects_secondary_pairs(
+    tmp_path: Path,
+) -> None:
+    """The protocol's headline is the first line under the title; with two secondary pairs
+    (SSL and SAP against each other and SSL against scratch) each per-repeat p-value is shown
+    raw and times 2, capped at 1, the raw one checked against SciPy's Pratt Wilcoxon."""
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(1)
+    study = StudyConfig(name="t", arms=["scratch", "ssl", "sap"], n_resamples=100, report_dir="r")
+    scores = {arm: rng.uniform(0.1, 0.9, 15) for arm in study.arms}
+    root = tmp_path / "repeat0"
+    evaluations = {arm: _evaluation(root / arm, f2.tolist()) for arm, f2 in scores.items()}
+    report = tmp_path / "reports" / "r0" / "report.md"
+    results = [RepeatResult(0, repeat_config(study, 0), evaluations, [], report)]
+    text = write_pooled_report(study, results, tmp_path / "reports" / "pooled").read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines[1].startswith("**Primary endpoint pooled over 1 repeats: SAP minus scratch")
+    row = next(line for line in lines if line.startswith("| 0 |"))
+    cells = row.strip("|").split("|")[1:]
+    header = next(line for line in lines if line.startswith("| repeat |"))
+    names = [cell.strip() for cell in header.strip("|").split("|")[1:]]
+    for name, cell in zip(names, cells, strict=True):
+        arm, baseline = name.split(" minus ")
+        p = wilcoxon(scores[arm] - scores[baseline], zero_method="pratt").pvalue
+        assert f"p = {p:.3g}" in cell
+        if (arm, baseline) == ("sap", "scratch"):
+            assert "Bonferroni" not in cell
+        else:
+            assert f"Bonferroni p = {min(1.0, 2 * p):.3g}" in cell

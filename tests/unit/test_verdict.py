@@ -81,3 +81,29 @@ def test_without_the_primary_pair_there_is_no_headline_effect() -> None:
     assert comparison.pvalues["f2"]["scratch vs ssl"][1] == pytest.approx(
         comparison.pvalues["f2"]["scratch vs ssl"][0]  # one secondary pair: factor 1
     )
+
+
+def test_every_pair_gets_the_primary_estimator_and_the_secondary_ones_are_corrected() -> None:
+    """Three arms: the primary pair first, then SSL minus scratch and SAP minus SSL, each with
+    the Hodges-Lehmann estimate (median of the Walsh averages, computed here), SciPy's Pratt
+    Wilcoxon p and, for the two secondary pairs, that p times 2 (capped at 1)."""
+    ssl = [0.25, 0.55, 0.05, 0.35, 0.25, 0.5, 0.2, 0.55, 0.1, 0.3, 0.25, 0.55, 0.3, 0.3]
+    arms = {"scratch": SCRATCH, "ssl": ssl, "sap": SAP}
+    comparison = compare_runs([_run(n, f2) for n, f2 in arms.items()], n_resamples=200)
+    text = verdict(comparison, n_resamples=200)
+    rows = [line for line in text.splitlines() if " minus " in line and line.startswith("| ")]
+    expected_order = [("sap", "scratch"), ("ssl", "scratch"), ("sap", "ssl")]
+    assert [tuple(r.split("|")[1].split(" (")[0].strip().split(" minus ")) for r in rows] == (
+        expected_order
+    )
+    for row, (arm, baseline) in zip(rows, expected_order, strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        differences = np.subtract(arms[arm], arms[baseline])
+        walsh = [(a + b) / 2 for a, b in itertools.combinations_with_replacement(differences, 2)]
+        assert cells[1].startswith(f"{np.median(walsh):+.3f} [")
+        p = stats.wilcoxon(differences, zero_method="pratt").pvalue
+        assert cells[2] == f"{p:.3g}"
+        assert cells[3] == (
+            "-" if baseline == "scratch" and arm == "sap" else f"{min(1, 2 * p):.3g}"
+        )
+        assert cells[4] == "14"

@@ -36,11 +36,13 @@ LESION_LEARNING: tuple[LearningTerm, ...] = (
     LearningTerm("val/sensitivity", "sensitivity"),
     LearningTerm("val/precision", "precision"),
     LearningTerm("val/f2", "F2"),
+    LearningTerm("val/froc_auc", "FROC AUC"),
     LearningTerm("val/global_dice", "foreground Dice"),
     LearningTerm("val/f2_guarded", "F2 guarded"),
 )
-"""What shows a lesion fine-tune learned (validation at the run's validation threshold).
-Pretraining runs show their arm's terms (``Pretraining.learning``)."""
+"""What shows a lesion fine-tune learned (validation at the run's validation threshold, and the
+FROC area, which no threshold decides: 0 for a network on the loss plateau). Pretraining runs
+show their arm's terms (``Pretraining.learning``)."""
 
 
 def _global_batch(config: Mapping) -> int:

@@ -21,12 +21,15 @@ from sap_lightning.core.io import write_json, write_text
 from sap_lightning.evaluation.diagnostics import LESION_LEARNING, diagnose
 from sap_lightning.evaluation.endpoints import PairedEffect, paired_effect, pooled_effect
 from sap_lightning.evaluation.report import PRIMARY_PAIR, load_evaluation, paired_patients
+from sap_lightning.evaluation.statistics import bonferroni
 from sap_lightning.evaluation.study_report import LearningRun
 
 REPORT_MD = "report.md"
 POOLED_JSON = "pooled.json"
 LEARNED_SENSITIVITY = 0.5
 """Validation sensitivity at 0.5 above which a fine-tune has left the loss plateau."""
+FROC_AREA = "val/froc_auc"
+"""The fine-tunes' threshold-free learning term (``diagnostics.LESION_LEARNING``)."""
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,18 @@ def _pairs(arms: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _learning_cells(result: RepeatResult) -> list[str]:
-    """Per pretraining run its terms; then the fine-tunes' validation sensitivity at 0.5 and
-    how many networks hold a stage whose every weight is zero."""
+    """Per pretraining run its terms; then the fine-tunes' validation sensitivity at 0.5, their
+    FROC areas (0: on the loss plateau) and how many networks hold a stage whose every weight
+    is zero."""
     cells = []
-    sensitivities = []
+    sensitivities, froc_areas = [], []
     with_zero_stages = 0
     for run in result.learning:
         diagnostics = diagnose(run.name, run.terms, run.run_dir)
         with_zero_stages += bool(diagnostics.zero_stages)
         if run.terms == LESION_LEARNING:
             sensitivities.append(diagnostics.values[LESION_LEARNING[0].key])
+            froc_areas.append(diagnostics.values.get(FROC_AREA, math.nan))
             continue
         terms = ", ".join(
             f"{term.label} {diagnostics.values[term.key]:.3f}"
@@ -75,11 +80,12 @@ def _learning_cells(result: RepeatResult) -> list[str]:
             for term in run.terms
         )
         cells.append(f"{run.name}: {terms}")
-    values = np.array(sensitivities, dtype=np.float64)
+    values, areas = (np.array(v, dtype=np.float64) for v in (sensitivities, froc_areas))
     above = int(np.sum(values > LEARNED_SENSITIVITY))
     cells.append(
         f"fine-tunes {np.nanmin(values):.3f}-{np.nanmax(values):.3f}, "
-        f"{above} of {len(values)} above {LEARNED_SENSITIVITY:g}"
+        f"{above} of {len(values)} above {LEARNED_SENSITIVITY:g}; FROC AUC "
+        f"{np.nanmin(areas):.2f}-{np.nanmax(areas):.2f}, {int(np.sum(areas == 0))} at 0"
         if values.size
         else "no fine-tune"
     )
@@ -105,20 +111,8 @@ def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out
         pair: [paired_effect(d, n, seed=r.config.seed) for d, r in zip(groups, results)]
         for pair, groups in per_repeat.items()
     }
-    lines = [
-        f"# Study `{study.name}`: {len(results)} repeats",
-        "",
-        f"Repeat r draws the cohort, the splits and every network with seed {study.seed} + r "
-        "(docs/protocol.md); each has its own report:",
-        "",
-        *(
-            f"- repeat {r.repeat} (seed {r.config.seed}): "
-            f"[{r.report}]({Path('..') / r.report.relative_to(r.report.parents[1])})"
-            for r in results
-        ),
-        "",
-    ]
-    if PRIMARY_PAIR in pooled:
+    lines = [f"# Study `{study.name}`: {len(results)} repeats", ""]
+    if PRIMARY_PAIR in pooled:  # the protocol's headline: the report's first line
         arm, baseline = PRIMARY_PAIR
         effect = pooled[PRIMARY_PAIR]
         excludes = not (effect.ci_low <= 0 <= effect.ci_high)
@@ -136,6 +130,17 @@ def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out
             + "**",
             "",
         ]
+    lines += [
+        f"Repeat r draws the cohort, the splits and every network with seed {study.seed} + r "
+        "(docs/protocol.md); each has its own report:",
+        "",
+        *(
+            f"- repeat {r.repeat} (seed {r.config.seed}): "
+            f"[{r.report}]({Path('..') / r.report.relative_to(r.report.parents[1])})"
+            for r in results
+        ),
+        "",
+    ]
     lines += ["## Effects per repeat", ""]
     lines += _effects_table(pairs, effects, pooled)
     lines += [
@@ -143,8 +148,9 @@ def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out
         "## Did the networks learn? (per repeat)",
         "",
         "Each pretraining's terms (chance level in brackets) and the fine-tunes' validation "
-        f"sensitivity at 0.5 (above {LEARNED_SENSITIVITY:g}: off the loss plateau); the "
-        "repeats' own reports have every run's curves.",
+        f"sensitivity at 0.5 (above {LEARNED_SENSITIVITY:g}: the protocol's learning criterion) "
+        "and FROC area (0-15 false positives per exam, over every threshold: 0 on the loss "
+        "plateau); the repeats' own reports have every run's curves.",
         "",
         "| repeat | learning |",
         "|---|---|",
@@ -164,11 +170,17 @@ def _effects_table(
     header = "| repeat | " + " | ".join(f"{a} minus {b}" for a, b in pairs) + " |"
     rows = [header, "|---|" + "---|" * len(pairs)]
     count = len(next(iter(effects.values()))) if effects else 0
+    secondary = sum(pair != PRIMARY_PAIR for pair in pairs)
     for r in range(count):
         cells = []
         for pair in pairs:
             effect = effects[pair][r]
-            cells.append(f"{effect.format()}, p = {_p(effect.p)} (n = {effect.n})")
+            corrected = (
+                ""
+                if pair == PRIMARY_PAIR or secondary < 2
+                else f", Bonferroni p = {_p(float(bonferroni([effect.p], secondary)[0]))}"
+            )
+            cells.append(f"{effect.format()}, p = {_p(effect.p)}{corrected} (n = {effect.n})")
         rows.append(f"| {r} | " + " | ".join(cells) + " |")
     rows.append(
         "| pooled | "
@@ -178,9 +190,9 @@ def _effects_table(
     rows += [
         "",
         "Hodges-Lehmann estimate of the paired patient F2 differences with its 95% bootstrap CI; "
-        "per repeat the Pratt Wilcoxon p-value (the primary pair uncorrected, the others to be "
-        "read against Bonferroni over their number); pooled: repeats, then patients, "
-        "resampled.",
+        "per repeat the Pratt Wilcoxon p-value (the primary pair uncorrected; the secondary "
+        "pairs also Bonferroni-corrected over their number, docs/protocol.md); pooled: "
+        "repeats, then patients, resampled.",
     ]
     return rows
 

@@ -375,16 +375,21 @@ def _tissue_section(comparison: Comparison) -> list[str]:
     }
     if not tables:
         return []
-    counts = pd.DataFrame(
-        {name: table["tissue"].value_counts() for name, table in tables.items()}
+    counts = pd.DataFrame(  # components of patients without a tissue map have no tissue
+        {
+            name: table.loc[table["tissue"] != "", "tissue"].value_counts()
+            for name, table in tables.items()
+        }
     ).fillna(0)
     counts = counts.loc[counts.sum(axis=1).sort_values(ascending=False).index[:TISSUES_SHOWN]]
     body = [[str(tissue), *(f"{int(v)}" for v in row)] for tissue, row in counts.iterrows()]
     return [
         "## False positives by tissue",
-        f"Every false-positive component of the test patients by the tissue most of its voxels "
-        f"lie in (the {TISSUES_SHOWN} most frequent); the inside / outside bone rows of Table 1 "
-        "count the same components per exam.",
+        f"Every false-positive component of the test patients with a tissue map, by the tissue "
+        f"most of its voxels lie in (the {TISSUES_SHOWN} most frequent); the inside / outside "
+        "bone rows of Table 1 count the same components per exam, placed by whether most of "
+        "their voxels are bone (a component can lie in bone while its most frequent tissue is "
+        "not).",
         "",
         _markdown_table(["tissue", *tables], body),
         "",

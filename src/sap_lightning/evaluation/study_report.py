@@ -59,7 +59,7 @@ ONE_DRAW = (
 )
 
 
-def primary_differences(comparison: Comparison, arm: str, baseline: str) -> np.ndarray:
+def paired_f2_differences(comparison: Comparison, arm: str, baseline: str) -> np.ndarray:
     """Per patient with a lesion that both arms evaluated: arm's F2 minus baseline's."""
     runs = {run.name: run for run in comparison.runs}
     both = paired_patients(runs[arm], runs[baseline], PRIMARY_ROW)
@@ -73,11 +73,18 @@ def verdict(comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPLES, seed
     test, and the test's power from the observed pairs), then the arms' medians."""
     if comparison.primary is None:
         return (
-            f"No primary endpoint: the study compares {', '.join(comparison.names)}, not "
-            f"{' and '.join(PRIMARY_PAIR)}.\n"
+            "\n".join(
+                [
+                    f"No primary endpoint: the study compares {', '.join(comparison.names)}, not "
+                    f"{' and '.join(PRIMARY_PAIR)}.",
+                    "",
+                    *paired_effects(comparison, n_resamples, seed),
+                ]
+            )
+            + "\n"
         )
     arm, baseline = comparison.primary
-    differences = primary_differences(comparison, arm, baseline)
+    differences = paired_f2_differences(comparison, arm, baseline)
     effect = paired_effect(differences, n_resamples, seed=seed)
     power = observed_power(differences, n_resamples=n_resamples, seed=seed)
     if math.isnan(effect.estimate):
@@ -107,7 +114,46 @@ def verdict(comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPLES, seed
             + " | ".join(cells[n].format() for n in comparison.names)
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *paired_effects(comparison, n_resamples, seed)]) + "\n"
+
+
+def effect_pairs(comparison: Comparison) -> list[tuple[str, str]]:
+    """(arm, baseline) of every pair of compared arms, the primary pair first; the others as
+    the later arm of the study's order minus the earlier (SSL minus scratch, SAP minus SSL)."""
+    names = comparison.names
+    pairs = [(names[j], names[i]) for i in range(len(names)) for j in range(i + 1, len(names))]
+    if comparison.primary is not None:
+        pairs = [comparison.primary] + [p for p in pairs if set(p) != set(comparison.primary)]
+    return pairs
+
+
+def paired_effects(
+    comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> list[str]:
+    """Every arm pair's paired patient F2 effect with the primary endpoint's estimator, CI and
+    test (docs/protocol.md, secondary endpoints), the secondary p-values also corrected."""
+    pairs = effect_pairs(comparison)
+    if not pairs or pairs == [comparison.primary]:  # none, or only the headline's
+        return []
+    rows = []
+    for arm, baseline in pairs:
+        effect = paired_effect(paired_f2_differences(comparison, arm, baseline), n_resamples, seed)
+        tested = comparison.pvalues[PRIMARY_ROW]
+        p_adjusted = (tested.get(f"{baseline} vs {arm}") or tested[f"{arm} vs {baseline}"])[1]
+        primary = (arm, baseline) == comparison.primary
+        rows.append(
+            f"| {arm} minus {baseline}{' (primary)' if primary else ''} | {effect.format()} | "
+            f"{effect.p:.3g} | {'-' if primary else f'{p_adjusted:.3g}'} | {effect.n} |"
+        )
+    return [
+        "Paired patient F2 differences, every pair of arms: Hodges-Lehmann estimate, 95% "
+        "bootstrap CI, Wilcoxon (Pratt) p; the secondary pairs' p also Bonferroni-corrected "
+        "over their number.",
+        "",
+        "| pair | F2 difference [95% CI] | p | Bonferroni p | patients |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def learning_section(runs: Sequence[LearningRun], report_dir: Path, window: str) -> str:
@@ -120,8 +166,10 @@ def learning_section(runs: Sequence[LearningRun], report_dir: Path, window: str)
             "## Did the networks learn?",
             "",
             "Last logged values of the metric that shows learning (validation at the run's "
-            "validation threshold; SSL terms with their chance level in brackets). Curves: "
-            f"[{CURVES_PNG}]({CURVES_PNG}).",
+            "validation threshold; SSL terms with their chance level in brackets). FROC AUC: "
+            "the area under the validation's mean sensitivity against false positives per exam "
+            "from 0 to 15 (at most 15), over every threshold: 0 for a network on the loss "
+            f"plateau, whatever its calibration. Curves: [{CURVES_PNG}]({CURVES_PNG}).",
             "",
             diagnostics_markdown(diagnostics),
             f"Training precision: {training_precisions(diagnostics)}.",
@@ -173,14 +221,17 @@ def study_header(
     arm_files: Sequence[tuple[str, str]],
     run_threads: int | None = None,
 ) -> str:
-    """The report's opening: cohort, folds, the experiment file of every pretraining and arm
-    ((label, path) pairs), machine and verdict."""
+    """The report's opening: the verdict (the protocol's headline, first under the title),
+    then cohort, folds, the experiment file of every pretraining and arm ((label, path)
+    pairs) and machine."""
     test_cases = sum(len(splits.test_cases(fold)) for fold in splits.test_folds)
     pretraining = [f"{label} `{path}`" for label, path in pretraining_files]
     fine_tuning = [f"{arm} `{path}`" for arm, path in arm_files]
     lines = [
         f"# Study `{study.name}`",
         "",
+        verdict(comparison, study.n_resamples, study.seed),
+        ONE_DRAW,
         (
             f"- Cohort: {study.healthy} healthy scans, {study.patients} patients (synthetic, "
             f"seed {study.seed})."
@@ -199,9 +250,6 @@ def study_header(
         f"- Wall time of every step: [{TIMINGS_FILE}]({TIMINGS_FILE}) (kept out of this report, so "
         "that a rerun with the same seed on the same machine writes the same report).",
         f"- Machine: {machine_line(run_threads)}.",
-        "",
-        verdict(comparison, study.n_resamples, study.seed),
-        ONE_DRAW,
     ]
     return "\n".join(lines) + "\n"
 
