@@ -215,17 +215,22 @@ def test_froc_area_does_not_depend_on_the_operating_threshold():
 
 def test_median_f2_leaves_lesion_free_patients_out():
     """Worked case: one patient with two lesions, one found and one missed, no false positive
-    (R = 1/2, P = 1: F2 = 5 x 1 x 0.5 / (4 + 0.5) = 5/9), and two clean lesion-free patients,
-    whose F2 flag would be 1. The median F2 is the lesion patient's 5/9, not median(5/9, 1, 1)."""
+    (R = 1/2, P = 1: F2 = 5 x 1 x 0.5 / (4 + 0.5) = 5/9), a clean lesion-free patient (F2 flag
+    1) and one with a false positive (flag 0, precision 0). The medians over the patients with a
+    lesion: F2 5/9 (not median(5/9, 1, 0)), precision 1, no false positive; the lesion-free
+    patients' false positives apart: median(0, 1) = 0.5."""
     gt = np.zeros((12, 12, 12), np.uint8)
     gt[1:4, 1:4, 1:4] = 1
     gt[7:10, 7:10, 7:10] = 1
     prob = np.where(np.arange(12)[:, None, None] < 5, gt, 0).astype(np.float32)
     empty = np.zeros_like(gt)
+    blob = np.zeros(gt.shape, np.float32)
+    blob[5:8, 5:8, 5:8] = 0.9
     cases = {"lesions": (prob, gt), "free_a": (empty.astype(np.float32), empty),
-             "free_b": (empty.astype(np.float32), empty)}  # fmt: skip
+             "free_b": (blob, empty)}  # fmt: skip
     values = _filled(LesionDetection(froc_thresholds=THRESHOLDS), cases).compute()
     assert values["f2"].item() == pytest.approx(5 / 9, abs=1e-6)
-    assert values["fp_per_exam"].item() == 0.0 and values["n_cases"].item() == 3
+    assert values["precision"].item() == 1.0 and values["fp_per_exam"].item() == 0.0
+    assert values["fp_per_exam_lesion_free"].item() == 0.5 and values["n_cases"].item() == 3
     # the >= 1 mL subset (lesions of 27 voxels x 12 uL = 0.32 mL): no patient has one
     assert math.isnan(values["f2_1ml"].item())

@@ -209,6 +209,13 @@ def tuning_split(info: DatasetInfo, seed: int) -> tuple[list[str], list[str]]:
     return sorted(tuning), sorted(c for c in info.case_ids if c not in set(tuning))
 
 
+def median_f2(scores: Sequence[CaseScore]) -> float:
+    """Median F2 over the cases with a lesion (a lesion-free case's F2 only flags false
+    positives: docs/evaluation.md); NaN when none has one."""
+    with_lesion = [s.f2 for s in scores if not math.isnan(s.sensitivity)]
+    return float(np.median(with_lesion)) if with_lesion else math.nan
+
+
 def tune(cases: Sequence[Case], bone_only: bool) -> tuple[Rule, float]:
     """The grid rule with the best median F2 on ``cases`` (ties: fewer median false
     positives, then the stricter b1000 threshold, then the stricter T1 threshold)."""
@@ -217,7 +224,7 @@ def tune(cases: Sequence[Case], bone_only: bool) -> tuple[Rule, float]:
         for t1_max in T1_GRID:
             rule = Rule(b1000_min, t1_max)
             scores = [score(c, rule, bone_only) for c in cases]
-            f2 = float(np.median([s.f2 for s in scores]))
+            f2 = median_f2(scores)
             fp = float(np.median([s.fp for s in scores]))
             key = (-f2, fp, -b1000_min, t1_max)
             if best is None or key < best[0]:
@@ -250,7 +257,7 @@ class Row:
             "bone_mask": self.bone_only,
             "tuning_median_f2": self.tuning_f2,
             "n_cases": n,
-            "median_f2": float(np.median([s.f2 for s in scores])),
+            "median_f2": median_f2(scores),
             "median_sensitivity": float(np.median(sens)) if sens else float("nan"),
             "median_fp": float(np.median([s.fp for s in scores])),
             "mean_fp": float(np.mean([s.fp for s in scores])),

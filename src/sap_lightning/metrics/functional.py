@@ -21,8 +21,9 @@ Conventions for empty masks (the libraries disagree; these are the project's, an
   split/merge the two sides count different true positives; each side uses its own). When only
   one side is undefined it counts as perfect: no predictions -> ``F2 = 5R / (4 + R)`` (0 when
   lesions exist and none is found), no lesions -> ``F2 = 5P / (4P + 1)`` (0 when every component
-  is a false positive). Both sides empty (no lesion, nothing predicted) -> 1, so lesion-free
-  patients enter the median F2 with 1 or 0 rather than only when they have false positives.
+  is a false positive). Both sides empty (no lesion, nothing predicted) -> 1. For a lesion-free
+  patient the value only flags false positives (1 or 0): every median F2 and the threshold
+  tuning leave such patients out (``metrics.lesion``, ``evaluation.predictions``).
 - Missed lesions get Dice 0 and NSD 0 in ``lesion_scores`` (their ``detected`` flag is False);
   "Dice of detected lesions" filters on the flag, "per-patient mean Dice" keeps the zeros.
 """
@@ -163,8 +164,8 @@ def f2_score(sensitivity: np.ndarray | float, precision: np.ndarray | float) -> 
 
     An undefined side counts as perfect (1.0): a patient without lesions scores 1 when nothing
     is predicted and 0 with any false positive, like the Dice convention (both empty -> 1).
-    Every patient therefore enters the median F2 and threshold tuning, instead of lesion-free
-    patients counting only when they have false positives. P = R = 0 -> 0. Element-wise.
+    For such a patient the value is a false-positive flag, not a detection score: the medians
+    and the threshold tuning take patients with lesions only. P = R = 0 -> 0. Element-wise.
     """
     r = np.asarray(sensitivity, dtype=np.float64)
     p = np.asarray(precision, dtype=np.float64)

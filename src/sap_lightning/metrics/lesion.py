@@ -173,9 +173,10 @@ class LesionDetection(_CaseRowsMetric):
 
     Counts are taken at every threshold of ``froc_thresholds`` plus the operating
     ``threshold``; the operating point gives sensitivity, precision, F2 and FP per exam (medians
-    over patients; sensitivity and F2 over the patients with a lesion of the category) for all
-    lesions and for lesions >= ``min_volume_ml`` (medians, and the means the paper reports for
-    that subset). Binary predictions give the same counts at every
+    over the patients with a lesion; sensitivity and F2 of the >= 1 mL subset over those with
+    such a lesion, its false positives over every exam) for all lesions and for lesions >=
+    ``min_volume_ml`` (medians, and the means the paper reports for that subset), and the
+    median false positives of lesion-free patients apart (``fp_per_exam_lesion_free``). Binary predictions give the same counts at every
     threshold, so their FROC curve is a single point.
     """
 
@@ -267,15 +268,21 @@ class LesionDetection(_CaseRowsMetric):
             (True, self.suffix, FROC_MAX_FP_LARGE),
         ):
             r = self.rates(large)
-            # F2 over patients with a lesion (of the category): a lesion-free patient's F2 is
-            # a false-positive flag (1 or 0), counted in the false positives per exam instead.
+            fp = r["fp"][:, k].astype(np.float64)
+            # Sensitivity and F2 over the patients with a lesion of the category (a lesion-free
+            # patient's F2 only flags false positives). Precision and false positives over the
+            # patients with any lesion, those of lesion-free patients reported apart; for the
+            # >= 1 mL subset over every exam, as the paper counts them.
             has_lesion = ~np.isnan(r["sensitivity"][:, k])
+            scored = np.ones_like(has_lesion) if large else has_lesion
             out[f"sensitivity{suffix}"] = _nan_median(r["sensitivity"][:, k])
-            out[f"precision{suffix}"] = _nan_median(r["precision"][:, k])
+            out[f"precision{suffix}"] = _nan_median(r["precision"][scored, k])
             out[f"f2{suffix}"] = _nan_median(r["f2"][has_lesion, k])
-            out[f"fp_per_exam{suffix}"] = _nan_median(r["fp"][:, k].astype(np.float64))
+            out[f"fp_per_exam{suffix}"] = _nan_median(fp[scored])
             out[f"mean_sensitivity{suffix}"] = _nan_mean(r["sensitivity"][:, k])
-            out[f"mean_fp_per_exam{suffix}"] = _nan_mean(r["fp"][:, k].astype(np.float64))
+            out[f"mean_fp_per_exam{suffix}"] = _nan_mean(fp[scored])
+            if not large:
+                out["fp_per_exam_lesion_free"] = _nan_median(fp[~has_lesion])
             curve = self.froc(large)
             out[f"froc_auc{suffix}"] = froc_auc(curve["mean_fp"], curve["sensitivity"], max_fp)
         return {name: torch.tensor(value, dtype=torch.float32) for name, value in out.items()}
