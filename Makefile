@@ -86,10 +86,8 @@ format: install ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests benchmarks notebooks
 	$(VENV)/bin/ruff format src tests benchmarks notebooks
 
-$(PHANTOMS)/lesion/dataset.json:
-	$(SAP) make-phantoms $(PHANTOMS) --healthy $(HEALTHY) --patients $(PATIENTS) --seed $(SEED)
-
-data: install $(PHANTOMS)/lesion/dataset.json ## Generate, check, preprocess and split the synthetic cohort
+data: install ## Generate (or reuse, when this generator drew it with these settings), check, preprocess and split the synthetic cohort
+	$(SAP) make-phantoms $(PHANTOMS) --healthy $(HEALTHY) --patients $(PATIENTS) --seed $(SEED) --reuse
 	$(SAP) check-data $(PHANTOMS)/skeleton
 	$(SAP) check-data $(PHANTOMS)/lesion
 	$(SAP) preprocess $(PHANTOMS)/skeleton

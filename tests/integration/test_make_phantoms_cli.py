@@ -120,6 +120,25 @@ def test_rerun_refuses_to_replace_without_overwrite(tmp_path, capsys):
     assert (out / "my_notes.txt").read_text() == "keep me"
 
 
+def test_reuse_keeps_the_same_cohort_and_redraws_another(tmp_path, capsys):
+    """``--reuse`` (``make data``): the same settings keep the files; another seed draws the
+    cohort again in place; with ``--overwrite`` it is a usage error."""
+    out = tmp_path / "cohort"
+    args = ["make-phantoms", str(out), "--healthy", "1", "--patients", "1", *TINY, "--reuse"]
+    assert main(args) == 0
+    label = out / "lesion" / "labelsTr" / "patient_000.nii.gz"
+    before, stamp = label.read_bytes(), label.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "reusing the cohort" in capsys.readouterr().out
+    assert label.stat().st_mtime_ns == stamp
+    assert main([*args, "--seed", "3"]) == 0
+    assert label.read_bytes() != before
+    assert read_json(out / "lesion" / layout.DATASET_JSON)["phantom"]["seed"] == 3
+    with pytest.raises(SystemExit):
+        main([*args, "--overwrite"])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

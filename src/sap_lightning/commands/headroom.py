@@ -62,45 +62,27 @@ def add_arguments_headroom(parser: argparse.ArgumentParser) -> None:
 
 
 def _cohort(out: Path, mimics: float, args: argparse.Namespace) -> Path:
-    """The lesion dataset at ``mimics``: generated, or reused when its settings match."""
+    """The lesion dataset at ``mimics``: reused when it is this generator's cohort for these
+    settings, else generated."""
     from sap_lightning import synthetic as phantom
-    from sap_lightning.core.io import read_json
-    from sap_lightning.dataset import layout
 
     shape, spacing = phantom.resolve_grid(args.size, args.shape, args.spacing)
     root = out / f"mimics_{mimics:g}"
-    spec_path = root / "lesion" / layout.DATASET_JSON
-    wanted = {
-        "generator_version": phantom.GENERATOR_VERSION,
-        "seed": args.seed,
-        "shape": list(shape),
-        "spacing": list(spacing),
-        "mimics": mimics,
-    }
-    healthy_path = root / "skeleton" / layout.DATASET_JSON
-    if spec_path.is_file() and healthy_path.is_file():
-        spec = read_json(spec_path)
-        phantom_spec = spec.get("phantom", {})
-        if (
-            spec.get("numTraining") == args.patients
-            and read_json(healthy_path).get("numTraining") == args.healthy
-            and all(phantom_spec.get(k) == v for k, v in wanted.items())
-        ):
-            print(f"{root}: reusing the cohort (same settings)")
-            return root / "lesion"
     start = time.perf_counter()
-    phantom.make_phantom_cohort(
+    reused = phantom.ensure_phantom_cohort(
         root,
         args.healthy,
         args.patients,
         seed=args.seed,
         shape=shape,
         spacing=spacing,
-        overwrite=True,
         workers=args.workers,
         mimics=mimics,
     )
-    print(f"{root}: generated in {time.perf_counter() - start:.1f} s")
+    if reused:
+        print(f"{root}: reusing the cohort (same settings)")
+    else:
+        print(f"{root}: generated in {time.perf_counter() - start:.1f} s")
     return root / "lesion"
 
 

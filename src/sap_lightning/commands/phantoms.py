@@ -61,10 +61,17 @@ def add_arguments_make_phantoms(parser: argparse.ArgumentParser) -> None:
         metavar=("SX", "SY", "SZ"),
         help="voxel spacing in mm, with --shape",
     )
-    parser.add_argument(
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
         "--overwrite",
         action="store_true",
         help="replace existing OUT/skeleton and OUT/lesion datasets",
+    )
+    existing.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep existing OUT/skeleton and OUT/lesion when this version of the generator "
+        "drew them with these settings; otherwise generate them (replacing the others)",
     )
     parser.add_argument(
         "--workers",
@@ -85,17 +92,21 @@ def add_arguments_make_phantoms(parser: argparse.ArgumentParser) -> None:
 def run_make_phantoms(args: argparse.Namespace) -> int:
     shape, spacing = phantom.resolve_grid(args.size, args.shape, args.spacing)
     start = time.perf_counter()
-    paths = phantom.make_phantom_cohort(
-        args.out,
-        n_healthy=args.healthy,
-        n_patients=args.patients,
-        seed=args.seed,
-        shape=shape,
-        spacing=spacing,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        mimics=args.mimics,
-    )
+    settings = {
+        "n_healthy": args.healthy,
+        "n_patients": args.patients,
+        "seed": args.seed,
+        "shape": shape,
+        "spacing": spacing,
+        "workers": args.workers,
+        "mimics": args.mimics,
+    }
+    if args.reuse:
+        if phantom.ensure_phantom_cohort(args.out, **settings):
+            print(f"{args.out}: reusing the cohort (this generator, the same settings)")
+        paths = phantom.CohortPaths.of(args.out)
+    else:
+        paths = phantom.make_phantom_cohort(args.out, overwrite=args.overwrite, **settings)
     elapsed = time.perf_counter() - start
     skeleton = read_json(paths.skeleton / layout.DATASET_JSON)
     lesion = read_json(paths.lesion / layout.DATASET_JSON)

@@ -67,7 +67,13 @@ from sap_lightning.evaluation.study_report import (
 )
 from sap_lightning.evaluation.threshold import load_threshold, save_threshold
 from sap_lightning.inference.predict import THRESHOLD_FILE, Predictor
-from sap_lightning.pipeline.reuse import check_cohort, check_reuse, run_settings
+from sap_lightning.pipeline.reuse import (
+    check_cohort,
+    check_reuse,
+    check_runs_cohort,
+    cohort_settings,
+    run_settings,
+)
 from sap_lightning.pipeline.steps import (
     Clock,
     Step,
@@ -121,16 +127,7 @@ def _cohort(study: StudyConfig) -> tuple[Path, Path]:
         # Two studies started at once on one data_dir: the second waits and reuses the cohort.
         with file_lock(Path(study.data_dir) / COHORT_LOCK):
             if not (root / "lesion" / "dataset.json").is_file():
-                make_phantom_cohort(
-                    root,
-                    study.healthy,
-                    study.patients,
-                    seed=study.seed,
-                    shape=study.phantom_shape,
-                    spacing=study.phantom_spacing,
-                    workers=study.workers,
-                    mimics=study.mimics,
-                )
+                make_phantom_cohort(root, workers=study.workers, **cohort_settings(study))
             check_cohort(study, root)
     return root / "skeleton", root / "lesion"
 
@@ -365,6 +362,7 @@ def run_study(study: StudyConfig) -> StudyResult:
     skeleton, lesion = clock.step("cohort", lambda: _cohort(study))
     splits = clock.step("check, preprocess, split", lambda: _prepare(study, skeleton, lesion))
     with file_lock(Path(study.runs_dir) / STUDY_LOCK):
+        check_runs_cohort(study, lesion)
         return _run_steps_and_report(study, clock, skeleton, lesion, splits)
 
 

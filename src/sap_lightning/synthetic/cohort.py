@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sap_lightning.core.errors import ConfigError, DatasetError
-from sap_lightning.core.io import atomic_dir, write_json
+from sap_lightning.core.io import atomic_dir, read_json, write_json
 from sap_lightning.dataset import layout
 from sap_lightning.synthetic.anatomy import (
     ScanPose,
@@ -229,6 +229,11 @@ class CohortPaths:
     skeleton: Path
     lesion: Path
 
+    @classmethod
+    def of(cls, out: str | os.PathLike) -> CohortPaths:
+        root = Path(out)
+        return cls(root, root / "skeleton", root / "lesion")
+
 
 def resolve_grid(
     size: str | None = None,
@@ -342,6 +347,55 @@ def _dataset_json(task: str, records: list[dict], seed: int, shape, spacing, mim
     return spec
 
 
+def cohort_differences(
+    out: str | os.PathLike,
+    n_healthy: int = DEFAULT_HEALTHY,
+    n_patients: int = DEFAULT_PATIENTS,
+    seed: int = 0,
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    mimics: float = DEFAULT_MIMICS,
+) -> list[tuple[str, object, object]] | None:
+    """How the cohort in ``out`` differs from the one these settings draw with this generator:
+    (setting, found, wanted) per difference (found None: not recorded, an older generator);
+    an empty list when it is that cohort, None when ``out`` holds no cohort."""
+    grid, vox = resolve_grid(shape=shape, spacing=spacing)
+    files = [Path(out) / task / layout.DATASET_JSON for task in ("lesion", "skeleton")]
+    if not all(path.is_file() for path in files):
+        return None
+    lesion, skeleton = (read_json(path) for path in files)
+    made = lesion.get("phantom", {})
+    settings = {
+        "generator version": (made.get("generator_version"), GENERATOR_VERSION),
+        "seed": (made.get("seed"), seed),
+        "mimics": (made.get("mimics"), float(mimics)),
+        "patients": (lesion.get("numTraining"), n_patients),
+        "healthy scans": (skeleton.get("numTraining"), n_healthy),
+        "shape": (made.get("shape"), list(grid)),
+        "spacing": (made.get("spacing"), list(vox)),
+    }
+    return [(key, found, wanted) for key, (found, wanted) in settings.items() if found != wanted]
+
+
+def ensure_phantom_cohort(
+    out: str | os.PathLike,
+    n_healthy: int = DEFAULT_HEALTHY,
+    n_patients: int = DEFAULT_PATIENTS,
+    seed: int = 0,
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    workers: int = 1,
+    mimics: float = DEFAULT_MIMICS,
+) -> bool:
+    """Reuse the cohort in ``out`` when it is the one these settings draw with this generator
+    (:func:`cohort_differences`), else generate it, replacing another; True when reused."""
+    settings = {"seed": seed, "shape": shape, "spacing": spacing, "mimics": mimics}
+    if cohort_differences(out, n_healthy, n_patients, **settings) == []:
+        return True
+    make_phantom_cohort(out, n_healthy, n_patients, overwrite=True, workers=workers, **settings)
+    return False
+
+
 def make_phantom_cohort(
     out: str | os.PathLike,
     n_healthy: int = DEFAULT_HEALTHY,
@@ -373,7 +427,7 @@ def make_phantom_cohort(
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise DatasetError(f"{root}: exists and is not a folder")
-    paths = CohortPaths(root, root / "skeleton", root / "lesion")
+    paths = CohortPaths.of(root)
     existing = [p for p in (paths.skeleton, paths.lesion) if p.exists()]
     if existing and not overwrite:
         raise DatasetError(
