@@ -107,3 +107,21 @@ def test_every_pair_gets_the_primary_estimator_and_the_secondary_ones_are_correc
             "-" if baseline == "scratch" and arm == "sap" else f"{min(1, 2 * p):.3g}"
         )
         assert cells[4] == "14"
+
+
+@pytest.mark.parametrize(
+    "arms",
+    [["scratch", "ssl", "sap"], ["sap", "ssl", "scratch"], ["ssl", "sap", "scratch", "mae"]],
+)
+def test_pairs_read_as_the_protocol_names_them_whatever_the_arms_order(arms) -> None:
+    """docs/protocol.md: SAP minus scratch (primary), SSL minus scratch, SAP minus SSL, and MAE
+    against scratch and SAP (and SSL): the listed order of the arms changes nothing."""
+    from sap_lightning.evaluation.report import arm_pairs
+
+    expected = [("sap", "scratch"), ("ssl", "scratch"), ("sap", "ssl")]
+    if "mae" in arms:
+        expected = [
+            ("sap", "scratch"), ("ssl", "scratch"), ("mae", "scratch"), ("sap", "ssl"),
+            ("mae", "ssl"), ("mae", "sap"),
+        ]  # fmt: skip
+    assert arm_pairs(arms) == expected

@@ -41,8 +41,9 @@ LESION_LEARNING: tuple[LearningTerm, ...] = (
     LearningTerm("val/f2_guarded", "F2 guarded"),
 )
 """What shows a lesion fine-tune learned (validation at the run's validation threshold, and the
-FROC area, which no threshold decides: 0 for a network on the loss plateau). Pretraining runs
-show their arm's terms (``Pretraining.learning``)."""
+FROC area, which no threshold decides: 0 when no voxel reaches the grid's lowest threshold, as
+on the loss plateau with the CPU files' head prior of 0.01). Pretraining runs show their arm's
+terms (``Pretraining.learning``)."""
 
 
 def _global_batch(config: Mapping) -> int:

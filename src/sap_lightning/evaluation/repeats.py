@@ -8,7 +8,6 @@ pooled CI carries that variation, which a single study's CI (patients only) does
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,12 @@ from sap_lightning.config import StudyConfig
 from sap_lightning.core.io import write_json, write_text
 from sap_lightning.evaluation.diagnostics import LESION_LEARNING, diagnose
 from sap_lightning.evaluation.endpoints import PairedEffect, paired_effect, pooled_effect
-from sap_lightning.evaluation.report import PRIMARY_PAIR, load_evaluation, paired_patients
+from sap_lightning.evaluation.report import (
+    PRIMARY_PAIR,
+    arm_pairs,
+    load_evaluation,
+    paired_patients,
+)
 from sap_lightning.evaluation.statistics import bonferroni
 from sap_lightning.evaluation.study_report import LearningRun
 
@@ -51,19 +55,10 @@ def _f2_differences(result: RepeatResult, arm: str, baseline: str) -> np.ndarray
     return differences[~np.isnan(differences)]
 
 
-def _pairs(arms: Sequence[str]) -> list[tuple[str, str]]:
-    """(arm, baseline) pairs: the primary first, then every other pair of the study's arms,
-    scratch as the baseline where it is in the pair, else the later arm minus the earlier."""
-    pairs = []
-    for earlier, later in itertools.combinations(arms, 2):
-        pairs.append((later, earlier) if later != "scratch" else (earlier, later))
-    return sorted(pairs, key=lambda pair: pair != PRIMARY_PAIR)
-
-
 def _learning_cells(result: RepeatResult) -> list[str]:
     """Per pretraining run its terms; then the fine-tunes' validation sensitivity at 0.5, their
-    FROC areas (0: on the loss plateau) and how many networks hold a stage whose every weight
-    is zero."""
+    FROC areas (0: no voxel reaches the lowest threshold, as on the loss plateau) and how many
+    networks hold a stage whose every weight is zero."""
     cells = []
     sensitivities, froc_areas = [], []
     with_zero_stages = 0
@@ -82,10 +77,15 @@ def _learning_cells(result: RepeatResult) -> list[str]:
         cells.append(f"{run.name}: {terms}")
     values, areas = (np.array(v, dtype=np.float64) for v in (sensitivities, froc_areas))
     above = int(np.sum(values > LEARNED_SENSITIVITY))
+    logged = areas[~np.isnan(areas)]
+    froc = (
+        f"FROC AUC {logged.min():.2f}-{logged.max():.2f}, {int(np.sum(logged == 0))} at 0"
+        if logged.size
+        else "FROC AUC not logged"
+    )
     cells.append(
         f"fine-tunes {np.nanmin(values):.3f}-{np.nanmax(values):.3f}, "
-        f"{above} of {len(values)} above {LEARNED_SENSITIVITY:g}; FROC AUC "
-        f"{np.nanmin(areas):.2f}-{np.nanmax(areas):.2f}, {int(np.sum(areas == 0))} at 0"
+        f"{above} of {len(values)} above {LEARNED_SENSITIVITY:g}; {froc}"
         if values.size
         else "no fine-tune"
     )
@@ -97,7 +97,7 @@ def _learning_cells(result: RepeatResult) -> list[str]:
 def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out_dir: Path) -> Path:
     """``<out_dir>/report.md`` and ``pooled.json``: the repeats' effects and learning."""
     arms = list(study.arms)
-    pairs = [pair for pair in _pairs(arms) if set(pair) <= set(arms)]
+    pairs = arm_pairs(arms)
     n = study.n_resamples
     per_repeat: dict[tuple[str, str], list[np.ndarray]] = {pair: [] for pair in pairs}
     for result in results:
@@ -116,18 +116,23 @@ def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out
         arm, baseline = PRIMARY_PAIR
         effect = pooled[PRIMARY_PAIR]
         excludes = not (effect.ci_low <= 0 <= effect.ci_high)
+        if math.isnan(effect.estimate):
+            outcome = "could not be compared (no patient with a lesion in both arms)."
+        elif excludes:
+            outcome = (
+                f"The interval excludes 0: {arm.upper()}'s F2 was "
+                f"{'higher' if effect.estimate > 0 else 'lower'} than {baseline}'s over these "
+                "repeats."
+            )
+        else:
+            outcome = (
+                f"The interval includes 0: these repeats do not tell {arm.upper()} and "
+                f"{baseline} apart."
+            )
         lines += [
             f"**Primary endpoint pooled over {len(results)} repeats: {arm.upper()} minus "
             f"{baseline} in patient F2, Hodges-Lehmann {effect.format()} (95% CI resampling "
-            f"repeats, then patients; {effect.n} pairs). The interval "
-            f"{'excludes' if excludes else 'includes'} 0: "
-            + (
-                f"{arm.upper()}'s F2 was {'higher' if effect.estimate > 0 else 'lower'} "
-                f"than {baseline}'s over these repeats."
-                if excludes
-                else f"these repeats do not tell {arm.upper()} and {baseline} apart."
-            )
-            + "**",
+            f"repeats, then patients; {effect.n} pairs). {outcome}**",
             "",
         ]
     lines += [
@@ -149,8 +154,9 @@ def write_pooled_report(study: StudyConfig, results: Sequence[RepeatResult], out
         "",
         "Each pretraining's terms (chance level in brackets) and the fine-tunes' validation "
         f"sensitivity at 0.5 (above {LEARNED_SENSITIVITY:g}: the protocol's learning criterion) "
-        "and FROC area (0-15 false positives per exam, over every threshold: 0 on the loss "
-        "plateau); the repeats' own reports have every run's curves.",
+        "and FROC area (0-15 false positives per exam, over every threshold: 0 when no voxel "
+        "reaches the lowest, as on the loss plateau); the repeats' own reports have every "
+        "run's curves.",
         "",
         "| repeat | learning |",
         "|---|---|",
@@ -178,7 +184,7 @@ def _effects_table(
             corrected = (
                 ""
                 if pair == PRIMARY_PAIR or secondary < 2
-                else f", Bonferroni p = {_p(float(bonferroni([effect.p], secondary)[0]))}"
+                else f", Bonferroni p = {_p(_corrected_p(pair, effect.p, pairs))}"
             )
             cells.append(f"{effect.format()}, p = {_p(effect.p)}{corrected} (n = {effect.n})")
         rows.append(f"| {r} | " + " | ".join(cells) + " |")
@@ -191,8 +197,8 @@ def _effects_table(
         "",
         "Hodges-Lehmann estimate of the paired patient F2 differences with its 95% bootstrap CI; "
         "per repeat the Pratt Wilcoxon p-value (the primary pair uncorrected; the secondary "
-        "pairs also Bonferroni-corrected over their number, docs/protocol.md); pooled: "
-        "repeats, then patients, resampled.",
+        "pairs also Bonferroni-corrected over their number, docs/protocol.md; their CIs are "
+        "not corrected); pooled: repeats, then patients, resampled.",
     ]
     return rows
 
@@ -201,11 +207,21 @@ def _p(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.3g}"
 
 
+def _corrected_p(pair: tuple[str, str], p: float, pairs: Sequence[tuple[str, str]]) -> float:
+    """The protocol's p: the primary pair's as it is, the others' Bonferroni-corrected over
+    the number of secondary pairs."""
+    secondary = sum(other != PRIMARY_PAIR for other in pairs)
+    return p if pair == PRIMARY_PAIR else float(bonferroni([p], max(1, secondary))[0])
+
+
 def _payload(study, results, pooled, effects) -> dict:
-    def effect(e: PairedEffect) -> dict:
+    def effect(e: PairedEffect, pair: tuple[str, str] | None = None) -> dict:
+        values = dict(vars(e))
+        if pair is not None:
+            values["p_bonferroni"] = _corrected_p(pair, e.p, list(pooled))
         return {
             key: (None if isinstance(v, float) and math.isnan(v) else v)
-            for key, v in vars(e).items()
+            for key, v in values.items()
         }
 
     return {
@@ -216,7 +232,7 @@ def _payload(study, results, pooled, effects) -> dict:
                 "arm": a,
                 "baseline": b,
                 "pooled": effect(pooled[(a, b)]),
-                "per_repeat": [effect(e) for e in effects[(a, b)]],
+                "per_repeat": [effect(e, (a, b)) for e in effects[(a, b)]],
             }
             for a, b in pooled
         ],

@@ -240,6 +240,19 @@ def lesion_free(cases: pd.DataFrame) -> pd.DataFrame:
 
 PRIMARY_PAIR = ("sap", "scratch")
 """(arm, baseline) of the primary endpoint (docs/protocol.md): its p-values are not corrected."""
+BASELINE_ORDER = ("scratch", "ssl", "sap", "mae")
+"""An effect is the later arm of this order minus the earlier, as docs/protocol.md names the
+pairs (SAP minus scratch, SSL minus scratch, SAP minus SSL, MAE minus scratch and SAP); arms
+outside it come after, in the study's order."""
+
+
+def arm_pairs(arms: Sequence[str]) -> list[tuple[str, str]]:
+    """(arm, baseline) of every pair of ``arms``, the primary pair first, whatever the order
+    the arms are listed in (:data:`BASELINE_ORDER`)."""
+    rank = {name: i for i, name in enumerate(BASELINE_ORDER)}
+    ordered = sorted(arms, key=lambda a: (rank.get(a, len(rank)), list(arms).index(a)))
+    pairs = [(later, earlier) for earlier, later in itertools.combinations(ordered, 2)]
+    return sorted(pairs, key=lambda pair: pair != PRIMARY_PAIR)
 
 
 @dataclass

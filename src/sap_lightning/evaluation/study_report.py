@@ -27,7 +27,12 @@ from sap_lightning.evaluation.diagnostics import (
     plot_curves,
 )
 from sap_lightning.evaluation.endpoints import observed_power, paired_effect
-from sap_lightning.evaluation.report import PRIMARY_PAIR, Comparison, paired_patients
+from sap_lightning.evaluation.report import (
+    PRIMARY_PAIR,
+    Comparison,
+    arm_pairs,
+    paired_patients,
+)
 from sap_lightning.inference.outputs import PREDICTION_JSON
 
 CURVES_PNG = "curves.png"
@@ -117,22 +122,12 @@ def verdict(comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPLES, seed
     return "\n".join([*lines, "", *paired_effects(comparison, n_resamples, seed)]) + "\n"
 
 
-def effect_pairs(comparison: Comparison) -> list[tuple[str, str]]:
-    """(arm, baseline) of every pair of compared arms, the primary pair first; the others as
-    the later arm of the study's order minus the earlier (SSL minus scratch, SAP minus SSL)."""
-    names = comparison.names
-    pairs = [(names[j], names[i]) for i in range(len(names)) for j in range(i + 1, len(names))]
-    if comparison.primary is not None:
-        pairs = [comparison.primary] + [p for p in pairs if set(p) != set(comparison.primary)]
-    return pairs
-
-
 def paired_effects(
     comparison: Comparison, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
 ) -> list[str]:
     """Every arm pair's paired patient F2 effect with the primary endpoint's estimator, CI and
     test (docs/protocol.md, secondary endpoints), the secondary p-values also corrected."""
-    pairs = effect_pairs(comparison)
+    pairs = arm_pairs(comparison.names)
     if not pairs or pairs == [comparison.primary]:  # none, or only the headline's
         return []
     rows = []
@@ -168,8 +163,9 @@ def learning_section(runs: Sequence[LearningRun], report_dir: Path, window: str)
             "Last logged values of the metric that shows learning (validation at the run's "
             "validation threshold; SSL terms with their chance level in brackets). FROC AUC: "
             "the area under the validation's mean sensitivity against false positives per exam "
-            "from 0 to 15 (at most 15), over every threshold: 0 for a network on the loss "
-            f"plateau, whatever its calibration. Curves: [{CURVES_PNG}]({CURVES_PNG}).",
+            "from 0 to 15 (at most 15), over every threshold of the grid: 0 when no voxel "
+            "reaches its lowest threshold (0.05), as on the loss plateau with a head prior "
+            f"below it. Curves: [{CURVES_PNG}]({CURVES_PNG}).",
             "",
             diagnostics_markdown(diagnostics),
             f"Training precision: {training_precisions(diagnostics)}.",
