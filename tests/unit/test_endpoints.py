@@ -180,6 +180,6 @@ def test_pooled_ci_of_two_constant_repeats_is_the_exact_mixture_quantile() -> No
     for confidence, expected in ((0.95, (-1.0, 3.0)), (0.40, (1.0, 1.0))):
         tail = (1 - confidence) / 2
         assert (_exact_quantile(mixture, tail), _exact_quantile(mixture, 1 - tail)) == expected
-        effect = pooled_effect([[-1.0, -1.0], [3.0, 3.0]], 10_000, confidence, seed=3)
+        effect = pooled_effect([[-1.0, -1.0], [3.0, 3.0]], 10_000, confidence=confidence, seed=3)
         assert (effect.ci_low, effect.ci_high) == expected, confidence
         assert (effect.estimate, effect.n) == (1.0, 4)

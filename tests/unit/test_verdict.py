@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from sap_lightning.evaluation.endpoints import paired_effect
 from sap_lightning.evaluation.report import EvaluationRun, compare_runs
 from sap_lightning.evaluation.study_report import verdict
 
@@ -101,6 +102,10 @@ def test_every_pair_gets_the_primary_estimator_and_the_secondary_ones_are_correc
         differences = np.subtract(arms[arm], arms[baseline])
         walsh = [(a + b) / 2 for a, b in itertools.combinations_with_replacement(differences, 2)]
         assert cells[1].startswith(f"{np.median(walsh):+.3f} [")
+        low, high = (float(v) for v in cells[1].split("[")[1].rstrip("]").split(","))
+        assert low < np.median(walsh) < high  # a 95% interval, not a point
+        # the same interval the headline gives its pair (same estimator, seed and resamples)
+        assert cells[1] == paired_effect(differences, 200, seed=0).format()
         p = stats.wilcoxon(differences, zero_method="pratt").pvalue
         assert cells[2] == f"{p:.3g}"
         assert cells[3] == (

@@ -75,6 +75,7 @@ class PairedEffect:
 def paired_effect(
     differences: Sequence[float] | np.ndarray,
     n_resamples: int = BOOTSTRAP_RESAMPLES,
+    *,
     confidence: float = CONFIDENCE,
     seed: int = 0,
 ) -> PairedEffect:
@@ -95,6 +96,7 @@ def paired_effect(
 def pooled_effect(
     repeats: Sequence[Sequence[float] | np.ndarray],
     n_resamples: int = BOOTSTRAP_RESAMPLES,
+    *,
     confidence: float = CONFIDENCE,
     seed: int = 0,
 ) -> PairedEffect:

@@ -132,7 +132,8 @@ def paired_effects(
         return []
     rows = []
     for arm, baseline in pairs:
-        effect = paired_effect(paired_f2_differences(comparison, arm, baseline), n_resamples, seed)
+        differences = paired_f2_differences(comparison, arm, baseline)
+        effect = paired_effect(differences, n_resamples, seed=seed)
         tested = comparison.pvalues[PRIMARY_ROW]
         p_adjusted = (tested.get(f"{baseline} vs {arm}") or tested[f"{arm} vs {baseline}"])[1]
         primary = (arm, baseline) == comparison.primary
@@ -246,6 +247,7 @@ def study_header(
         f"- Wall time of every step: [{TIMINGS_FILE}]({TIMINGS_FILE}) (kept out of this report, so "
         "that a rerun with the same seed on the same machine writes the same report).",
         f"- Machine: {machine_line(run_threads)}.",
+        "",
     ]
     return "\n".join(lines) + "\n"
 
